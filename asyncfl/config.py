@@ -1,0 +1,265 @@
+"""The run config: one table of keys, one validated frozen object built from it.
+
+Every key of `[tool.flwr.app.config]` is declared once in `KEYS` with its default, its type,
+what it means and how it is checked. `AppConfig.from_run_config` builds the typed object from
+`context.run_config` (server and client call the same function) and raises one `ConfigError`
+naming the key, the bad value and what is accepted, before any work starts.
+
+`python -m asyncfl.config` prints the keys as the markdown table used in the README, and
+`python -m asyncfl.config --toml` prints them as the `[tool.flwr.app.config]` block; a test
+checks that both files agree with this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, unknown, of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: each returns None when the value is fine, else the text "what is accepted".
+# --------------------------------------------------------------------------------------------
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+
+def at_least(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"a number >= {lo}"
+
+
+def above(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v > lo else f"a number > {lo}"
+
+
+def in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"a number in [{lo}, {hi}]"
+
+
+def speed_list(v: str) -> str | None:
+    """`client-speeds`: '' or a comma list of factors >= 1 (by partition id)."""
+    if v.strip() == "":
+        return None
+    try:
+        factors = [float(p) for p in v.split(",")]
+    except ValueError:
+        return "a comma-separated list of numbers >= 1, e.g. \"1,1,2,4\""
+    ok = all(math.isfinite(f) and f >= 1 for f in factors)
+    return None if ok else "a comma-separated list of numbers >= 1, e.g. \"1,1,2,4\""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str  # kebab-case key as written in pyproject.toml / --run-config
+    default: Any  # its type (bool, int, float, str) is the key's type
+    help: str  # one line for the README table
+    check: Callable[[Any], str | None] | None = None
+    group: str = "app"
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_").lower()
+
+
+_NONNEG = at_least(0)
+KEYS: tuple[Key, ...] = (
+    # --- model ---------------------------------------------------------------------------------
+    Key("model", "gpt2", "Hub id or local folder of a GPT-2 checkpoint", group="model"),
+    Key("pretrained", True, "load pretrained weights from `model` (false: random init of its config)", group="model"),
+    Key("model-preset", "", "\"\" (use `model`) | \"tiny\" (2 layers x 128, CPU tests) | \"small\" (GPT-2 124M shape), built from scratch", one_of("", "tiny", "small"), "model"),
+    Key("tokenizer", "", "tokenizer Hub id or folder; \"\" = same as `model`", group="model"),
+    Key("lora-rank", 0, "0 = full fine-tuning; > 0 = peft LoRA of this rank, only adapter tensors travel", _NONNEG, "model"),
+    Key("lora-alpha", 16, "LoRA scaling alpha", above(0), "model"),
+    Key("lora-dropout", 0.0, "LoRA dropout", in_range(0.0, 0.9), "model"),
+    Key("device", "auto", "\"auto\" (CUDA when present) | \"cpu\" | \"cuda\"", one_of("auto", "cpu", "cuda"), "model"),
+    Key("compile", False, "torch.compile the client model (CUDA only; ignored on CPU)", group="model"),
+    # --- data ----------------------------------------------------------------------------------
+    Key("dataset", "Salesforce/wikitext", "Hub dataset id (used when `data-dir` is \"\")", group="data"),
+    Key("dataset-config", "wikitext-2-raw-v1", "Hub dataset config name", group="data"),
+    Key("data-dir", "", "\"\" = Hub; else a folder with wiki.train.raw / wiki.valid.raw / wiki.test.raw", group="data"),
+    Key("train-split", "train", "split the clients train on (falls back to \"validation\" when a local folder has no train file, and says so)", one_of("train", "validation", "test"), "data"),
+    Key("eval-split", "test", "split the server evaluates on", one_of("train", "validation", "test"), "data"),
+    Key("block-size", 128, "tokens per training/eval block", in_range(8, 1024), "data"),
+    Key("partitioner", "iid", "\"iid\" | \"articles\" (whole articles per client, non-IID) | \"size-skew\" (Dirichlet-imbalanced sizes)", one_of("iid", "articles", "size-skew"), "data"),
+    Key("partition-alpha", 0.5, "Dirichlet concentration for \"size-skew\" (smaller = more imbalanced)", above(0), "data"),
+    Key("max-train-blocks", 0, "cap on blocks per client (0 = all)", _NONNEG, "data"),
+    Key("eval-max-blocks", 64, "cap on eval blocks (0 = all)", _NONNEG, "data"),
+    # --- local training ------------------------------------------------------------------------
+    Key("local-epochs", 1, "local epochs per task (used when `local-steps` is 0)", at_least(1), "train"),
+    Key("local-steps", 0, "local optimizer steps per task (0 = use `local-epochs`)", _NONNEG, "train"),
+    Key("batch-size", 8, "local batch size (blocks)", at_least(1), "train"),
+    Key("eval-batch-size", 16, "server evaluation batch size", at_least(1), "train"),
+    Key("lr", 5e-4, "local AdamW learning rate", above(0), "train"),
+    Key("weight-decay", 0.0, "local AdamW weight decay", _NONNEG, "train"),
+    Key("seed", 42, "seed for model init, partitioning, sampling and selection", _NONNEG, "train"),
+    # --- compression ---------------------------------------------------------------------------
+    Key("compressor", "none", "delta encoding: \"none\" | \"pca\" | \"qrcp\" | \"cur\"", one_of("none", "pca", "qrcp", "cur"), "compress"),
+    Key("rank", 10, "rank k of the low-rank factors (paper: 10)", at_least(1), "compress"),
+    Key("compress-method", "randomized", "\"exact\" (SVD / scipy QRCP) | \"randomized\" (sketching, GPU-friendly)", one_of("exact", "randomized"), "compress"),
+    Key("wire-dtype", "fp16", "dtype of the factors on the wire: \"fp16\" | \"fp32\"", one_of("fp16", "fp32"), "compress"),
+    Key("energy", 0.0, "adaptive rank: smallest k <= `rank` capturing this energy fraction (0 = fixed rank)", in_range(0.0, 1.0), "compress"),
+    Key("row-select", "pivoted", "CUR row selection: \"pivoted\" (QRCP on a sketch) | \"uniform\" (paper) | \"leverage\"", one_of("pivoted", "uniform", "leverage"), "compress"),
+    # --- server loop ---------------------------------------------------------------------------
+    Key("mode", "async", "\"async\" (apply each update on arrival) | \"sync\" (FedAvg barrier per round)", one_of("async", "sync"), "server"),
+    Key("rule", "fedasync", "async rule: \"fedasync\" | \"fedbuff\" | \"asgd\" | \"shifted\" | \"saga\"", one_of("fedasync", "fedbuff", "asgd", "shifted", "saga"), "server"),
+    Key("alpha", 0.6, "fedasync mixing weight a (x <- (1-a s(tau)) x + a s(tau) x_client)", in_range(0.0, 1.0), "server"),
+    Key("staleness", "polynomial", "staleness weight s(tau): \"constant\" | \"polynomial\" | \"hinge\"", one_of("constant", "polynomial", "hinge"), "server"),
+    Key("staleness-a", 0.5, "exponent (polynomial) or slope (hinge) of s(tau)", _NONNEG, "server"),
+    Key("staleness-b", 4, "hinge: staleness tolerated at full weight", _NONNEG, "server"),
+    Key("buffer-size", 2, "fedbuff: deltas buffered per server step", at_least(1), "server"),
+    Key("server-lr", 1.0, "server step size (fedbuff, asgd, shifted, saga, sync)", above(0), "server"),
+    Key("delay-adaptive", False, "asgd: shrink the step by concurrency/staleness when staleness > concurrency", group="server"),
+    Key("shift-alpha", 0.5, "shifted: h_i <- h_i + shift-alpha * decoded", in_range(0.0, 1.0), "server"),
+    Key("max-staleness", 0, "drop (and log) updates staler than this (0 = keep all)", _NONNEG, "server"),
+    Key("selection", "same", "who gets the next task: \"same\" | \"uniform\" (idle nodes) | \"loss-biased\"", one_of("same", "uniform", "loss-biased"), "server"),
+    Key("selection-floor", 0.2, "loss-biased: share of probability spread uniformly (keeps every q > 0)", in_range(0.0, 1.0), "server"),
+    Key("concurrency", 0, "max tasks in flight (0 = one per node)", _NONNEG, "server"),
+    Key("min-nodes", 2, "wait for this many nodes before starting", at_least(1), "server"),
+    Key("node-wait-s", 120.0, "give up if `min-nodes` are not connected after this long", above(0), "server"),
+    Key("poll-interval-s", 0.05, "server poll interval for replies", above(0), "server"),
+    Key("task-ttl-s", 3600.0, "TTL of a task message; expired tasks come back as errors and are re-dispatched", above(0), "server"),
+    Key("max-node-failures", 3, "retire a node after this many consecutive error replies", at_least(1), "server"),
+    # --- stopping ------------------------------------------------------------------------------
+    Key("num-rounds", 3, "sync: rounds; async: sets `max-updates` to num-rounds x nodes when that is 0", at_least(1), "stop"),
+    Key("max-updates", 0, "async: stop after this many applied updates (0 = num-rounds x nodes)", _NONNEG, "stop"),
+    Key("time-budget-s", 0.0, "stop after this many wall-clock seconds (0 = off)", _NONNEG, "stop"),
+    Key("target-ppl", 0.0, "stop when eval perplexity <= this (0 = off)", _NONNEG, "stop"),
+    Key("stop-rule", "none", "\"none\" | \"bound\" (paper 3.4 convergence-bound rule)", one_of("none", "bound"), "stop"),
+    Key("bound-n", 0, "bound: n in lambda = 1 - n mu (1 + 3 rho_bar/8) (0 = number of clients)", _NONNEG, "stop"),
+    Key("bound-lipschitz", 10.0, "bound: L, smoothness constant", above(0), "stop"),
+    Key("bound-mu", 0.0, "bound: mu (0 = 1/L, as in the paper)", _NONNEG, "stop"),
+    Key("bound-rho-bar", 1.0, "bound: rho_bar, selection skew", _NONNEG, "stop"),
+    Key("bound-a1", 0.0, "bound: A1 = F(w0) - F* (0 = initial eval loss, taking F* = 0)", _NONNEG, "stop"),
+    Key("bound-c", 0.05, "bound: C = 32 tau^2 G^2 + sigma^2 + 6 rho L Gamma (paper: 0.03-0.1)", _NONNEG, "stop"),
+    Key("bound-d", 0.0, "bound: D = 2 Gamma (rho_tilde - rho_bar) (paper: 0-1; 0 for IID)", _NONNEG, "stop"),
+    Key("eval-every", 1, "evaluate every N rounds (sync) or N applied updates (async)", at_least(1), "stop"),
+    # --- heterogeneity emulation ---------------------------------------------------------------
+    Key("client-speeds", "", "comma list by partition id: factor f sleeps (f-1) x compute time (\"\" = all 1)", speed_list, "emulate"),
+    Key("uplink-mbps", 0.0, "emulated uplink: sleep bytes x 8 / (rate x 1e6) (0 = off)", _NONNEG, "emulate"),
+    # --- outputs and faults --------------------------------------------------------------------
+    Key("results-dir", "results", "folder for run outputs", group="output"),
+    Key("run-name", "", "subfolder of `results-dir` (\"\" = <mode>-<rule>-<compressor>-<time>)", group="output"),
+    Key("save-model", True, "write the final model with save_pretrained to <run>/model", group="output"),
+    Key("checkpoint-every", 0, "write a checkpoint every N applied updates (0 = off)", _NONNEG, "output"),
+    Key("resume-from", "", "checkpoint file to continue from (version count, rule state kept)", group="output"),
+)
+KEYS_BY_NAME = {k.name: k for k in KEYS}
+
+
+def _coerce(key: Key, value: Any) -> Any:
+    """Return `value` as the key's type, or raise ConfigError."""
+    want = type(key.default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    shown = f'"{value}"' if isinstance(value, str) else repr(value)
+    raise ConfigError(f"run config key `{key.name}` must be a {want.__name__}, got {shown}")
+
+
+def _make_config_class() -> type:
+    fields = [(k.attr, type(k.default), dataclasses.field(default=k.default)) for k in KEYS]
+    return dataclasses.make_dataclass("_AppConfigBase", fields, frozen=True)
+
+
+class AppConfig(_make_config_class()):  # type: ignore[misc]
+    """Typed, validated run config. Attribute names are the keys in snake_case."""
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
+        unknown = sorted(set(run_config) - set(KEYS_BY_NAME))
+        if unknown:
+            raise ConfigError(
+                f"unknown run config key(s) {', '.join(unknown)}; "
+                f"known keys: {', '.join(KEYS_BY_NAME)}"
+            )
+        values = {}
+        for key in KEYS:
+            value = _coerce(key, run_config.get(key.name, key.default))
+            problem = key.check(value) if key.check else None
+            if problem:
+                shown = f'"{value}"' if isinstance(value, str) else repr(value)
+                raise ConfigError(f"run config key `{key.name}` must be {problem}, got {shown}")
+            values[key.attr] = value
+        cfg = cls(**values)
+        cfg._check_combinations()
+        return cfg
+
+    def _check_combinations(self) -> None:
+        if self.model_preset == "" and not self.model:
+            raise ConfigError(
+                "run config key `model` must name a Hub id or folder when `model-preset` is \"\""
+            )
+        if self.stop_rule == "bound":
+            try:  # lambda must lie in (0, 1) for the bound to mean anything
+                self.bound_rule(num_clients=max(self.bound_n, 1))
+            except ValueError as exc:
+                raise ConfigError(f"stop-rule \"bound\": {exc}") from None
+
+    # ---- derived values -------------------------------------------------------------------
+    def speeds(self) -> list[float]:
+        """Per-partition slow-down factors (empty list = all 1)."""
+        s = self.client_speeds.strip()
+        return [float(p) for p in s.split(",")] if s else []
+
+    def speed_of(self, partition_id: int) -> float:
+        s = self.speeds()
+        return s[partition_id] if partition_id < len(s) else 1.0
+
+    def bound_rule(self, num_clients: int, a1: float | None = None):
+        """The paper's 3.4 stopping rule with this config's constants."""
+        from asyncfl.strategies.stopping import BoundStopRule
+
+        mu = self.bound_mu or 1.0 / self.bound_lipschitz
+        return BoundStopRule(
+            n=self.bound_n or num_clients, mu=mu, rho_bar=self.bound_rho_bar,
+            L=self.bound_lipschitz, A1=self.bound_a1 or (a1 if a1 is not None else 1.0),
+            C=self.bound_c, D=self.bound_d, eta=self.lr,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config with the public (kebab-case) key names."""
+        return {k.name: getattr(self, k.attr) for k in KEYS}
+
+
+# --------------------------------------------------------------------------------------------
+# Documentation helpers: README table and pyproject block are generated from KEYS.
+# --------------------------------------------------------------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def markdown_table() -> str:
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for k in KEYS:
+        rows.append(f"| `{k.name}` | `{_toml_value(k.default)}` | {k.help.replace('|', '&#124;')} |")
+    return "\n".join(rows)
+
+
+def toml_block() -> str:
+    return "\n".join(f"{k.name} = {_toml_value(k.default)}" for k in KEYS)
+
+
+if __name__ == "__main__":
+    print(toml_block() if "--toml" in sys.argv[1:] else markdown_table())
