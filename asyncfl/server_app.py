@@ -1,0 +1,77 @@
+"""Flower ServerApp: build the model and the strategy from the run config, run, write results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from asyncfl.config import AppConfig, ConfigError
+from asyncfl.data import load_eval_blocks
+from asyncfl.logs import setup_logging
+from asyncfl.model import build_model, build_tokenizer, resolve_device, save_model, trainable_state
+from asyncfl.results import RunRecorder
+from asyncfl.strategies.build import build_rule, build_selector
+from asyncfl.strategies.loop import AsyncFLStrategy
+from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch, load_checkpoint
+from asyncfl.train import evaluate
+
+app = ServerApp()
+log = logging.getLogger("asyncfl")
+
+
+def run_dir_for(cfg: AppConfig) -> Path:
+    if cfg.resume_from and not cfg.run_name:
+        return Path(cfg.resume_from).resolve().parent  # continue the checkpoint's run
+    name = cfg.run_name or f"{cfg.mode}-{cfg.rule}-{cfg.compressor}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.results_dir) / name
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_logging()
+    try:
+        cfg = AppConfig.from_run_config(context.run_config)
+    except ConfigError as exc:
+        log.error("asyncfl: bad run config: %s", exc)
+        raise SystemExit(2) from None
+    run(grid, cfg)
+
+
+def run(grid: Grid, cfg: AppConfig) -> dict:
+    """Train with `cfg` over `grid`; returns the summary written to summary.json."""
+    device = resolve_device(cfg)
+    model = build_model(cfg).to(device).eval()
+    tokenizer = build_tokenizer(cfg)
+    eval_blocks, eval_split = load_eval_blocks(cfg), cfg.eval_split
+    run_dir = run_dir_for(cfg)
+    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor=cfg.compressor,
+                           rule=cfg.rule if cfg.mode == "async" else "fedavg", num_clients=0,
+                           eval_split=eval_split, train_split=train_split_used(cfg),
+                           target_ppl=cfg.target_ppl or None, resume=ckpt is not None)
+    log.info("asyncfl: run dir %s; training on split '%s', evaluating on '%s' (%d blocks)",
+             run_dir, train_split_used(cfg), eval_split, len(eval_blocks))
+    state = ServerState(
+        cfg=cfg, x=trainable_state(model), device=device, rule_factory=lambda n: build_rule(cfg, n),
+        selector=build_selector(cfg), recorder=recorder,
+        evaluate_fn=lambda: evaluate(model, eval_blocks, cfg.eval_batch_size, device),
+        run_key=run_dir.name, run_dir=run_dir, resume=ckpt,
+    )
+    strategy = AsyncFLStrategy(state)
+    strategy.start(grid)
+    # final evaluation, model and results
+    state.ensure_final_eval(strategy.clock.elapsed())
+    if cfg.checkpoint_every:
+        Checkpointer(state).save(state)
+    if cfg.save_model:
+        save_model(model, tokenizer, run_dir / "model")
+    summary = recorder.finish(stop_reason=state.final_reason, extra={
+        "version": state.version, "rounds": state.rounds, "num_clients": state.num_clients})
+    log.info("asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s", state.final_reason,
+             summary.get("initial_eval_ppl") or float("nan"), summary.get("final_eval_ppl") or float("nan"),
+             summary.get("wall_clock_s") or 0.0, run_dir)
+    return summary

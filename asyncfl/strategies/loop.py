@@ -1,0 +1,376 @@
+"""The server loop: a Flower Strategy that applies each client update the moment it arrives.
+
+`AsyncFLStrategy.start()` owns the loop (Flower's round-based `start()` is replaced):
+
+* async mode -- one task in flight per busy node; every reply is decoded, weighted by its
+  staleness (global versions applied since the task was sent) and applied through the rule at
+  once; the selection policy then hands new work to an idle node. No barrier.
+* sync mode -- the FedAvg baseline over the same dispatch, decode and logging code: a barrier
+  per round, the sample-weighted mean of the decoded deltas, `x <- x + server_lr * mean`.
+
+Faults never corrupt the global model: an error reply (client crash, node gone, TTL expired)
+re-dispatches the node or retires it; a payload failing validation is rejected (logged) before
+any tensor of the global state is touched; updates staler than `max-staleness` are dropped.
+
+Notes
+-----
+* Flower caveats followed (../shared/docs/flower-notes.md): one message per `push_messages`
+  call, empty ids dropped, at most one message in flight per node, own poll interval.
+* The global trainable state `x` is the live parameter tensors of the server model, so rules
+  update the model in place and evaluation needs no copy.
+* `version` counts changes of `x` (a FedBuff buffer fill is one version); `updates` counts
+  accepted client updates. Staleness is measured in versions, as in FedBuff and FedAsync.
+* fedasync needs the state each client started from: snapshots are taken copy-on-write, only
+  when `x` is about to change while a task still references the current version.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from asyncfl.compressors import PayloadError, decode_state
+from asyncfl.strategies.rules import fedavg_mean
+from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch
+
+log = logging.getLogger("asyncfl")
+
+_RETIRE_AT_ONCE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
+
+
+@dataclass
+class Task:
+    node: int
+    version: int
+    sent_at: float
+
+
+@dataclass
+class NodeInfo:
+    partition: int | None = None
+    failures: int = 0  # consecutive error replies
+    retired: bool = False
+    busy: bool = False
+    last_loss: float | None = None
+
+
+@dataclass
+class Reply:
+    """A validated, decoded client reply."""
+
+    node: int
+    task: Task
+    update: dict[str, torch.Tensor]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    decode_s: float = 0.0
+
+
+class AsyncFLStrategy(Strategy):
+    """Asynchronous (or synchronous baseline) federated training over Flower messages.
+
+    Parameters
+    ----------
+    state : ServerState
+        The global model, its trainable tensors, the rule, selector, stop conditions,
+        evaluator and recorder (built by `server_app`).
+    """
+
+    def __init__(self, state: ServerState) -> None:
+        self.s = state
+        self.cfg = state.cfg
+        self.nodes: dict[int, NodeInfo] = {}
+        self.inflight: dict[str, Task] = {}
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self._record_cache: tuple[int, ArrayRecord] | None = None
+        self.rng = random.Random(self.cfg.seed)
+        self.clock = StopWatch()
+        self.checkpointer = Checkpointer(state)
+        self._last_node_scan = 0.0
+
+    # ----------------------------------------------------------------------------------------
+    # Flower Strategy interface (round-based hooks; our start() drives everything itself)
+    # ----------------------------------------------------------------------------------------
+    def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
+        return [self._task_message(n) for n in self._idle_nodes()]
+
+    def aggregate_train(self, server_round, replies):  # noqa: D102
+        decoded = [r for r in (self._decode(m, None) for m in replies) if r is not None]
+        if not decoded:
+            return None, None
+        self._apply_mean(decoded)
+        return None, None
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+        return []  # evaluation is centralized on the server
+
+    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
+        return None
+
+    def summary(self) -> None:  # noqa: D102
+        c = self.cfg
+        log.info(
+            "asyncfl: mode=%s rule=%s compressor=%s(rank=%d, %s) selection=%s concurrency=%s",
+            c.mode, c.rule, c.compressor, c.rank, c.compress_method, c.selection,
+            c.concurrency or "all nodes",
+        )
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, *args, **kwargs) -> Result:
+        """Run the whole training; returns a Flower `Result` with the final arrays."""
+        self.summary()
+        reason = "finished"
+        try:
+            self._wait_for_nodes(grid)
+            self.s.evaluate_and_log(self.clock.elapsed(), round_=self.s.rounds)
+            self.checkpointer = Checkpointer(self.s)
+            if self.cfg.mode == "sync":
+                reason = self._run_sync(grid)
+            else:
+                reason = self._run_async(grid)
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            log.warning("asyncfl: interrupted; writing results before exit")
+        self.s.flush_rule()
+        self.s.final_reason = reason
+        return Result(arrays=ArrayRecord({k: v.detach().cpu() for k, v in self.s.x.items()}))
+
+    # ----------------------------------------------------------------------------------------
+    # Async loop
+    # ----------------------------------------------------------------------------------------
+    def _run_async(self, grid: Grid) -> str:
+        self._fill_slots(grid, finished=None)
+        while True:
+            reason = self.s.stop_reason(self.clock.elapsed())
+            if reason:
+                return reason
+            if not self.inflight:
+                self._fill_slots(grid, finished=None)
+                if not self.inflight:
+                    return "no nodes left"
+            for msg in self._pull(grid):
+                finished = self._handle_async_reply(msg)
+                self._fill_slots(grid, finished=finished)
+                reason = self.s.stop_reason(self.clock.elapsed())
+                if reason:
+                    return reason
+            self._scan_nodes(grid)
+            time.sleep(self.cfg.poll_interval_s)
+
+    def _handle_async_reply(self, msg: Message) -> int | None:
+        """Process one reply; returns the node that became idle (None if retired)."""
+        task = self.inflight.pop(msg.metadata.reply_to_message_id)
+        node = self.nodes[task.node]
+        node.busy = False
+        reply = self._decode(msg, task)
+        if reply is None:
+            return None if node.retired else task.node
+        staleness = self.s.version - task.version
+        if self.cfg.max_staleness and staleness > self.cfg.max_staleness:
+            self.s.recorder.log_drop(node=task.node, partition=node.partition, staleness=staleness,
+                                     reason=f"staleness {staleness} > max-staleness {self.cfg.max_staleness}")
+            self._release_snapshots()
+            return task.node
+        t0 = time.perf_counter()
+        if self.s.rule.needs_base and any(t.version == self.s.version for t in self.inflight.values()):
+            self.snapshots.setdefault(self.s.version, {k: v.clone() for k, v in self.s.x.items()})
+        base = self.snapshots.get(task.version)
+        applied = self.s.rule.apply(self.s.x, reply.update, staleness=staleness, node=task.node, base=base)
+        self.s.sync_device()
+        apply_s = time.perf_counter() - t0
+        self._release_snapshots()
+        self.s.after_update(reply, staleness, applied.weight, applied.stepped,
+                            reply.decode_s + apply_s, self.clock.elapsed())
+        self.checkpointer.maybe_save(self.s)
+        return task.node
+
+    def _fill_slots(self, grid: Grid, finished: int | None) -> None:
+        """Dispatch tasks until `concurrency` are in flight (or no idle node is left)."""
+        limit = self.cfg.concurrency or len(self._alive_nodes())
+        while len(self.inflight) < limit:
+            idle = self._idle_nodes()
+            if not idle:
+                return
+            node = self.s.selector.select(idle, finished, self.rng)
+            if node is None or not self._dispatch(grid, node):
+                return
+            finished = None
+
+    # ----------------------------------------------------------------------------------------
+    # Sync loop (FedAvg baseline)
+    # ----------------------------------------------------------------------------------------
+    def _run_sync(self, grid: Grid) -> str:
+        while True:
+            reason = self.s.stop_reason(self.clock.elapsed())
+            if reason:
+                return reason
+            nodes = self._idle_nodes()
+            if self.cfg.concurrency:
+                nodes = self.rng.sample(nodes, min(self.cfg.concurrency, len(nodes)))
+            for n in nodes:
+                self._dispatch(grid, n)
+            if not self.inflight:
+                return "no nodes left"
+            replies = []
+            while self.inflight:
+                for msg in self._pull(grid):
+                    task = self.inflight.pop(msg.metadata.reply_to_message_id)
+                    self.nodes[task.node].busy = False
+                    reply = self._decode(msg, task)
+                    if reply is not None:
+                        replies.append(reply)
+                self._scan_nodes(grid)
+                time.sleep(self.cfg.poll_interval_s)
+            if replies:
+                self._apply_mean(replies)
+            self.s.rounds += 1
+            self.s.evaluate_if_due(self.clock.elapsed(), per_round=True)
+            self.checkpointer.maybe_save(self.s)
+
+    def _apply_mean(self, replies: list[Reply]) -> None:
+        t0 = time.perf_counter()
+        weights = [float(r.metrics.get("num-examples", 1.0)) for r in replies]
+        mean = fedavg_mean([r.update for r in replies], weights)
+        with torch.no_grad():
+            for k, v in self.s.x.items():
+                v.add_(mean[k], alpha=self.cfg.server_lr)
+        self.s.sync_device()
+        apply_s = (time.perf_counter() - t0) / len(replies)
+        self.s.version += 1
+        total = sum(weights)
+        for r, w in zip(replies, weights):
+            self.s.after_update(r, 0, self.cfg.server_lr * w / total, True,
+                                r.decode_s + apply_s, self.clock.elapsed(), bump_version=False)
+
+    # ----------------------------------------------------------------------------------------
+    # Messages: dispatch, pull, decode
+    # ----------------------------------------------------------------------------------------
+    def _global_record(self) -> ArrayRecord:
+        """The global trainable state as an ArrayRecord, built once per version."""
+        if self._record_cache is None or self._record_cache[0] != self.s.version:
+            arrays = {k: v.detach().float().cpu() for k, v in self.s.x.items()}
+            self._record_cache = (self.s.version, ArrayRecord(arrays))
+        return self._record_cache[1]
+
+    def _task_message(self, node: int) -> Message:
+        config = ConfigRecord({"version": self.s.version, "run-key": self.s.run_key,
+                               "rule": self.cfg.rule})
+        return Message(RecordDict({"arrays": self._global_record(), "config": config}),
+                       dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
+
+    def _dispatch(self, grid: Grid, node: int) -> bool:
+        ids = [i for i in grid.push_messages([self._task_message(node)]) if i]
+        if not ids:
+            log.warning("asyncfl: node %s rejected a task; retiring it", node)
+            self._retire(node, "push rejected")
+            return False
+        self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.clock.elapsed())
+        self.nodes[node].busy = True
+        return True
+
+    def _pull(self, grid: Grid) -> list[Message]:
+        if not self.inflight:
+            return []
+        return [m for m in grid.pull_messages(list(self.inflight))
+                if m.metadata.reply_to_message_id in self.inflight]
+
+    def _decode(self, msg: Message, task: Task | None) -> Reply | None:
+        """Validate and decode a reply; log and return None for errors and bad payloads."""
+        node_id = msg.metadata.src_node_id if task is None else task.node
+        node = self.nodes.setdefault(node_id, NodeInfo())
+        if msg.has_error():
+            self._on_error(node_id, msg.error.code, msg.error.reason)
+            return None
+        try:
+            metrics = dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
+            record = msg.content.array_records.get("arrays")
+            if record is None:
+                raise PayloadError("reply has no ArrayRecord named 'arrays'")
+            t0 = time.perf_counter()
+            update = decode_state(record, reference=self.s.shapes, device=self.s.device)
+            self.s.sync_device()
+            decode_s = time.perf_counter() - t0
+        except PayloadError as exc:
+            log.warning("asyncfl: rejected payload from node %s: %s", node_id, exc)
+            self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
+                                     reason=f"invalid payload: {exc}")
+            return None
+        node.failures = 0
+        node.partition = int(metrics.get("partition-id", -1))
+        node.last_loss = float(metrics.get("train-loss", float("nan")))
+        self.s.selector.observe(node_id, node.last_loss)
+        return Reply(node=node_id, task=task or Task(node_id, self.s.version, 0.0),
+                     update=update, metrics=metrics, decode_s=decode_s)
+
+    def _on_error(self, node_id: int, code: int, reason: str) -> None:
+        node = self.nodes[node_id]
+        node.failures += 1
+        self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
+                                 reason=f"error reply code {code}: {reason}")
+        log.warning("asyncfl: node %s error reply (code %s): %s", node_id, code, reason)
+        if code in _RETIRE_AT_ONCE or node.failures >= self.cfg.max_node_failures:
+            self._retire(node_id, f"error code {code} after {node.failures} consecutive failure(s)")
+
+    def _retire(self, node_id: int, why: str) -> None:
+        node = self.nodes.setdefault(node_id, NodeInfo())
+        if node.retired:
+            return
+        node.retired, node.busy = True, False
+        for mid, task in list(self.inflight.items()):
+            if task.node == node_id:
+                del self.inflight[mid]
+        self.s.rule.forget(node_id)
+        self.s.recorder.log_event("node_retired", node=node_id, partition=node.partition, reason=why)
+        log.warning("asyncfl: node %s retired (%s)", node_id, why)
+
+    # ----------------------------------------------------------------------------------------
+    # Nodes
+    # ----------------------------------------------------------------------------------------
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        deadline = time.monotonic() + self.cfg.node_wait_s
+        while True:
+            self._scan_nodes(grid, force=True)
+            alive = self._alive_nodes()
+            if len(alive) >= self.cfg.min_nodes:
+                log.info("asyncfl: %d node(s) connected", len(alive))
+                self.s.prepare(len(alive))
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(alive)} node(s) connected after {self.cfg.node_wait_s:.0f} s, "
+                    f"`min-nodes` is {self.cfg.min_nodes}: start more SuperNodes or lower min-nodes"
+                )
+            time.sleep(0.5)
+
+    def _scan_nodes(self, grid: Grid, force: bool = False) -> None:
+        """Recruit late joiners; retire nodes that left while they had work."""
+        now = time.monotonic()
+        if not force and now - self._last_node_scan < 2.0:
+            return
+        self._last_node_scan = now
+        online = set(grid.get_node_ids())
+        for n in online:
+            if n not in self.nodes:
+                self.nodes[n] = NodeInfo()
+        for n, info in self.nodes.items():
+            if not info.retired and n not in online:
+                self._retire(n, "left the federation")
+
+    def _alive_nodes(self) -> list[int]:
+        return sorted(n for n, i in self.nodes.items() if not i.retired)
+
+    def _idle_nodes(self) -> list[int]:
+        return sorted(n for n, i in self.nodes.items() if not i.retired and not i.busy)
+
+    def _release_snapshots(self) -> None:
+        needed = {t.version for t in self.inflight.values()}
+        for v in list(self.snapshots):
+            if v not in needed:
+                del self.snapshots[v]

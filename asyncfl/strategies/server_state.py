@@ -1,0 +1,208 @@
+"""What the server loop keeps between replies: model, counters, stop checks, checkpoints.
+
+The loop in `loop.py` only moves messages; everything it decides with (the version clock, the
+rule, the selector, when to evaluate, when to stop, what to log) lives here so it can be
+tested without Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from asyncfl.config import AppConfig
+
+log = logging.getLogger("asyncfl")
+
+
+class StopWatch:
+    """Wall-clock seconds since start, with an offset so a resumed run keeps counting."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.t0 = time.monotonic() - offset
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+@dataclass
+class ServerState:
+    cfg: AppConfig
+    x: dict[str, torch.Tensor]  # live trainable tensors of the server model
+    device: torch.device
+    rule_factory: Callable[[int], Any]  # num_clients -> rule (built once nodes are known)
+    selector: Any
+    recorder: Any
+    evaluate_fn: Callable[[], dict[str, float]]
+    run_key: str  # names node-local client state (shifts) for this run
+    run_dir: Path
+    num_clients: int = 0
+    version: int = 0  # number of changes of x
+    updates: int = 0  # accepted client updates
+    rounds: int = 0  # sync rounds completed
+    last_eval: dict[str, float] = field(default_factory=dict)
+    initial_loss: float | None = None
+    delta_g: float | None = None  # running mean of clients' mean reconstruction error
+    bound: Any = None
+    rule: Any = None
+    resume: dict[str, Any] | None = None  # checkpoint to restore once nodes are known
+    final_reason: str = ""
+    _last_eval_at: int = -1
+
+    def prepare(self, num_clients: int) -> None:
+        """Build the rule for `num_clients` and restore a checkpoint, if resuming."""
+        self.num_clients = max(self.num_clients, num_clients)
+        self.rule = self.rule_factory(self.num_clients)
+        if self.resume is not None:
+            self.restore(self.resume)
+            self.recorder.log_event("resume", version=self.version, updates=self.updates,
+                                    path=self.cfg.resume_from)
+            log.info("asyncfl: resumed at v=%d updates=%d", self.version, self.updates)
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in self.x.items()}
+
+    def sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def flush_rule(self) -> None:
+        if self.rule.flush(self.x).stepped:  # a partly filled FedBuff buffer
+            self.version += 1
+
+    # ---- budget ------------------------------------------------------------------------------
+    @property
+    def max_updates(self) -> int:
+        return self.cfg.max_updates or self.cfg.num_rounds * max(self.num_clients, 1)
+
+    def stop_reason(self, elapsed: float) -> str | None:
+        cfg = self.cfg
+        if cfg.mode == "sync" and self.rounds >= cfg.num_rounds:
+            return f"num-rounds {cfg.num_rounds} reached"
+        if cfg.mode == "async" and self.updates >= self.max_updates:
+            return f"max-updates {self.max_updates} reached"
+        if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
+            return f"time-budget-s {cfg.time_budget_s:g} reached"
+        ppl = self.last_eval.get("ppl")
+        if cfg.target_ppl and ppl is not None and ppl <= cfg.target_ppl:
+            return f"target-ppl {cfg.target_ppl:g} reached (ppl {ppl:.2f})"
+        if self.bound is not None and self.delta_g is not None:
+            clock = self.rounds if cfg.mode == "sync" else self.version
+            if self.bound.should_stop(clock, self.delta_g):
+                t_star = self.bound.threshold(self.delta_g)
+                return f"bound stop rule: t={clock} >= t*={t_star:.1f} (delta_g={self.delta_g:.4g})"
+        return None
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate_and_log(self, elapsed: float, round_: int) -> dict[str, float]:
+        metrics = self.evaluate_fn()
+        self.last_eval = metrics
+        self._last_eval_at = self.updates
+        if self.initial_loss is None:
+            self.initial_loss = metrics["loss"]
+        if self.bound is None and self.cfg.stop_rule == "bound":
+            self.bound = self.cfg.bound_rule(self.num_clients or 1, a1=self.initial_loss)
+        self.recorder.log_eval(version=self.version, round=round_, updates=self.updates, **metrics)
+        log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  loss=%.4f ppl=%.2f top1=%.3f",
+                 self.version, self.updates, elapsed, metrics["loss"], metrics["ppl"], metrics["top1"])
+        return metrics
+
+    def evaluate_if_due(self, elapsed: float, per_round: bool = False) -> None:
+        every = self.cfg.eval_every
+        count = self.rounds if per_round else self.updates
+        if count % every == 0 and self._last_eval_at != self.updates:
+            self.evaluate_and_log(elapsed, round_=self.rounds)
+
+    def ensure_final_eval(self, elapsed: float) -> dict[str, float]:
+        if self._last_eval_at != self.updates:
+            return self.evaluate_and_log(elapsed, round_=self.rounds)
+        return self.last_eval
+
+    # ---- one accepted update -----------------------------------------------------------------
+    def after_update(self, reply: Any, staleness: int, weight: float, stepped: bool,
+                     decode_apply_s: float, elapsed: float, bump_version: bool = True) -> None:
+        if stepped and bump_version:
+            self.version += 1
+        self.updates += 1
+        m = reply.metrics
+        fro = m.get("fro-error")
+        if fro is not None and math.isfinite(float(fro)):
+            n = min(self.updates, max(self.num_clients, 1))  # running mean over ~one sweep
+            self.delta_g = float(fro) if self.delta_g is None else self.delta_g + (float(fro) - self.delta_g) / n
+        self.recorder.log_update(
+            version=self.version, node=reply.node, partition=m.get("partition-id"),
+            staleness=staleness, weight=weight, train_loss=m.get("train-loss"),
+            bytes=m.get("bytes"), dense_bytes=m.get("dense-bytes"), rec_error=m.get("rec-error"),
+            fro_error=fro, decode_apply_s=decode_apply_s, train_s=m.get("train-s"),
+            tokens_per_s=m.get("tokens-per-s"), round_trip_s=elapsed - reply.task.sent_at,
+            client_s=m.get("client-s"),
+        )
+        log.info("asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
+                 self.updates, self.max_updates if self.cfg.mode == "async" else "-", self.version,
+                 reply.node, m.get("partition-id"), staleness, weight,
+                 float(m.get("train-loss", float("nan"))), float(m.get("bytes", 0)))
+        if self.cfg.mode == "async":
+            self.evaluate_if_due(elapsed)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": "asyncfl-checkpoint-1", "version": self.version, "updates": self.updates,
+            "rounds": self.rounds, "run_key": self.run_key,
+            "state": {k: v.detach().cpu().clone() for k, v in self.x.items()},
+            "rule": self.rule.state_dict(), "last_eval": dict(self.last_eval),
+            "initial_loss": self.initial_loss, "delta_g": self.delta_g,
+            "config": self.cfg.to_dict(),
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt.get("format") != "asyncfl-checkpoint-1":
+            raise ValueError(f"not an asyncfl checkpoint (format={ckpt.get('format')!r})")
+        state = ckpt["state"]
+        if set(state) != set(self.x) or any(state[k].shape != self.x[k].shape for k in state):
+            raise ValueError("checkpoint tensors do not match this model's trainable state "
+                             "(different model, preset or lora-rank?)")
+        with torch.no_grad():
+            for k, v in self.x.items():
+                v.copy_(state[k].to(v.device, v.dtype))
+        self.rule.load_state_dict(ckpt["rule"])
+        self.version, self.updates, self.rounds = ckpt["version"], ckpt["updates"], ckpt["rounds"]
+        self.run_key = ckpt["run_key"]
+        self.initial_loss, self.delta_g = ckpt.get("initial_loss"), ckpt.get("delta_g")
+
+
+class Checkpointer:
+    """Writes `<run_dir>/checkpoint.pt` every `checkpoint-every` accepted updates."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.every = state.cfg.checkpoint_every
+        self.path = state.run_dir / "checkpoint.pt"
+        self._last = state.updates
+
+    def maybe_save(self, state: ServerState) -> None:
+        if not self.every or state.updates - self._last < self.every:
+            return
+        self.save(state)
+
+    def save(self, state: ServerState) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state.checkpoint(), tmp)
+        tmp.replace(self.path)  # atomic: a crash never leaves half a checkpoint
+        self._last = state.updates
+        state.recorder.log_event("checkpoint", version=state.version, updates=state.updates,
+                                 path=str(self.path))
+        log.info("asyncfl: checkpoint v=%d updates=%d -> %s", state.version, state.updates, self.path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"resume-from: no checkpoint file at {p}")
+    return torch.load(p, map_location="cpu", weights_only=True)

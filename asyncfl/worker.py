@@ -1,0 +1,131 @@
+"""Client-side work for one task: load the global weights, train, encode the delta.
+
+Kept apart from `client_app.py` (which only speaks Flower) so tests and benchmarks can drive
+the same code path. A `Worker` is built once per process and reused across messages: the
+model, tokenizer and compressor are cached (Ray actors in simulation live for the whole run).
+
+Notes
+-----
+* The delta is `local - received` over the trainable tensors only (with LoRA: the adapters).
+* With the `shifted` rule the client compresses `delta - h_i` and keeps its shift `h_i` on
+  node-local disk (`ASYNCFL_NODE_DIR`, default `~/.cache/asyncfl/node-state`), not in
+  `context.state`, which would travel with every message.
+* Heterogeneity emulation sleeps after the real work: a client with speed factor f sleeps
+  (f - 1) x its measured compute time, and `uplink-mbps` adds bytes x 8 / rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from asyncfl.compressors import get_compressor
+from asyncfl.config import AppConfig
+from asyncfl.data import load_partition
+from asyncfl.model import build_model, load_trainable_state, resolve_device, trainable_state
+from asyncfl.strategies.rules import ClientShift
+from asyncfl.train import train_local
+
+log = logging.getLogger("asyncfl")
+
+# Keys that change the model a worker holds; anything else can vary per run without a rebuild.
+_MODEL_KEYS = ("model", "pretrained", "model_preset", "lora_rank", "lora_alpha", "lora_dropout",
+               "device", "seed", "block_size")
+
+
+def node_state_dir() -> Path:
+    return Path(os.environ.get("ASYNCFL_NODE_DIR", Path.home() / ".cache" / "asyncfl" / "node-state"))
+
+
+def make_compressor(cfg: AppConfig):
+    if cfg.compressor == "none":
+        return get_compressor("none")
+    return get_compressor(cfg.compressor, rank=cfg.rank, method=cfg.compress_method,
+                          dtype=cfg.wire_dtype, energy=cfg.energy or None,
+                          row_select=cfg.row_select, seed=cfg.seed)
+
+
+@dataclass
+class TaskResult:
+    record: ArrayRecord
+    metrics: dict[str, Any]
+
+
+class Worker:
+    """Holds the model for one process and runs training tasks on it."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.model = build_model(cfg).to(self.device)
+        self.compressor = make_compressor(cfg)
+
+    def matches(self, cfg: AppConfig) -> bool:
+        return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)
+
+    def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor], partition_id: int,
+                 num_partitions: int, run_key: str = "") -> TaskResult:
+        t_start = time.perf_counter()
+        self.cfg, self.compressor = cfg, make_compressor(cfg)
+        # 1. data (cached per process) and the received global weights
+        blocks = load_partition(cfg, partition_id, num_partitions)
+        load_trainable_state(self.model, global_state)
+        received = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
+        # 2. local training
+        stats = train_local(self.model, blocks, cfg, self.device, generator_seed=cfg.seed + partition_id)
+        # 3. delta = local - received, optionally minus this client's shift, then encode
+        with torch.no_grad():
+            delta = {k: v.detach() - received[k] for k, v in trainable_state(self.model).items()}
+        shift = self._load_shift(cfg, run_key, partition_id) if cfg.rule == "shifted" else None
+        to_send = shift.residual(delta) if shift is not None else delta
+        record, cm = self.compressor.encode_state(to_send, return_metrics=True)
+        if shift is not None:  # both sides update h_i with the *decoded* residual
+            shift.update(self.compressor.decode_state(record, device=self.device))
+            path = self._shift_path(run_key, partition_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shift.save(path)
+        compute_s = time.perf_counter() - t_start
+        # 4. heterogeneity emulation (real sleeps; reported wall-clock stays real)
+        sleep_s = (cfg.speed_of(partition_id) - 1.0) * compute_s
+        if cfg.uplink_mbps:
+            sleep_s += cm["bytes"] * 8 / (cfg.uplink_mbps * 1e6)
+        if sleep_s > 0:
+            time.sleep(sleep_s)
+        metrics = {
+            "partition-id": partition_id, "train-loss": stats.loss, "num-examples": stats.samples,
+            "tokens": stats.tokens, "tokens-per-s": stats.tokens_per_s, "train-s": stats.seconds,
+            "encode-s": cm["encode_s"], "bytes": cm["bytes"], "dense-bytes": cm["dense_bytes"],
+            "rec-error": cm["mean_rel_error"], "fro-error": cm["mean_fro_error"],
+            "sleep-s": sleep_s, "client-s": time.perf_counter() - t_start,
+        }
+        return TaskResult(record=record, metrics=metrics)
+
+    # ---- node-local shift state (rule "shifted") ------------------------------------------------
+    @staticmethod
+    def _shift_path(run_key: str, partition_id: int) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key) or "run"
+        return node_state_dir() / f"{safe}-p{partition_id}.pt"
+
+    def _load_shift(self, cfg: AppConfig, run_key: str, partition_id: int) -> ClientShift:
+        shift = ClientShift(shift_alpha=cfg.shift_alpha)
+        if shift.load(self._shift_path(run_key, partition_id), missing_ok=True):
+            shift.load_state_dict({k: v.to(self.device) for k, v in shift.state_dict().items()})
+        return shift
+
+
+_WORKER: Worker | None = None
+
+
+def get_worker(cfg: AppConfig) -> Worker:
+    """The process-wide worker, rebuilt only when the model-defining keys change."""
+    global _WORKER
+    if _WORKER is None or not _WORKER.matches(cfg):
+        _WORKER = Worker(cfg)
+    return _WORKER
