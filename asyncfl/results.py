@@ -374,7 +374,9 @@ def results_markdown(summary: Mapping[str, Any], evals: Sequence[Mapping[str, An
 
 def _totals_lines(s: Mapping[str, Any]) -> list[str]:
     """The totals block under the results table."""
-    drops = ", ".join(f"{k}: {v}" for k, v in sorted(s.get("drop_reasons", {}).items()))
+    reasons = sorted(s.get("drop_reasons", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    drops = ", ".join(f"{k}: {v}" for k, v in reasons[:5])  # reasons carry details: keep it short
+    drops += f", {len(reasons) - 5} other reasons" if len(reasons) > 5 else ""
     ratio = "-" if s["compression_ratio"] is None else f"{s['compression_ratio']:.1f}x"
     target = "no target"
     if s["target_ppl"] is not None:
