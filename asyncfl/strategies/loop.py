@@ -92,7 +92,7 @@ class AsyncFLStrategy(Strategy):
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self._record_cache: tuple[int, ArrayRecord] | None = None
         self.rng = random.Random(self.cfg.seed)
-        self.clock = StopWatch()
+        self.clock = StopWatch(offset=state.recorder.elapsed_s)  # continues on resume
         self.checkpointer = Checkpointer(state)
         self._last_node_scan = 0.0
 

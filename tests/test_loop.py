@@ -1,0 +1,227 @@
+"""The server loop against an in-memory fake Grid: ordering, faults, stale drops, resume.
+
+The fake Grid plays the clients: each pushed task completes after a per-node number of
+ticks (one tick per `pull_messages` call), so replies arrive out of order. Each fake client
+returns delta = c_node - 0.5 * received (a function of the weights it was sent), so the
+expected global state can be recomputed independently, update by update, from the event log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+
+from asyncfl.compressors import get_compressor
+from asyncfl.config import AppConfig
+from asyncfl.results import RunRecorder
+from asyncfl.strategies.build import build_rule, build_selector
+from asyncfl.strategies.loop import AsyncFLStrategy
+from asyncfl.strategies.server_state import ServerState, load_checkpoint
+
+X0 = {"w": torch.arange(12, dtype=torch.float32).reshape(4, 3) / 10, "b": torch.ones(3)}
+
+
+def client_delta(node: int, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: float(node) - 0.5 * v for k, v in received.items()}
+
+
+class FakeGrid:
+    """Grid stand-in: node -> (ticks to finish, behaviour)."""
+
+    def __init__(self, delays: dict[int, int], behaviour: dict[int, str] | None = None):
+        self.delays = delays
+        self.behaviour = behaviour or {}
+        self.online = set(delays)
+        self.tick = 0
+        self.pending: dict[str, tuple[int, Message]] = {}
+        self.sent: list[tuple[int, int]] = []  # (node, version) in push order
+        self.calls: dict[int, int] = {n: 0 for n in delays}
+
+    def get_node_ids(self):
+        return sorted(self.online)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node not in self.online:
+                ids.append("")
+                continue
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            self.pending[mid] = (self.tick + self.delays[node], m)
+            self.sent.append((node, int(m.content["config"]["version"])))
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.tick += 1
+        out = []
+        for mid in list(message_ids):
+            if mid in self.pending and self.pending[mid][0] <= self.tick:
+                _, msg = self.pending.pop(mid)
+                out.append(self._reply(msg))
+        return out
+
+    def _reply(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        self.calls[node] += 1
+        how = self.behaviour.get(node, "ok")
+        if how == "crash" or (how == "crash-once" and self.calls[node] == 1):
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom"), reply_to=msg)
+        if how == "gone":
+            return Message(Error(ErrorCode.NODE_UNAVAILABLE, "heartbeat lapsed"), reply_to=msg)
+        received = msg.content["arrays"].to_torch_state_dict()
+        delta = client_delta(node, received)
+        if how == "nan":
+            delta["w"][0, 0] = float("nan")
+        if how == "wrong-shape":
+            delta["w"] = torch.zeros(2, 2)
+        record = get_compressor("none").encode_state(delta)
+        metrics = MetricRecord({"partition-id": node, "train-loss": 1.0 / node, "num-examples": node,
+                                "bytes": record.count_bytes(), "dense-bytes": 60, "rec-error": 0.0,
+                                "fro-error": 0.0})
+        return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+
+
+def make_state(tmp_path, **overrides) -> ServerState:
+    run_config = {"poll-interval-s": 0.001, "min-nodes": 1, "node-wait-s": 1.0, "eval-every": 1000,
+                  "results-dir": str(tmp_path), "run-name": "run", **overrides}
+    cfg = AppConfig.from_run_config(run_config)
+    x = {k: v.clone() for k, v in X0.items()}
+    run_dir = tmp_path / "run"
+    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor="none",
+                           rule=cfg.rule, num_clients=0, eval_split="test", train_split="validation",
+                           target_ppl=None, resume=bool(cfg.resume_from))
+    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    return ServerState(
+        cfg=cfg, x=x, device=torch.device("cpu"), rule_factory=lambda n: build_rule(cfg, n),
+        selector=build_selector(cfg), recorder=recorder,
+        evaluate_fn=lambda: {"loss": float(x["w"].abs().mean()), "ppl": math.exp(float(x["w"].abs().mean())),
+                             "top1": 0.0, "top5": 0.0},
+        run_key="run", run_dir=run_dir, resume=ckpt,
+    )
+
+
+def events(tmp_path, kind=None):
+    lines = [json.loads(l) for l in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    return [e for e in lines if kind is None or e["event"] == kind]
+
+
+def replay_asgd(grid: FakeGrid, updates: list[dict], lr: float) -> dict[str, torch.Tensor]:
+    """Independent recomputation: x_{v+1} = x_v + lr * delta(node, x_{version sent})."""
+    xs = [{k: v.clone() for k, v in X0.items()}]
+    for u in updates:
+        x = xs[-1]
+        base = xs[u["version"] - 1 - u["staleness"]]
+        d = client_delta(u["node"], base)
+        xs.append({k: x[k] + lr * d[k] for k in x})
+    return xs[-1]
+
+
+def test_async_applies_out_of_order_replies_with_their_staleness(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"server-lr": 0.5, "max-updates": 9})
+    grid = FakeGrid({1: 1, 2: 2, 3: 5})
+    AsyncFLStrategy(state).start(grid)
+    ups = events(tmp_path, "update")
+    assert [u["version"] for u in ups] == list(range(1, 10))
+    assert [u["node"] for u in ups[:3]] == [1, 2, 1]  # fast nodes overtake the slow one
+    assert max(u["staleness"] for u in ups) >= 2  # the slow node's update is stale
+    expected = replay_asgd(grid, ups, 0.5)
+    for k in X0:
+        torch.testing.assert_close(state.x[k], expected[k])
+
+
+def test_fedasync_mixes_against_the_snapshot_the_client_started_from(tmp_path):
+    state = make_state(tmp_path, rule="fedasync", alpha=0.5, staleness="constant", **{"max-updates": 6})
+    grid = FakeGrid({1: 1, 3: 3})
+    strategy = AsyncFLStrategy(state)
+    strategy.start(grid)
+    xs = [{k: v.clone() for k, v in X0.items()}]
+    for u in events(tmp_path, "update"):
+        base = xs[u["version"] - 1 - u["staleness"]]
+        d = client_delta(u["node"], base)
+        xs.append({k: 0.5 * xs[-1][k] + 0.5 * (base[k] + d[k]) for k in base})
+    assert any(u["staleness"] > 0 for u in events(tmp_path, "update"))
+    for k in X0:
+        torch.testing.assert_close(state.x[k], xs[-1][k])
+    assert set(strategy.snapshots) <= {t.version for t in strategy.inflight.values()}
+
+
+def test_crash_is_redispatched_and_a_failing_node_is_retired(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"max-updates": 6, "max-node-failures": 2})
+    grid = FakeGrid({1: 1, 2: 1, 3: 1}, {2: "crash-once", 3: "crash"})
+    AsyncFLStrategy(state).start(grid)
+    ups = events(tmp_path, "update")
+    assert len(ups) == 6 and {u["node"] for u in ups} == {1, 2}
+    retired = events(tmp_path, "node_retired")
+    assert [r["node"] for r in retired] == [3]
+    drops = events(tmp_path, "drop")
+    assert sum(d["node"] == 3 for d in drops) == 2 and sum(d["node"] == 2 for d in drops) == 1
+
+
+def test_node_unavailable_retires_at_once_and_the_run_goes_on(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"max-updates": 4})
+    grid = FakeGrid({1: 1, 2: 2}, {2: "gone"})
+    AsyncFLStrategy(state).start(grid)
+    assert [r["node"] for r in events(tmp_path, "node_retired")] == [2]
+    assert len(events(tmp_path, "update")) == 4
+
+
+@pytest.mark.parametrize("how", ["nan", "wrong-shape"])
+def test_invalid_payload_is_rejected_and_global_model_untouched(tmp_path, how):
+    state = make_state(tmp_path, rule="asgd", **{"server-lr": 1.0, "max-updates": 3})
+    grid = FakeGrid({1: 1, 2: 1}, {2: how})
+    AsyncFLStrategy(state).start(grid)
+    ups = events(tmp_path, "update")
+    assert {u["node"] for u in ups} == {1}
+    bad = [d for d in events(tmp_path, "drop") if d["node"] == 2]
+    assert bad and all("invalid payload" in d["reason"] for d in bad)
+    expected = replay_asgd(grid, ups, 1.0)  # only node 1's updates moved the model
+    for k in X0:
+        torch.testing.assert_close(state.x[k], expected[k])
+
+
+def test_updates_staler_than_max_staleness_are_dropped(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"max-updates": 8, "max-staleness": 1})
+    grid = FakeGrid({1: 1, 2: 6})
+    AsyncFLStrategy(state).start(grid)
+    drops = [d for d in events(tmp_path, "drop") if "max-staleness" in d["reason"]]
+    assert drops and all(d["node"] == 2 and d["staleness"] > 1 for d in drops)
+    assert all(u["staleness"] <= 1 for u in events(tmp_path, "update"))
+
+
+def test_sync_mode_applies_the_sample_weighted_mean_per_round(tmp_path):
+    state = make_state(tmp_path, mode="sync", **{"num-rounds": 3, "server-lr": 1.0})
+    grid = FakeGrid({1: 1, 2: 3})
+    AsyncFLStrategy(state).start(grid)
+    x = {k: v.clone() for k, v in X0.items()}
+    for _ in range(3):  # weights = num-examples = node id
+        d1, d2 = client_delta(1, x), client_delta(2, x)
+        x = {k: x[k] + (1 * d1[k] + 2 * d2[k]) / 3 for k in x}
+    for k in X0:
+        torch.testing.assert_close(state.x[k], x[k])
+    assert state.rounds == 3 and state.version == 3
+    assert all(u["staleness"] == 0 for u in events(tmp_path, "update"))
+
+
+def test_checkpoint_then_resume_continues_the_version_count(tmp_path):
+    first = make_state(tmp_path, rule="fedbuff", **{"buffer-size": 2, "max-updates": 4, "checkpoint-every": 2})
+    AsyncFLStrategy(first).start(FakeGrid({1: 1, 2: 2}))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert ckpt.exists()
+    saved = load_checkpoint(ckpt)
+    assert saved["updates"] == 4 and saved["version"] == first.version == 2
+    second = make_state(tmp_path, rule="fedbuff", **{"buffer-size": 2, "max-updates": 8,
+                                                      "resume-from": str(ckpt)})
+    AsyncFLStrategy(second).start(FakeGrid({1: 1, 2: 2}))
+    assert second.updates == 8 and second.version == 4
+    ups = events(tmp_path, "update")
+    assert [u["version"] for u in ups][-4:] == [2, 3, 3, 4]
+    assert len(events(tmp_path, "resume")) == 1
