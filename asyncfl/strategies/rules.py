@@ -1,0 +1,486 @@
+"""Server update rules: how one decoded client delta changes the global model.
+
+``x`` is the global state (``dict[str, Tensor]``, fp32, any device); an *update* is
+the decoded client delta ``x_client - x_started_from`` (same keys and shapes). The
+pseudo-gradient is ``g = -delta``, so an SGD step ``x - gamma g`` is
+``x + gamma delta``. ``tau`` (staleness) counts the global versions applied since the
+client got its copy.
+
+- ``fedasync`` (Xie et al. 2019): ``x <- (1 - a) x + a (base + delta)``,
+  ``a = alpha s(tau)``.
+- ``fedbuff`` (Nguyen et al. 2022, Alg. 1): every K arrivals
+  ``x <- x + server_lr * (1/K) * sum_i s(tau_i) delta_i``; ``flush`` applies a partial
+  buffer.
+- ``asgd`` (seed notes, Alg. 1): ``x <- x + gamma_t delta``; delay-adaptive
+  ``gamma_t = gamma * concurrency / tau`` when tau > concurrency, else gamma
+  (Koloskova et al. 2022; Mishchenko et al. 2022).
+- ``shifted`` (seed notes, Alg. 2): the client sends ``D = C(delta - h_i)``; the server
+  steps ``x <- x + gamma (h + D)`` with ``h = (1/n) sum_i h_i`` *before* updating the
+  shifts ``h_i += alpha D``, ``h += (alpha/n) D``. ``ClientShift`` is the client half.
+- ``saga`` (seed notes, Alg. 5): latest update ``u_i`` per node;
+  ``x <- x + gamma mean_i u_i``.
+- ``fedavg_mean``: weighted mean of one round of updates (synchronous FedAvg baseline).
+
+Notes
+-----
+- Rules mutate ``x`` in place with ``torch._foreach_*`` (one fused launch per op) and
+  never mutate ``update``/``base``.
+- Everything is validated (keys, shapes, staleness) before ``x`` or the rule state is
+  touched: a bad payload raises ``ValueError`` naming the tensor and changes nothing.
+- ``state_dict`` returns the live state tensors (no copy); ``load_state_dict`` copies.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from asyncfl.strategies.staleness import ConstantStaleness, check_staleness
+
+State = dict[str, Tensor]
+StalenessFn = Callable[[int], float]
+Tensors = Mapping[str, Tensor]
+RULES = ("fedasync", "fedbuff", "asgd", "shifted", "saga")
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Outcome of one ``apply``/``flush``."""
+
+    weight: float  # effective coefficient on this update (0.0 when nothing was applied)
+    stepped: bool  # whether x changed in this call
+
+
+def _aligned(ref: Tensors, other: Any, what: str) -> list[Tensor]:
+    """Validate ``other`` against ``ref``; its tensors in ref's order/device/dtype."""
+    if not ref:
+        raise ValueError("the global state is empty: no trainable tensors to update")
+    if not isinstance(other, Mapping):
+        kind = type(other).__name__
+        raise ValueError(f"{what} must be a dict of tensors, got {kind}")
+    missing = [k for k in ref if k not in other]
+    extra = [k for k in other if k not in ref]
+    if missing or extra:
+        raise ValueError(f"{what} keys differ from the global state: missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}")
+    out = []
+    for k, r in ref.items():
+        t = other[k]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{what}[{k!r}] must be a tensor, got {type(t).__name__}")
+        if t.shape != r.shape:
+            raise ValueError(f"{what}[{k!r}] has shape {tuple(t.shape)}, "
+                             f"the global tensor has {tuple(r.shape)}")
+        out.append(t.to(device=r.device, dtype=r.dtype))
+    return out
+
+
+def _lazy(table: State | None, x: State, what: str) -> tuple[State, list[Tensor]]:
+    """A zero-initialised state table aligned with ``x`` (allocated on first use)."""
+    if table is None:
+        table = {k: torch.zeros_like(v) for k, v in x.items()}
+    ts = _aligned(x, table, what)
+    return dict(zip(x, ts)), ts
+
+
+def _real(name: str, value: Any, low: float, high: float, open_low: bool) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (low < value if open_low else low <= value)
+    if not ok or not value <= high:
+        interval = "(" if open_low else "["
+        interval += f"{low}, {high}" + ("]" if high < math.inf else ")")
+        raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _lr(value: Any) -> float:
+    return _real("server_lr", value, 0.0, math.inf, open_low=True)
+
+
+def _copy(d: Tensors | None) -> State | None:
+    return None if d is None else {k: v.detach().clone() for k, v in d.items()}
+
+
+class Rule(ABC):
+    """Base class: one ``apply`` step; buffered/stateful rules override the rest."""
+
+    name: ClassVar[str]
+    needs_base: ClassVar[bool] = False  # True: the loop passes the client's start state
+
+    @abstractmethod
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None) -> Applied:
+        """Fold ``update`` from ``node`` into ``x`` in place; ValueError if invalid."""
+
+    def flush(self, x: State) -> Applied:
+        """Apply whatever is still buffered (end of training); no-op by default."""
+        return Applied(0.0, False)
+
+    def forget(self, node: int) -> None:
+        """Drop the per-node state of a retired ``node``; no-op by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state: tensors and plain Python values only."""
+        return {}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output."""
+
+
+class FedAsync(Rule):
+    """FedAsync: ``x <- (1 - a) x + a (base + update)`` with ``a = alpha s(tau)``.
+
+    ``alpha`` in (0, 1] (larger: further toward each client); ``staleness_fn`` s(tau),
+    default constant. ``base=None`` means base == x (exact at tau = 0), so
+    ``x += a update``.
+    """
+
+    name = "fedasync"
+    needs_base = True
+
+    def __init__(self, alpha: float, staleness_fn: StalenessFn | None = None) -> None:
+        self.alpha = _real("alpha", alpha, 0.0, 1.0, open_low=True)
+        self.staleness_fn = staleness_fn or ConstantStaleness()
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None) -> Applied:  # noqa: D102
+        a = self.alpha * self.staleness_fn(check_staleness(staleness))
+        us = _aligned(x, update, "update")
+        bs = None if base is None else _aligned(x, base, "base")
+        xs = list(x.values())
+        with torch.no_grad():
+            if bs is not None:
+                torch._foreach_mul_(xs, 1.0 - a)
+                torch._foreach_add_(xs, bs, alpha=a)
+            torch._foreach_add_(xs, us, alpha=a)
+        return Applied(a, True)
+
+
+class FedBuff(Rule):
+    """FedBuff: every K arrivals ``x <- x + server_lr (1/K) sum_i s(tau_i) delta_i``.
+
+    ``buffer_size`` K >= 1 (K = 1 is asgd with step server_lr s(tau));
+    ``server_lr`` > 0; ``staleness_fn`` default constant. The buffer is one running
+    weighted-sum tensor per key; the divisor is the count (FedBuff paper), not the sum
+    of weights. ``Applied.weight`` is ``server_lr s(tau) / K``; ``flush`` divides a
+    partial buffer by its count and reports ``server_lr / count``.
+    """
+
+    name = "fedbuff"
+
+    def __init__(self, buffer_size: int, server_lr: float,
+                 staleness_fn: StalenessFn | None = None) -> None:
+        self.buffer_size = _count("buffer_size", buffer_size)
+        self.server_lr = _lr(server_lr)
+        self.staleness_fn = staleness_fn or ConstantStaleness()
+        self._sum: State | None = None  # sum_i s(tau_i) delta_i over the buffer
+        self.count = 0  # updates currently buffered
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None) -> Applied:  # noqa: D102
+        s = self.staleness_fn(check_staleness(staleness))
+        us = _aligned(x, update, "update")
+        self._sum, acc = _lazy(self._sum, x, "fedbuff buffer")
+        with torch.no_grad():
+            torch._foreach_add_(acc, us, alpha=s)
+        self.count += 1
+        full = self.count == self.buffer_size
+        if full:
+            self._step(x, acc)
+        return Applied(self.server_lr * s / self.buffer_size, full)
+
+    def flush(self, x: State) -> Applied:  # noqa: D102
+        if self.count == 0:
+            return Applied(0.0, False)
+        weight = self.server_lr / self.count
+        self._sum, acc = _lazy(self._sum, x, "fedbuff buffer")
+        self._step(x, acc)
+        return Applied(weight, True)
+
+    def _step(self, x: State, acc: list[Tensor]) -> None:
+        with torch.no_grad():
+            lr = self.server_lr / self.count
+            torch._foreach_add_(list(x.values()), acc, alpha=lr)
+            torch._foreach_zero_(acc)  # keep the memory for the next buffer
+        self.count = 0
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"count": self.count, "sum": self._sum if self.count else None}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
+        self.count = int(d["count"])
+        self._sum = _copy(d["sum"]) if self.count else None
+
+
+class ASGD(Rule):
+    """Pure asynchronous SGD ``x <- x + gamma_t update`` (seed notes, Algorithm 1).
+
+    ``server_lr`` gamma > 0. With ``delay_adaptive``,
+    ``gamma_t = gamma * concurrency / tau`` for tau > ``concurrency`` (tau_C >= 1, the
+    jobs in flight: a public attribute the loop may update as nodes come and go).
+    """
+
+    name = "asgd"
+
+    def __init__(self, server_lr: float, delay_adaptive: bool = False,
+                 concurrency: int = 1) -> None:
+        self.server_lr = _lr(server_lr)
+        self.delay_adaptive = bool(delay_adaptive)
+        self.concurrency = _count("concurrency", concurrency)
+
+    def step_size(self, staleness: int) -> float:
+        """gamma_t for an update of this staleness."""
+        tau = check_staleness(staleness)
+        if self.delay_adaptive and tau > self.concurrency:
+            return self.server_lr * min(1.0, self.concurrency / tau)
+        return self.server_lr
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None) -> Applied:  # noqa: D102
+        gamma = self.step_size(staleness)
+        us = _aligned(x, update, "update")
+        with torch.no_grad():
+            torch._foreach_add_(list(x.values()), us, alpha=gamma)
+        return Applied(gamma, True)
+
+
+class Shifted(Rule):
+    """Compressed differences against per-node shifts h_i (seed notes, Algorithm 2).
+
+    ``server_lr`` gamma > 0; ``shift_alpha`` alpha in [0, 1], equal to the clients'
+    ``ClientShift.shift_alpha`` (0: no shifts, identical to asgd, no state kept);
+    ``num_clients`` n >= 1 in ``h = (1/n) sum_i h_i``, counting nodes that have not
+    reported yet (their h_i = 0). A node beyond n grows n by one and ``forget`` shrinks
+    it, so h stays the mean over current members. Memory: (reporting nodes + 1) models.
+    """
+
+    name = "shifted"
+
+    def __init__(self, server_lr: float, shift_alpha: float, num_clients: int) -> None:
+        self.server_lr = _lr(server_lr)
+        self.shift_alpha = _real("shift_alpha", shift_alpha, 0.0, 1.0, open_low=False)
+        self.num_clients = _count("num_clients", num_clients)
+        self._h: State | None = None  # mean shift h
+        self._shifts: dict[int, State] = {}  # h_i of each node that has reported
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None) -> Applied:  # noqa: D102
+        check_staleness(staleness)
+        us = _aligned(x, update, "update")
+        xs, gamma, alpha = list(x.values()), self.server_lr, self.shift_alpha
+        if alpha == 0.0:
+            with torch.no_grad():
+                torch._foreach_add_(xs, us, alpha=gamma)
+            return Applied(gamma, True)
+        self._h, hs = _lazy(self._h, x, "mean shift")
+        if node not in self._shifts and len(self._shifts) >= self.num_clients:
+            self._resize(hs, None, self.num_clients + 1)  # a new member, h_i = 0
+        what = f"shift of node {node}"
+        self._shifts[node], his = _lazy(self._shifts.get(node), x, what)
+        with torch.no_grad():
+            torch._foreach_add_(xs, hs, alpha=gamma)  # the step uses h^t ...
+            torch._foreach_add_(xs, us, alpha=gamma)
+            torch._foreach_add_(his, us, alpha=alpha)  # ... then the shifts move
+            torch._foreach_add_(hs, us, alpha=alpha / self.num_clients)
+        return Applied(gamma, True)
+
+    def _resize(self, hs: list[Tensor], h_out: list[Tensor] | None, n_new: int) -> None:
+        """n -> n_new members keeping h the mean: h <- (n h - h_out) / n_new."""
+        n = self.num_clients
+        with torch.no_grad():
+            if n_new == 0:
+                torch._foreach_zero_(hs)
+            else:
+                torch._foreach_mul_(hs, n / n_new)
+                if h_out is not None:
+                    torch._foreach_add_(hs, h_out, alpha=-1.0 / n_new)
+        self.num_clients = n_new
+
+    def forget(self, node: int) -> None:
+        """Drop h_node (n -> n - 1); a node that never reported counts as h_node = 0."""
+        if node in self._shifts:
+            h_out: list[Tensor] | None = list(self._shifts.pop(node).values())
+        elif self.num_clients > len(self._shifts):
+            h_out = None
+        else:
+            return
+        if self._h is None:
+            self.num_clients -= 1
+        else:
+            self._resize(list(self._h.values()), h_out, self.num_clients - 1)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        shifts = dict(self._shifts)
+        return {"num_clients": self.num_clients, "h": self._h, "shifts": shifts}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
+        self.num_clients = int(d["num_clients"])
+        self._h = _copy(d["h"])
+        self._shifts = {int(i): _copy(t) for i, t in d["shifts"].items()}
+
+
+class ClientShift:
+    """Client half of ``shifted``: send ``C(residual(delta))``, then ``update(D)``.
+
+    ``update`` must get ``D = decode(encode(residual))``, the same lossy D the server
+    applies, so the client's h_i and the server's follow one recursion h_i += alpha D.
+    """
+
+    def __init__(self, shift_alpha: float) -> None:
+        self.shift_alpha = _real("shift_alpha", shift_alpha, 0.0, 1.0, open_low=False)
+        self.h: State | None = None  # h_i; None while it is zero
+
+    def residual(self, delta: Tensors) -> State:
+        """``delta - h_i`` as new tensors (``delta``'s tensors while h_i is zero)."""
+        if self.h is None:
+            return dict(delta)
+        hs = _aligned(delta, self.h, "client shift")
+        return {k: delta[k] - h for k, h in zip(delta, hs)}
+
+    def update(self, decoded: Tensors) -> None:
+        """``h_i += shift_alpha * decoded`` (kept in at least fp32)."""
+        if self.shift_alpha == 0.0:
+            return
+        if self.h is None:
+            self.h = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
+                      * self.shift_alpha for k, v in decoded.items()}
+            return
+        ds = _aligned(self.h, decoded, "decoded update")
+        with torch.no_grad():
+            torch._foreach_add_(list(self.h.values()), ds, alpha=self.shift_alpha)
+
+    def state_dict(self) -> State:
+        """``{name: h_i}``, empty while h_i is zero."""
+        return dict(self.h or {})
+
+    def load_state_dict(self, d: Tensors) -> None:
+        """Restore ``state_dict()`` output (copied)."""
+        self.h = _copy(d) if d else None
+
+    def save(self, path: str | Path) -> None:
+        """``torch.save`` the shift tensors (CPU) to node-local ``path``."""
+        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, path)
+
+    def load(self, path: str | Path, missing_ok: bool = False) -> bool:
+        """Load a ``save`` file (weights_only); False if absent and ``missing_ok``."""
+        if missing_ok and not Path(path).exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+
+
+class SAGA(Rule):
+    """Revised SAGA (seed notes, Algorithm 5): ``x <- x + gamma (1/m) sum_i u_i``.
+
+    ``server_lr`` gamma > 0. u_i is node i's latest update and m the number of nodes in
+    the table (those that have reported, minus forgotten ones), not a fixed n: dividing
+    by n would shrink the first steps by m/n while the table fills (cf. SAG's "divide by
+    the number seen", Schmidt, Le Roux, Bach 2017); once all n report it is Algorithm 5
+    exactly. A running sum keeps each update O(model size); memory is m + 1 models.
+    """
+
+    name = "saga"
+
+    def __init__(self, server_lr: float) -> None:
+        self.server_lr = _lr(server_lr)
+        self._table: dict[int, State] = {}  # latest update u_i per node
+        self._sum: State | None = None  # sum_i u_i
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None) -> Applied:  # noqa: D102
+        check_staleness(staleness)
+        us = _aligned(x, update, "update")
+        old = self._table.get(node)
+        old = None if old is None else _aligned(x, old, "saga table")
+        self._sum, sums = _lazy(self._sum, x, "saga sum")
+        with torch.no_grad():
+            if old is None:
+                old = [u.clone() for u in us]
+            else:
+                torch._foreach_sub_(sums, old)
+                torch._foreach_copy_(old, us)
+            torch._foreach_add_(sums, us)
+            self._table[node] = dict(zip(x, old))
+            weight = self.server_lr / len(self._table)
+            torch._foreach_add_(list(x.values()), sums, alpha=weight)
+        return Applied(weight, True)
+
+    def forget(self, node: int) -> None:  # noqa: D102
+        old = self._table.pop(node, None)
+        if old is None or self._sum is None:
+            return
+        with torch.no_grad():
+            if self._table:
+                torch._foreach_sub_(list(self._sum.values()), list(old.values()))
+            else:
+                torch._foreach_zero_(list(self._sum.values()))
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"table": dict(self._table)}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore the table and recompute the running sum exactly (no float drift)."""
+        self._table = {int(i): _copy(t) for i, t in d["table"].items()}
+        self._sum = None
+        for t in self._table.values():
+            self._sum, sums = _lazy(self._sum, t, "saga table")
+            torch._foreach_add_(sums, list(t.values()))
+
+
+def fedavg_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> State:
+    """Weighted mean ``sum_i w_i u_i / sum_i w_i`` (sync: ``x += server_lr * mean``).
+
+    Raises ``ValueError`` for no updates, a length mismatch, a negative or non-finite
+    weight, an all-zero weight sum, or keys/shapes differing from ``updates[0]``.
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"need one weight per update, got {len(updates)} updates and "
+                         f"{len(weights)} weights")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, >= 0, not all 0: {list(weights)}")
+    ref, total = updates[0], float(sum(weights))
+    rest = [_aligned(ref, u, f"updates[{i}]") for i, u in enumerate(updates[1:], 1)]
+    out = [t.detach() * (weights[0] / total) for t in ref.values()]  # new tensors
+    with torch.no_grad():
+        for w, ts in zip(weights[1:], rest):
+            torch._foreach_add_(out, ts, alpha=w / total)
+    return dict(zip(ref, out))
+
+
+_REGISTRY: dict[str, type[Rule]] = {
+    "fedasync": FedAsync, "fedbuff": FedBuff, "asgd": ASGD, "shifted": Shifted,
+    "saga": SAGA,
+}
+
+
+def make_rule(name: str, **kwargs: Any) -> Rule:
+    """Build rule ``name`` (one of ``RULES``) from its constructor's keyword arguments.
+
+    Raises ``ValueError`` for an unknown name (listing ``RULES``), unknown or missing
+    arguments (listing the accepted ones) or invalid values.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
+    cls = _REGISTRY[name]
+    params = inspect.signature(cls).parameters
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"rule {name!r}: {err}; accepted arguments: "
+                         f"{', '.join(params)}") from None
+    return cls(**kwargs)
