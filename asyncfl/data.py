@@ -1,0 +1,303 @@
+"""WikiText for asyncfl: load a split, cut it into articles, tokenize, pack blocks, partition.
+
+Notes
+-----
+- Lines follow the Hugging Face `wikitext` rows: a blank line is "", other lines keep their
+  "\\n". Local files (CRLF, blank lines holding one space) are read in text mode and mapped to
+  the same rows, so the Hub and a `data-dir` give the same articles and tokens.
+- An article starts at a top-level heading line ` = Title = ` and is tokenized whole, followed
+  by one eos token. Blocks are consecutive `block-size` slices of that token stream (the tail
+  shorter than a block is dropped); labels are the inputs (the model shifts them).
+- WikiText-2's train split is not available offline: with a `data-dir` lacking
+  `wiki.train.raw`, `train-split` "train" falls back to "validation" (logged);
+  `resolve_train_split` says which split was used.
+- Token ids are cached in memory per (tokenizer, split, source), so a long-lived process (a Ray
+  actor) tokenizes once, and on disk under `DISK_CACHE_DIR` keyed by a hash of the text and the
+  tokenizer, for deployment where every message starts a fresh process.
+- Partitions are plain numpy index arithmetic seeded by `seed` (disjoint, deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from asyncfl.model import build_tokenizer, hub_unavailable, require_hub
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+HEADING = re.compile(r"^ = [^=].* = $")  # top-level heading; sub-headings are " = = X = = "
+DISK_CACHE_DIR: Path | None = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "asyncfl"
+
+_TOKENIZERS: dict[str, Any] = {}
+_SPLITS: dict[tuple[str, str, str], "TokenizedSplit"] = {}
+_BLOCKS: dict[tuple, list[torch.Tensor]] = {}
+_WARNED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """One split as a token stream: `ids` (n_tokens,) int64 with an eos after every article;
+    article i is `ids[starts[i]:starts[i + 1]]` (eos included)."""
+
+    ids: np.ndarray
+    starts: np.ndarray  # (n_articles + 1,) offsets, starts[-1] == len(ids)
+
+    @property
+    def num_articles(self) -> int:
+        return len(self.starts) - 1
+
+
+def clear_cache() -> None:
+    """Forget the in-memory tokenizers, token streams and partitions."""
+    for cache in (_TOKENIZERS, _SPLITS, _BLOCKS, _WARNED):
+        cache.clear()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Raw text
+# --------------------------------------------------------------------------------------------
+def resolve_train_split(cfg: Any) -> str:
+    """The split the clients actually train on (record it in the results).
+
+    `train-split` "train" with a `data-dir` that has no `wiki.train.raw` falls back to
+    "validation" with a warning. Training and evaluating on one split is warned about loudly.
+    """
+    split = cfg.train_split
+    if cfg.data_dir and split == "train" and not (Path(cfg.data_dir) / SPLIT_FILES["train"]).exists():
+        _warn_once(
+            f"`data-dir` = \"{cfg.data_dir}\" has no {SPLIT_FILES['train']}: offline runs TRAIN ON "
+            f"\"validation\" and evaluate on `eval-split` = \"{cfg.eval_split}\""
+        )
+        split = "validation"
+    if split == cfg.eval_split:
+        _warn_once(
+            f"!!! clients train on the same split they are evaluated on (\"{split}\"): perplexity "
+            "measures memorisation, not generalisation; set `train-split`/`eval-split` apart !!!"
+        )
+    return split
+
+
+def _source(cfg: Any) -> str:
+    if cfg.data_dir:
+        return str(Path(cfg.data_dir).expanduser().resolve())
+    return f"hub:{cfg.dataset}/{cfg.dataset_config}"
+
+
+def read_lines(cfg: Any, split: str) -> list[str]:
+    """The rows of `split` ("train", "validation", "test") as Hugging Face `wikitext` gives them.
+
+    Raises
+    ------
+    FileNotFoundError
+        `data-dir` lacks the split's file.
+    HubUnavailableError
+        `data-dir` is "" and the Hub cannot be reached.
+    """
+    if cfg.data_dir:
+        path = Path(cfg.data_dir).expanduser() / SPLIT_FILES[split]
+        if not path.is_file():
+            have = sorted(p.name for p in path.parent.glob("*")) if path.parent.is_dir() else "no such folder"
+            raise FileNotFoundError(f"`data-dir` = \"{cfg.data_dir}\": no {path.name} for split \"{split}\" (found: {have})")
+        with open(path, encoding="utf-8") as f:  # text mode: CRLF -> "\n"
+            return ["" if not line.strip() else line for line in f]
+    import datasets
+
+    require_hub("dataset", cfg.dataset)
+    try:
+        rows = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)["text"]
+    except (OSError, ConnectionError) as exc:
+        raise hub_unavailable("dataset", cfg.dataset, exc) from exc
+    return ["" if not row.strip() else row for row in rows]
+
+
+def split_articles(lines: list[str]) -> list[str]:
+    """Join rows into whole articles, each starting at a top-level heading row.
+
+    Rows before the first heading belong to the first article; empty articles are dropped.
+    """
+    articles: list[list[str]] = [[]]
+    for line in lines:
+        if HEADING.match(line.rstrip("\n")) and articles[-1]:
+            articles.append([])
+        articles[-1].append(line)
+    return [text for text in ("".join(a) for a in articles) if text.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens
+# --------------------------------------------------------------------------------------------
+def _tokenizer(cfg: Any) -> Any:
+    spec = cfg.tokenizer or cfg.model
+    if spec not in _TOKENIZERS:
+        _TOKENIZERS[spec] = build_tokenizer(cfg)
+    return _TOKENIZERS[spec]
+
+
+def _fingerprint(tokenizer: Any, articles: list[str]) -> str:
+    """Hash of the text and of the tokenizer's vocabulary and behaviour (disk-cache key)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(tokenizer("Hello world, café 1 @,@ 000 東京", verbose=False)["input_ids"]).encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    for text in articles:
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _tokenize(tokenizer: Any, articles: list[str]) -> TokenizedSplit:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token to separate articles")
+    encoded = tokenizer(articles, add_special_tokens=False, verbose=False)["input_ids"]
+    pieces = [np.asarray(ids + [eos], dtype=np.int64) for ids in encoded]
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+    return TokenizedSplit(np.concatenate(pieces), starts)
+
+
+def _load_or_tokenize(tokenizer: Any, articles: list[str]) -> TokenizedSplit:
+    """Tokenize, going through the on-disk cache when `DISK_CACHE_DIR` is set."""
+    if DISK_CACHE_DIR is None:
+        return _tokenize(tokenizer, articles)
+    path = Path(DISK_CACHE_DIR) / f"tokens-{_fingerprint(tokenizer, articles)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return TokenizedSplit(z["ids"], z["starts"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable token cache %s: %s", path, exc)
+    split = _tokenize(tokenizer, articles)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, ids=split.ids, starts=split.starts)
+        os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+    except OSError as exc:
+        log.warning("cannot write token cache %s: %s", path, exc)
+    return split
+
+
+def tokenized_split(cfg: Any, split: str) -> TokenizedSplit:
+    """The token stream of `split`, cached per (tokenizer, split, source)."""
+    key = (cfg.tokenizer or cfg.model, split, _source(cfg))
+    if key not in _SPLITS:
+        articles = split_articles(read_lines(cfg, split))
+        _SPLITS[key] = _load_or_tokenize(_tokenizer(cfg), articles)
+    return _SPLITS[key]
+
+
+def pack_blocks(ids: np.ndarray | torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cut a 1-D token stream into consecutive blocks: int64 tensor (N, block_size).
+
+    Block i is `ids[i * block_size:(i + 1) * block_size]`; the tail shorter than a block is dropped.
+    """
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+    n = ids.numel() // block_size
+    return ids[: n * block_size].reshape(n, block_size).clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Partitions
+# --------------------------------------------------------------------------------------------
+def split_sizes_dirichlet(total: int, num_partitions: int, alpha: float, seed: int) -> np.ndarray:
+    """Partition sizes summing to `total`, each >= 1, proportional to Dirichlet(alpha) draws."""
+    p = np.random.default_rng(seed).dirichlet(np.full(num_partitions, alpha))
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"`partition-alpha` = {alpha} gives non-finite Dirichlet proportions")
+    share = p * (total - num_partitions)
+    sizes = 1 + np.floor(share).astype(np.int64)
+    remainder = total - int(sizes.sum())  # largest fractional parts get the leftover blocks
+    sizes[np.argsort(-(share - np.floor(share)), kind="stable")[:remainder]] += 1
+    return sizes
+
+
+def assign_articles(lengths: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Whole articles per partition: in a seeded random order, each article goes to the partition
+    holding the fewest tokens so far (ties: lowest id). Every partition gets >= 1 article."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    load = np.zeros(num_partitions, dtype=np.int64)
+    owned: list[list[int]] = [[] for _ in range(num_partitions)]
+    for a in order:
+        k = int(np.argmin(load))
+        owned[k].append(int(a))
+        load[k] += lengths[a]
+    return [np.asarray(o, dtype=np.int64) for o in owned]
+
+
+def _partition(cfg: Any, split: str, num_partitions: int) -> list[torch.Tensor]:
+    """All partitions of the training split (uncapped), per `cfg.partitioner`."""
+    tokens = tokenized_split(cfg, split)
+    if cfg.partitioner == "articles":
+        if tokens.num_articles < num_partitions:
+            raise ValueError(f"partitioner \"articles\": {tokens.num_articles} articles in \"{split}\" "
+                             f"cannot cover {num_partitions} partitions")
+        owned = assign_articles(np.diff(tokens.starts), num_partitions, cfg.seed)
+        parts = [pack_blocks(np.concatenate([tokens.ids[tokens.starts[a]:tokens.starts[a + 1]] for a in o]),
+                             cfg.block_size) for o in owned]
+    else:
+        blocks = pack_blocks(tokens.ids, cfg.block_size)
+        if len(blocks) < num_partitions:
+            raise ValueError(f"{len(blocks)} blocks of {cfg.block_size} tokens in \"{split}\" "
+                             f"cannot cover {num_partitions} partitions")
+        perm = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(blocks)))
+        if cfg.partitioner == "iid":
+            sizes = np.full(num_partitions, len(blocks) // num_partitions)
+            sizes[: len(blocks) % num_partitions] += 1
+        else:  # "size-skew"
+            sizes = split_sizes_dirichlet(len(blocks), num_partitions, cfg.partition_alpha, cfg.seed + 1)
+        parts = [blocks[idx] for idx in torch.split(perm, sizes.tolist())]
+    for k, part in enumerate(parts):
+        if len(part) == 0:
+            raise ValueError(f"partition {k} of {num_partitions} has no block of `block-size` = "
+                             f"{cfg.block_size} tokens; use fewer partitions or a smaller block-size")
+    return parts
+
+
+def load_partition(cfg: Any, partition_id: int, num_partitions: int) -> torch.Tensor:
+    """The training blocks of one client: int64 tensor (n_blocks, block_size).
+
+    Partitions are disjoint and deterministic from `seed`; `max-train-blocks` caps each one
+    (0 = all). The tensor is shared with the module cache: do not modify it in place.
+
+    Raises
+    ------
+    ValueError
+        `partition_id` is not in [0, num_partitions), or the split cannot cover the partitions.
+    """
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id {partition_id} is out of range [0, {num_partitions})")
+    split = resolve_train_split(cfg)
+    key = (cfg.tokenizer or cfg.model, split, _source(cfg), cfg.partitioner, cfg.partition_alpha,
+           cfg.seed, cfg.block_size, num_partitions)
+    if key not in _BLOCKS:
+        _BLOCKS[key] = _partition(cfg, split, num_partitions)
+    part = _BLOCKS[key][partition_id]
+    return part[: cfg.max_train_blocks] if cfg.max_train_blocks > 0 else part
+
+
+def load_eval_blocks(cfg: Any) -> torch.Tensor:
+    """The first `eval-max-blocks` blocks (0 = all) of `eval-split`: int64 (n, block_size)."""
+    tokens = tokenized_split(cfg, cfg.eval_split)
+    blocks = pack_blocks(tokens.ids, cfg.block_size)
+    if len(blocks) == 0:
+        raise ValueError(f"`eval-split` \"{cfg.eval_split}\" has fewer than `block-size` = {cfg.block_size} tokens")
+    return blocks[: cfg.eval_max_blocks] if cfg.eval_max_blocks > 0 else blocks
