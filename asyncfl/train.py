@@ -36,9 +36,11 @@ class TrainResult:
     tokens_per_s: float
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast when `bf16` (None = on CUDA only), else full precision."""
+    use_bf16 = device.type == "cuda" if bf16 is None else bf16
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -72,7 +74,7 @@ def batch_indices(num_blocks: int, steps: int, batch_size: int, seed: int) -> to
 
 def train_local(
     model: torch.nn.Module, blocks: torch.Tensor, cfg: Any, device: torch.device | str,
-    *, generator_seed: int,
+    *, generator_seed: int, bf16: bool | None = None,
 ) -> TrainResult:
     """Train `model` in place on `blocks` with AdamW(`lr`, `weight-decay`).
 
@@ -88,6 +90,8 @@ def train_local(
         Where to train; bf16 autocast on CUDA.
     generator_seed : int
         Seeds the shuffling (e.g. derived from seed, partition and model version).
+    bf16 : bool or None, default None
+        bf16 autocast; None = on CUDA, off on CPU (benchmarks override it).
 
     Returns
     -------
@@ -109,7 +113,7 @@ def train_local(
     start = time.perf_counter()
     for step in range(steps):
         batch = data[order[step]]
-        with _autocast(device):
+        with _autocast(device, bf16):
             loss = forward(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         opt.step()
