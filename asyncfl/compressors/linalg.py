@@ -1,0 +1,157 @@
+"""Batched randomized linear algebra shared by the compressors (range finder, SVD, pivots).
+
+References: Halko, Martinsson, Tropp 2011 "Finding structure with randomness" (range finder,
+power iterations); Xiao, Gu, Langou 2017 "Fast parallel randomized QR with column pivoting"
+(pivots chosen on a small sketch instead of the full matrix).
+
+Notes
+- Every kernel takes a batch x of shape (b, m, n), fp32, on any device, and never syncs with
+  the host: no `.item()`, no data-dependent shapes, so a whole GPT-2 delta is launched at once.
+- Orthonormalisation is Householder QR (`torch.linalg.qr`), batched; it stays accurate for
+  rank-deficient sketches, where Cholesky-QR would fail.
+- The small SVD of the randomized SVD is done on the l x l triangle of a QR (l = rank +
+  oversample), never on an n-long matrix, and never on a Gram matrix (that would square the
+  condition number).
+- Greedy pivoting is QRCP's pivot rule (largest remaining column norm, then project it out),
+  written as k batched steps; it runs on the tensor's device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RTOL = 1e-5  # components weaker than RTOL x the strongest one are numerical noise: dropped
+DROP = 1e-13  # eigenvalues of a fp64 Gram matrix below DROP x the largest: no direction
+
+
+def orthonormalize(y: Tensor) -> Tensor:
+    """Orthonormal basis (b, m, l) of the columns of y (b, m, l), without Householder QR.
+
+    Two passes of SVQB (Stathopoulos, Wu 2002): eigendecompose the small Gram matrix y^T y
+    (in fp64) and scale, y <- y V diag(lambda)^-1/2. Directions weaker than sqrt(DROP) x the
+    strongest (numerically absent) come out as zero columns, so rank-deficient input is safe.
+    A batched l x l eigh is far cheaper on a GPU than a loop of tall Householder QRs.
+    """
+    for _ in range(2):
+        yd = y.double()
+        lam, v = torch.linalg.eigh(yd.mT @ yd)  # ascending, (b, l), (b, l, l)
+        inv = torch.where(lam > DROP * lam[..., -1:], lam.clamp_min(1e-300).rsqrt(), 0.0)
+        y = y @ (v * inv[..., None, :]).to(y.dtype)
+    return y
+
+
+def range_finder(x: Tensor, width: int, power_iters: int, gen: torch.Generator) -> Tensor:
+    """Orthonormal basis (b, m, width) of the dominant column space of x (b, m, n)."""
+    b, _, n = x.shape
+    omega = torch.randn(b, n, width, generator=gen, device=x.device, dtype=x.dtype)
+    q = orthonormalize(x @ omega)  # (b, m, w)
+    for _ in range(power_iters):  # subspace iteration, re-orthonormalised every half step
+        q = orthonormalize(x @ orthonormalize(x.mT @ q))
+    return q
+
+
+def randomized_svd(x: Tensor, rank: int, oversample: int, power_iters: int,
+                   gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`rank` SVD of x (b, m, n): U (b, m, k), s (b, k), V (b, n, k)."""
+    width = min(rank + oversample, *x.shape[1:])
+    q = range_finder(x, width, power_iters, gen)  # (b, m, l)
+    bt = x.mT @ q  # B^T = x^T q, (b, n, l)
+    btd = bt.double()
+    _, ub = torch.linalg.eigh(btd.mT @ btd)  # B B^T = ub diag(s^2) ub^T (ascending)
+    ub = ub.flip(-1)[..., :rank].to(x.dtype)  # (b, l, k) leading eigenvectors
+    w = bt @ ub  # (b, n, k) = V diag(s); its column norms are accurate even where s is tiny
+    s = w.norm(dim=1)  # (b, k)
+    v = w / s.clamp_min(torch.finfo(x.dtype).tiny)[:, None, :]
+    return q @ ub, s, v
+
+
+def exact_svd(x: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`rank` SVD of x (b, m, n) by a full thin SVD (the reference path)."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return u[..., :rank], s[..., :rank], vh.mT[..., :rank]
+
+
+def row_sketch(x: Tensor, width: int, power_iters: int, gen: torch.Generator | None) -> Tensor:
+    """Rows of x (b, m, n) in a `width`-dim basis of its dominant row space: (b, width, m).
+
+    gen None = the exact basis (top right singular vectors, by a full SVD).
+    """
+    if gen is None:
+        u, s, _ = exact_svd(x, width)
+        return (u * s[:, None, :]).mT
+    return (x @ range_finder(x.mT, width, power_iters, gen)).mT
+
+
+def greedy_pivots(y: Tensor, k: int) -> Tensor:
+    """Indices (b, k) of k columns of y (b, d, c) picked by QRCP's greedy pivot rule."""
+    y = y.clone()
+    b, _, c = y.shape
+    taken = torch.zeros(b, c, dtype=torch.bool, device=y.device)
+    batch = torch.arange(b, device=y.device)
+    picks = []
+    for _ in range(k):
+        norms = y.square().sum(1).masked_fill(taken, -1.0)  # (b, c) remaining column norms^2
+        p = norms.argmax(1)  # (b,)
+        taken[batch, p] = True
+        col = y[batch, :, p]  # (b, d)
+        col = col / col.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+        y -= col[:, :, None] * (col[:, None, :] @ y)  # project the pivot out of every column
+        picks.append(p)
+    return torch.stack(picks, 1)
+
+
+def row_basis(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows x[idx] (b, k, n), their QR rows^T = Q R (b, n, k), (b, k, k), and W = x Q (b, m, k).
+
+    W Q^T = x Q Q^T is the projection of every row of x onto the span of the chosen rows:
+    the truncated QRCP of x^T with those pivots, and also the CUR/row-ID reconstruction.
+    """
+    rows = x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))
+    q, r = torch.linalg.qr(rows.mT)
+    return rows, q, r, x @ q
+
+
+def choose_ranks(strength: Tensor, captured: Tensor, total: Tensor,
+                 energy: float | None) -> Tensor:
+    """Per-matrix rank (b,) from component strengths and captured energies, both (b, k).
+
+    Keeps the leading components stronger than RTOL x the strongest (numerical rank, the
+    paper's k = min(10, rank(R))); with `energy`, then the fewest components whose captured
+    energy reaches `energy` x `total` (b,), or all k if they never do.
+    """
+    k = strength.shape[-1]
+    keep = strength > RTOL * strength.amax(-1, keepdim=True)
+    ranks = keep.long().cumprod(-1).sum(-1)  # leading run of strong components
+    if energy is not None:
+        short = captured.cumsum(-1) < energy * total[:, None]
+        ranks = torch.minimum(ranks, (short.sum(-1) + 1).clamp(max=k))
+    return ranks
+
+
+def greedy_energy_pivots(y: Tensor, k: int) -> Tensor:
+    """Indices (b, k) of k columns of y (b, d, c) chosen greedily to capture the most energy.
+
+    Greedy column subset selection (Farahat, Ghodsi, Kamel 2011): each step takes the column
+    whose direction holds the most energy of all remaining columns, y_i^T (y y^T) y_i /
+    ||y_i||^2, then projects it out. Unlike QRCP's norm rule it prefers a direction shared
+    by many small columns over one large outlier.
+    """
+    y = y.clone()
+    b, _, c = y.shape
+    taken = torch.zeros(b, c, dtype=torch.bool, device=y.device)
+    batch = torch.arange(b, device=y.device)
+    picks = []
+    for _ in range(k):
+        norms = y.square().sum(1)  # (b, c)
+        held = (y * ((y @ y.mT) @ y)).sum(1)  # (b, c) energy along each column's direction
+        live = (norms > RTOL * norms.amax(1, keepdim=True)) & ~taken
+        score = torch.where(live, held / norms.clamp_min(torch.finfo(y.dtype).tiny), -1.0)
+        score = score.masked_fill(taken, -2.0)  # a dead column only after every live one
+        p = score.argmax(1)
+        taken[batch, p] = True
+        col = y[batch, :, p]
+        col = col / col.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+        y -= col[:, :, None] * (col[:, None, :] @ y)
+        picks.append(p)
+    return torch.stack(picks, 1)
