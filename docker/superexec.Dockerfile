@@ -1,0 +1,38 @@
+# SuperExec image for asyncfl (CPU): runs `flwr-serverapp` / `flwr-clientapp` task processes in
+# process isolation (see ../docker-compose.yml). Flower ships the app code itself (the FAB) with
+# every run; the image provides its dependencies, and the package is installed too so that
+# `python -c "import asyncfl"` works in the container for debugging.
+#
+# Build from the repository root:
+#   docker build -f docker/superexec.Dockerfile -t asyncfl-superexec:cpu .
+# FLWR_VERSION must match the flwr installed where `flwr run` is called and lie in the range
+# pinned in pyproject.toml (tests/test_docker.py checks the default).
+ARG FLWR_VERSION=1.41.0
+FROM flwr/superexec:${FLWR_VERSION}
+
+# CPU-only torch wheels (the default PyPI wheel would pull the CUDA runtime, ~3 GB).
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+USER root
+# Writable mount points for the app user (uid 49999 in the flwr images): results and caches.
+RUN mkdir -p /results /cache && chown app:app /results /cache
+USER app
+
+WORKDIR /app
+RUN python -m pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+COPY --chown=app:app pyproject.toml LICENSE ./
+COPY --chown=app:app asyncfl ./asyncfl
+# flwr is already in the base image at FLWR_VERSION: drop the `flwr[simulation]` requirement
+# (it would add Ray) and the README reference (not copied), then install the rest.
+RUN sed -i -e '/"flwr\[simulation\]/d' -e '/^readme *=/d' pyproject.toml \
+    && python -m pip install --no-cache-dir . \
+    && python -c "import flwr, torch, transformers, asyncfl; print('flwr', flwr.__version__, 'torch', torch.__version__)"
+
+# Caches on the /cache volume: data/token caches (XDG), Hugging Face files, per-node state.
+ENV XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    ASYNCFL_NODE_DIR=/cache/asyncfl/node-state \
+    FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1
+
+ENTRYPOINT ["flower-superexec"]
