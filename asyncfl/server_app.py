@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from asyncfl.config import AppConfig, ConfigError
-from asyncfl.data import load_eval_blocks
+from asyncfl.data import load_eval_blocks, resolve_train_split
 from asyncfl.logs import setup_logging
 from asyncfl.model import build_model, build_tokenizer, resolve_device, save_model, trainable_state
 from asyncfl.results import RunRecorder
@@ -51,10 +51,10 @@ def run(grid: Grid, cfg: AppConfig) -> dict:
     ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
     recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor=cfg.compressor,
                            rule=cfg.rule if cfg.mode == "async" else "fedavg", num_clients=0,
-                           eval_split=eval_split, train_split=train_split_used(cfg),
+                           eval_split=eval_split, train_split=resolve_train_split(cfg),
                            target_ppl=cfg.target_ppl or None, resume=ckpt is not None)
     log.info("asyncfl: run dir %s; training on split '%s', evaluating on '%s' (%d blocks)",
-             run_dir, train_split_used(cfg), eval_split, len(eval_blocks))
+             run_dir, resolve_train_split(cfg), eval_split, len(eval_blocks))
     state = ServerState(
         cfg=cfg, x=trainable_state(model), device=device, rule_factory=lambda n: build_rule(cfg, n),
         selector=build_selector(cfg), recorder=recorder,
