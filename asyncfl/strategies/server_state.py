@@ -58,6 +58,7 @@ class ServerState:
     def prepare(self, num_clients: int) -> None:
         """Build the rule for `num_clients` and restore a checkpoint, if resuming."""
         self.num_clients = max(self.num_clients, num_clients)
+        self.recorder.meta["num_clients"] = self.num_clients
         self.rule = self.rule_factory(self.num_clients)
         if self.resume is not None:
             self.restore(self.resume)
