@@ -163,6 +163,7 @@ def test_seeded_runs_repeat(name, row_select):
 
 
 def test_exact_batched_equals_single():
+    pytest.importorskip("flwr")
     state = {f"w{i}": noisy(50, 40, seed=i) for i in range(3)}
     comp = get_compressor("pca", method="exact", dtype="fp32")
     together = decode_state(comp.encode_state(state))
@@ -174,6 +175,7 @@ def test_exact_batched_equals_single():
 @pytest.mark.parametrize("name", COMPRESSORS)
 @pytest.mark.parametrize("wire", ["fp16", "fp32"])
 def test_record_round_trip_and_byte_counts(name, wire):
+    pytest.importorskip("flwr")
     from flwr.app import Array, ArrayRecord, RecordDict
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -200,6 +202,7 @@ def test_record_round_trip_and_byte_counts(name, wire):
 
 
 def test_metrics_match_independent_errors():
+    pytest.importorskip("flwr")
     state = tiny_state()
     record, m = get_compressor("cur", rank=5).encode_state(state, return_metrics=True)
     out = decode_state(record)
@@ -273,6 +276,7 @@ BAD = {  # case -> (edit of the arrays, edit of the metadata, expected message)
 
 @pytest.fixture(scope="module")
 def cur_record():
+    pytest.importorskip("flwr")
     state = tiny_state()
     return state, get_compressor("cur", rank=5).encode_state(state)
 
@@ -316,6 +320,7 @@ def test_reference_and_rank_checks(cur_record):
     ({}, "no '__meta__' entry"),
 ])
 def test_not_a_record(record, message):
+    pytest.importorskip("flwr")
     with pytest.raises(PayloadError, match=message):
         decode_state(record)
 
@@ -365,3 +370,43 @@ def test_bad_inputs_to_encode():
         comp.encode_state({"a/b": torch.zeros(3)})
     with pytest.raises(ValueError, match="'steps' must be a floating-point torch.Tensor"):
         comp.encode_state({"steps": torch.zeros(3, dtype=torch.int64)})
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,row_select", METHODS)
+def test_cuda_matches_cpu(name, row_select, path):
+    from asyncfl.compressors import codec
+
+    state = {"a": noisy(300, 200, seed=1), "b": noisy(300, 200, seed=2), "r": low_rank(64, 90, 4),
+             "v": torch.randn(200)}
+    comp = make(name, row_select, method=path, dtype="fp32", rank=10)
+    errors = {}
+    for device in ("cpu", "cuda"):
+        payloads = comp._encode_many({k: v.to(device) for k, v in state.items()})[0]
+        out = codec.decode_payloads(payloads, device=device)
+        assert all(t.device.type == device for t in out.values())
+        errors[device] = {k: rel(state[k], out[k].cpu()) for k in state}
+    assert errors["cuda"]["r"] < 1e-4 and errors["cuda"]["v"] == 0.0
+    for k in ("a", "b"):  # sketches differ between CPU and CUDA generators: bound, not equal
+        optimal = optimal_error(state[k], 10, center=name == "pca") / float(state[k].norm())
+        assert errors["cuda"][k] <= BOUND[row_select or name] * optimal + 1e-5
+        if path == "exact" and row_select != "uniform":
+            assert errors["cuda"][k] == pytest.approx(errors["cpu"][k], rel=1e-3)
+
+
+def test_orthonormalize_is_robust():
+    from asyncfl.compressors.linalg import orthonormalize
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(2, 500, 12, generator=g)).Q
+    y = u * torch.logspace(0, -5, 12)  # condition number 1e5
+    y[1, :, 8:] = y[1, :, :4] @ torch.randn(4, 4, generator=g)  # rank-deficient: rank 8
+    q = orthonormalize(torch.cat([y, torch.zeros(1, 500, 12)]))
+    assert torch.isfinite(q).all() and torch.equal(q[2], torch.zeros(500, 12))
+    eye = torch.eye(12)
+    assert (q[0].mT @ q[0] - eye).abs().max() < 1e-5  # orthonormal
+    assert (q[1].mT @ q[1] - eye).abs().max() < 1e-3  # extra columns are arbitrary, unit
+    for i in range(2):  # the span holds every column of y
+        assert rel(y[i], q[i] @ (q[i].mT @ y[i])) < 1e-5

@@ -156,30 +156,39 @@ class Compressor(ABC):
 
     # --- shared driver ----------------------------------------------------------------------
     def _encode_many(self, state: Mapping[str, Tensor]):
-        """Payloads for every tensor (order kept) and the device-side groups (for metrics)."""
-        opts, dense, groups = self.options, {}, {}
+        """Payloads for every tensor (order kept) and the device-side groups (for metrics).
+
+        1. split dense tensors from factorized ones, group the latter by (device, m, n);
+        2. launch every group's factorization (no host sync);
+        3. copy everything to the host at once, then cut the payloads out of it.
+        """
+        opts, dense, groups = self.options, [], {}
         for name, t in state.items():
             _check_tensor(name, t)
-            if not (self.compresses and should_compress(tuple(t.shape), opts.rank,
-                                                        opts.min_ratio)):
-                dense[name] = _dense_payload(t)
-            else:
+            if self.compresses and should_compress(tuple(t.shape), opts.rank, opts.min_ratio):
                 m = t.shape[0]
                 groups.setdefault((t.device, m, t.numel() // m), []).append(name)
+            else:
+                dense.append(name)
         launched = []
         with torch.no_grad():
-            for (device, m, n), names in groups.items():  # launch all device work first
+            for (device, m, n), names in groups.items():
                 mats = [state[nm].detach().reshape(m, n) for nm in names]
                 x = (mats[0][None] if len(mats) == 1 else torch.stack(mats)).float()
                 gen = torch.Generator(device).manual_seed(opts.seed)
                 factors, ranks = self.factorize(x, gen)
                 wire, exps = _to_wire(factors, WIRE_DTYPES[opts.dtype])
                 launched.append((names, x, wire, exps, ranks))
-            low_rank = {}
-            for names, x, wire, exps, ranks in launched:  # then copy to the host
-                low_rank.update(_split(self.name, names, state, wire, exps, ranks))
-        payloads = {name: dense[name] if name in dense else low_rank[name] for name in state}
-        return payloads, launched
+            raw = [state[nm].detach().to(_dense_wire(state[nm].dtype)) for nm in dense]
+            parts = [[*g[2].values(), *g[3].values(), g[4]] for g in launched]
+            host = iter(to_host(raw + [t for part in parts for t in part]))
+        payloads = {nm: Payload("dense", tuple(state[nm].shape), _dtype_name(state[nm]),
+                                {"data": next(host)}) for nm in dense}
+        for names, _, wire, exps, _ in launched:
+            factors = {k: next(host) for k in wire}
+            scales = {k: next(host) for k in exps}
+            payloads.update(_split(self.name, names, state, factors, scales, next(host)))
+        return {name: payloads[name] for name in state}, launched
 
 
 def _check_tensor(name: str, t) -> None:
@@ -190,12 +199,32 @@ def _check_tensor(name: str, t) -> None:
                          f"got {getattr(t, 'dtype', type(t))}")
 
 
-def _dense_payload(t: Tensor) -> Payload:
-    """A raw tensor, in its own dtype (bf16 widened to fp32, losslessly)."""
-    dtype = str(t.dtype).removeprefix("torch.")
-    wire = getattr(torch, codec.DENSE_WIRE[dtype])
-    data = t.detach().to(wire).cpu().numpy().copy()
-    return Payload("dense", tuple(t.shape), dtype, {"data": data})
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _dense_wire(dtype: torch.dtype) -> torch.dtype:
+    """Lossless wire dtype of a raw tensor (its own; bf16 widened to fp32)."""
+    return getattr(torch, codec.DENSE_WIRE[str(dtype).removeprefix("torch.")])
+
+
+def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
+    """Numpy copies of many tensors with one device-to-host transfer per (device, dtype)."""
+    out: list[np.ndarray | None] = [None] * len(tensors)
+    buckets: dict = {}
+    for i, t in enumerate(tensors):
+        if t.device.type == "cpu":
+            out[i] = t.contiguous().numpy().copy()
+        else:
+            buckets.setdefault((t.device, t.dtype), []).append(i)
+    for idx in buckets.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
+        start = 0
+        for i in idx:
+            size = tensors[i].numel()
+            out[i] = flat[start:start + size].reshape(tuple(tensors[i].shape))
+            start += size
+    return out
 
 
 def _to_wire(factors: dict[str, Tensor], wire: torch.dtype):
@@ -213,23 +242,19 @@ def _to_wire(factors: dict[str, Tensor], wire: torch.dtype):
     return out, exps
 
 
-def _split(kind: str, names: list[str], state, wire: dict, exps: dict, ranks: Tensor):
-    """Host copies of a group's factors, cut per matrix to its rank, as payloads."""
-    host = {k: v.cpu().numpy() for k, v in wire.items()}
-    host_exps = {k: v.cpu().tolist() for k, v in exps.items()}
-    ranks = ranks.cpu().tolist()
+def _split(kind: str, names: list[str], state, host: dict, exps: dict, ranks: np.ndarray):
+    """A group's host factors, cut per matrix to its rank, as payloads."""
     out = {}
     for i, name in enumerate(names):
         t = state[name]
-        m, n = t.shape[0], t.numel() // t.shape[0]
+        m, n, r = t.shape[0], t.numel() // t.shape[0], int(ranks[i])
         axes = LAYOUTS[kind].shapes(m, n, -1)  # -1 marks the rank axis
         factors = {}
         for key, arr in host.items():
-            cut = [slice(None) if d != -1 else slice(0, ranks[i]) for d in axes[key]]
-            factors[key] = np.ascontiguousarray(arr[i][tuple(cut)])
-        scales = {k: int(v[i]) for k, v in host_exps.items()}
-        dtype = str(t.dtype).removeprefix("torch.")
-        out[name] = Payload(kind, tuple(t.shape), dtype, factors, scales)
+            cut = tuple(slice(0, r) if d == -1 else slice(None) for d in axes[key])
+            factors[key] = np.ascontiguousarray(arr[i][cut])
+        scales = {k: int(v[i]) for k, v in exps.items()}
+        out[name] = Payload(kind, tuple(t.shape), _dtype_name(t), factors, scales)
     return out
 
 

@@ -22,22 +22,28 @@ import torch
 from torch import Tensor
 
 RTOL = 1e-5  # components weaker than RTOL x the strongest one are numerical noise: dropped
-DROP = 1e-13  # eigenvalues of a fp64 Gram matrix below DROP x the largest: no direction
+SHIFT = 1e-12  # Cholesky-QR shift, relative to the Gram trace (fp64: cond up to ~1e12 is fine)
 
 
-def orthonormalize(y: Tensor) -> Tensor:
+def orthonormalize(y: Tensor, passes: int = 2) -> Tensor:
     """Orthonormal basis (b, m, l) of the columns of y (b, m, l), without Householder QR.
 
-    Two passes of SVQB (Stathopoulos, Wu 2002): eigendecompose the small Gram matrix y^T y
-    (in fp64) and scale, y <- y V diag(lambda)^-1/2. Directions weaker than sqrt(DROP) x the
-    strongest (numerically absent) come out as zero columns, so rank-deficient input is safe.
-    A batched l x l eigh is far cheaper on a GPU than a loop of tall Householder QRs.
+    Shifted Cholesky-QR, twice (Fukaya et al. 2020): R = chol(y^T y + shift I) with the small
+    Gram matrix in fp64, then y <- y R^-1. The shift (SHIFT x trace) keeps the factorization
+    defined for rank-deficient or zero input (those directions come out as small arbitrary
+    columns, harmless in a range finder); the second pass restores orthonormality (one pass
+    is enough inside power iterations, where only the span matters). A batched l x l
+    Cholesky is far cheaper on a GPU than a loop of tall Householder QRs.
     """
-    for _ in range(2):
+    eye = torch.eye(y.shape[-1], dtype=torch.float64, device=y.device)
+    for _ in range(passes):
         yd = y.double()
-        lam, v = torch.linalg.eigh(yd.mT @ yd)  # ascending, (b, l), (b, l, l)
-        inv = torch.where(lam > DROP * lam[..., -1:], lam.clamp_min(1e-300).rsqrt(), 0.0)
-        y = y @ (v * inv[..., None, :]).to(y.dtype)
+        gram = yd.mT @ yd  # (b, l, l)
+        trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # (b,)
+        shift = torch.where(trace > 0, SHIFT * trace, 1.0)  # zero input: R = I, y stays 0
+        chol, _ = torch.linalg.cholesky_ex(gram + shift[:, None, None] * eye)  # no host sync
+        r_inv = torch.linalg.solve_triangular(chol.mT, eye.expand_as(chol), upper=True)
+        y = y @ r_inv.to(y.dtype)
     return y
 
 
@@ -45,9 +51,10 @@ def range_finder(x: Tensor, width: int, power_iters: int, gen: torch.Generator) 
     """Orthonormal basis (b, m, width) of the dominant column space of x (b, m, n)."""
     b, _, n = x.shape
     omega = torch.randn(b, n, width, generator=gen, device=x.device, dtype=x.dtype)
-    q = orthonormalize(x @ omega)  # (b, m, w)
-    for _ in range(power_iters):  # subspace iteration, re-orthonormalised every half step
-        q = orthonormalize(x @ orthonormalize(x.mT @ q))
+    q = orthonormalize(x @ omega, passes=1 if power_iters else 2)  # (b, m, w)
+    for i in range(power_iters):  # subspace iteration, re-orthonormalised every half step
+        p = orthonormalize(x.mT @ q, passes=1)  # (b, n, w)
+        q = orthonormalize(x @ p, passes=2 if i == power_iters - 1 else 1)
     return q
 
 
