@@ -148,6 +148,7 @@ class Deployment:
         self.gpus = gpus or []
         self.extra_keys = extra_keys  # key pairs made but never registered (auth tests)
         self.sans = sans  # names in the server certificate
+        self.interpreter_path_first = True  # see env(); benchmarks turn it off for a baseline
         self.certs = self.work / "certs"
         self.logs = self.work / "logs"
         self.cli_home = self.work / "flwr-home" / "cli"
@@ -184,7 +185,8 @@ class Deployment:
         # Flower's processes start each other by name (flower-superexec, flwr-clientapp, ...):
         # find them next to this interpreter first, not through wrapper shims (pyenv adds ~0.3 s
         # to every ClientApp process) or another installation.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        if self.interpreter_path_first:
+            env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["FLWR_HOME"] = str(home)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", DEFAULT_TASK_POLL_INTERVAL)
