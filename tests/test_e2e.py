@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,10 +32,18 @@ def offline_config(results: Path, **extra) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def flwr_run(tmp_path: Path, run_config: str, supernodes: int, timeout: int = 420) -> str:
     home = tmp_path / "flwr-home"
+    # private FLWR_HOME and ports: never touch ~/.flwr or another run's local SuperLink
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "RAY_DEDUP_LOGS": "0"}
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "RAY_DEDUP_LOGS": "0"}
     fed = f"num-supernodes={supernodes} client-resources-num-cpus=1 init-args-num-cpus={supernodes}"
     cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config, "--federation-config", fed]
     try:
