@@ -7,8 +7,9 @@
 2. in FL: `asyncfl.client_app.handle_train(Message, Context)` with the global trainable state
    in an `ArrayRecord` (deserialize, load, train, delta, encode, reply), same config and data.
 Each path gets a warm-up call (model build, data, torch.compile), then `--repeats` timed calls
-of `--steps` steps, device synchronized; the median call is reported. The FL overhead ratio
-is in-FL tokens/s over bare tokens/s, both from wall-clock time per call.
+of `--steps` steps each, the two paths alternating so both see the same machine load; device
+synchronized. Reported: median (and best) wall-clock tokens/s per call, and the FL overhead
+ratio = median over paired calls of bare time / in-FL time.
 
 Data: the first partition of `--data-dir` (WikiText, tokenized with `--tokenizer`) when both
 exist, else random tokens (bare part only: the FL handler loads its own data).
@@ -73,36 +74,34 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bare_loop(args: argparse.Namespace) -> dict:
-    """Median wall-clock tokens/s of `train_local` calls (plus its own loop-only figure)."""
-    model = build_model(AppConfig.from_run_config(run_config(args, args.warmup))).to(args.device)
+def bare_loop(args: argparse.Namespace):
+    """Set up `train_local` on its own; returns (timed call: steps -> (wall s, tokens), info)."""
+    cfg = lambda steps: AppConfig.from_run_config(run_config(args, steps))  # noqa: E731
+    model = build_model(cfg(args.steps)).to(args.device)
     if has_data(args):
         from asyncfl.data import load_partition
 
-        blocks = load_partition(AppConfig.from_run_config(run_config(args, args.warmup)), 0, 1)
+        blocks = load_partition(cfg(args.steps), 0, 1)
     else:
         g = torch.Generator().manual_seed(0)
         blocks = torch.randint(0, 50257, (max(args.batch_size * 8, 64), args.block_size), generator=g)
-    train_local(model, blocks, AppConfig.from_run_config(run_config(args, args.warmup)), args.device,
-                generator_seed=0, bf16=args.bf16)
-    cfg = AppConfig.from_run_config(run_config(args, args.steps))
-    walls, loops = [], []
-    for r in range(args.repeats):
+    seeds = iter(range(10**6))
+
+    def call(steps: int) -> tuple[float, int]:
         sync(args.device)
         t0 = time.perf_counter()
-        res = train_local(model, blocks, cfg, args.device, generator_seed=r + 1, bf16=args.bf16)
+        res = train_local(model, blocks, cfg(steps), args.device, generator_seed=next(seeds), bf16=args.bf16)
         sync(args.device)
-        walls.append(time.perf_counter() - t0)
-        loops.append(res.tokens_per_s)
-    wall = statistics.median(walls)
+        return time.perf_counter() - t0, res.tokens
+
     trainable, total = count_params(model)
-    return {"tokens_per_s": res.tokens / wall, "loop_tokens_per_s": statistics.median(loops),
-            "ms_per_step": 1e3 * wall / args.steps, "tokens_per_call": res.tokens,
-            "params_trainable": trainable, "params_total": total, "data": "wikitext" if has_data(args) else "random"}
+    return call, {"params_trainable": trainable, "params_total": total,
+                  "data": "wikitext" if has_data(args) else "random"}
 
 
-def fl_handler(args: argparse.Namespace) -> dict | None:
-    """Median wall-clock tokens/s of `client_app.handle_train` on a synthetic train Message."""
+def fl_handler(args: argparse.Namespace):
+    """Set up `client_app.handle_train` on a synthetic train Message; returns a timed call like
+    `bare_loop`, or None when the ClientApp cannot be imported."""
     try:
         from asyncfl.client_app import handle_train
     except ImportError as exc:
@@ -112,29 +111,41 @@ def fl_handler(args: argparse.Namespace) -> dict | None:
 
     global_state = {k: v.clone() for k, v in trainable_state(
         build_model(AppConfig.from_run_config(run_config(args, args.steps)))).items()}
+    ids = iter(range(10**6))
 
-    def call(steps: int, i: int) -> tuple[float, Message]:
+    def call(steps: int) -> tuple[float, int]:
         content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"run-key": "bench"})})
-        meta = Metadata(run_id=1, message_id=f"bench-{i}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+        meta = Metadata(run_id=1, message_id=f"bench-{next(ids)}", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                        message_type=MessageType.TRAIN)
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
                           state=RecordDict(), run_config=run_config(args, steps))
         sync(args.device)
         t0 = time.perf_counter()
-        reply = handle_train(Message(content, metadata=meta), context)
+        handle_train(Message(content, metadata=meta), context)  # the server would serialize the reply
         sync(args.device)
-        return time.perf_counter() - t0, reply
+        return time.perf_counter() - t0, steps * args.batch_size * args.block_size
 
-    call(args.warmup, 0)
-    walls, metrics = [], {}
-    for r in range(args.repeats):
-        wall, reply = call(args.steps, r + 1)
-        walls.append(wall)
-        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
-    wall = statistics.median(walls)
-    tokens = args.steps * args.batch_size * args.block_size
-    return {"tokens_per_s": tokens / wall, "ms_per_step": 1e3 * wall / args.steps,
-            "handler_reported_train_tokens_per_s": metrics.get("tokens-per-s")}
+    return call
+
+
+def summarize(walls: list[float], tokens: int, steps: int) -> dict:
+    return {"tokens_per_s": tokens / statistics.median(walls), "best_tokens_per_s": tokens / min(walls),
+            "ms_per_step": 1e3 * statistics.median(walls) / steps, "walls_s": walls}
+
+
+def measure(args: argparse.Namespace, bare, fl) -> tuple[dict[str, list[float]], int]:
+    """Warm up each path, then alternate timed calls so both see the same machine load."""
+    bare(args.warmup)
+    if fl is not None:
+        fl(args.warmup)
+    walls: dict[str, list[float]] = {"bare": [], "fl": []}
+    for _ in range(args.repeats):
+        wall, tokens = bare(args.steps)
+        walls["bare"].append(wall)
+        if fl is not None:
+            walls["fl"].append(fl(args.steps)[0])
+    return walls, tokens
 
 
 def main() -> None:
@@ -145,24 +156,27 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"device {name} | preset {args.preset} lora-rank {args.lora_rank} | batch {args.batch_size} x "
           f"block {args.block_size} | {'bf16' if amp else 'fp32'} | compile {args.compile and args.device == 'cuda'}")
-    bare = bare_loop(args)
-    print(f"bare loop : {bare['tokens_per_s']:>12,.0f} tokens/s  {bare['ms_per_step']:8.1f} ms/step  "
-          f"(loop only {bare['loop_tokens_per_s']:,.0f} tokens/s; {bare['params_trainable']:,} trainable "
-          f"of {bare['params_total']:,} params; {bare['data']} data)")
+    bare, info = bare_loop(args)
     fl = None
-    if args.no_fl:
-        pass
-    elif not has_data(args):
+    if not args.no_fl and not has_data(args):
         print("FL handler: skipped (needs --tokenizer and --data-dir folders: the handler loads its own data)")
-    else:
+    elif not args.no_fl:
         fl = fl_handler(args)
-        if fl is not None:
-            note = "" if args.bf16 is None else " (the handler always uses the default precision)"
-            print(f"in FL     : {fl['tokens_per_s']:>12,.0f} tokens/s  {fl['ms_per_step']:8.1f} ms/step  "
-                  f"ratio {fl['tokens_per_s'] / bare['tokens_per_s']:.3f} of bare{note}")
+    walls, tokens = measure(args, bare, fl)
+    results = {"bare": {**summarize(walls["bare"], tokens, args.steps), **info}}
+    b = results["bare"]
+    print(f"bare loop : {b['tokens_per_s']:>12,.0f} tokens/s  {b['ms_per_step']:8.1f} ms/step  (best "
+          f"{b['best_tokens_per_s']:,.0f}; {b['params_trainable']:,} trainable of {b['params_total']:,} params; "
+          f"{b['data']} data)")
+    if fl is not None:
+        f = results["fl"] = summarize(walls["fl"], tokens, args.steps)
+        f["ratio"] = statistics.median([w_b / w_f for w_b, w_f in zip(walls["bare"], walls["fl"])])
+        note = "" if args.bf16 is None else " (the handler always uses the default precision)"
+        print(f"in FL     : {f['tokens_per_s']:>12,.0f} tokens/s  {f['ms_per_step']:8.1f} ms/step  (best "
+              f"{f['best_tokens_per_s']:,.0f}); in-FL / bare = {f['ratio']:.3f} (median of paired calls){note}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": name,
-                                         "bare": bare, "fl": fl}, indent=2))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "device": name, **results}, indent=2))
 
 
 if __name__ == "__main__":
