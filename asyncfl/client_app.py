@@ -35,7 +35,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     worker = get_worker(cfg)
     result = worker.run_task(cfg, global_state, pid, num_partitions,
-                             run_key=str(task_cfg.get("run-key", context.run_id)))
+                             run_key=str(task_cfg.get("run-key", context.run_id)),
+                             version=int(task_cfg.get("version", 0)))
     content = RecordDict({"arrays": result.record, "metrics": MetricRecord(result.metrics)})
     return Message(content, reply_to=msg)
 

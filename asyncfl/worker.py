@@ -71,7 +71,7 @@ class Worker:
         return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)
 
     def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor], partition_id: int,
-                 num_partitions: int, run_key: str = "") -> TaskResult:
+                 num_partitions: int, run_key: str = "", version: int = 0) -> TaskResult:
         t_start = time.perf_counter()
         self.cfg, self.compressor = cfg, make_compressor(cfg)
         # 1. data (cached per process) and the received global weights
@@ -79,7 +79,8 @@ class Worker:
         load_trainable_state(self.model, global_state)
         received = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
         # 2. local training
-        stats = train_local(self.model, blocks, cfg, self.device, generator_seed=cfg.seed + partition_id)
+        stats = train_local(self.model, blocks, cfg, self.device,
+                            generator_seed=hash((cfg.seed, partition_id, version)) & 0x7FFFFFFF)
         # 3. delta = local - received, optionally minus this client's shift, then encode
         with torch.no_grad():
             delta = {k: v.detach() - received[k] for k, v in trainable_state(self.model).items()}
