@@ -149,8 +149,13 @@ class Compressor(ABC):
     def decode_state(self, record, reference: Mapping | None = None, *, device=None,
                      dtype: torch.dtype | None = torch.float32,
                      max_rank: int | None = -1) -> dict[str, Tensor]:
-        """`codec.decode_state`, refusing ranks above this compressor's `rank` by default
-        (pass max_rank=None to accept any rank up to min(m, n))."""
+        """Decode any compressor's record, as the module-level `decode_state`.
+
+        Differs only in `max_rank`: the default -1 means this compressor's `rank` (a peer
+        configured alike never sends more); None accepts any rank up to min(m, n). Pass
+        `reference` (expected names and shapes) for untrusted input: it also bounds the size
+        of what is built. Raises `PayloadError` before producing any output.
+        """
         limit = self.options.rank if max_rank == -1 else max_rank
         return codec.decode_state(record, reference, device=device, dtype=dtype, max_rank=limit)
 

@@ -337,7 +337,8 @@ def decode_state(record, reference: Mapping | None = None, *, device=None,
     record : flwr.app.ArrayRecord
         Built by `Compressor.encode_state`; self-describing (compressor, kinds, shapes).
     reference : Mapping[str, torch.Size | tuple | Tensor] | None, default None
-        Expected names and shapes; missing, extra or mismatched tensors are errors.
+        Expected names and shapes; missing, extra or mismatched tensors are errors. Pass it
+        for untrusted input: without it a tiny payload may declare a huge shape.
     device : torch.device | str | None, default None (CPU)
         Where the decoded tensors are built.
     dtype : torch.dtype | None, default torch.float32

@@ -5,10 +5,14 @@ Paper: Section 3.3 (R = k rows of S; Z = argmin ||S - Z R||_F = S R^+; S_approx 
 Notes
 - Wire: idx (k,) int64, rows = S[idx] (k, n) (actual rows: bit-exact with fp32 wire) and
   z (m, k); decode z rows.
-- Row selection (`row_select`): "uniform" is the paper's sampling without replacement;
-  "pivoted" (default, chosen by measurement, see bench/README.md) is greedy pivoting on a
-  sketch of the row space (the randomized QRCP pivots) or, with method "exact", scipy's QRCP
-  pivots of S^T; "leverage" takes the k rows of largest rank-k leverage score.
+- Row selection (`row_select`): "uniform" is the paper's sampling without replacement.
+  "greedy" (default, chosen by measurement on GPT-2 deltas, see bench/README.md: 1.15x the
+  optimal rank-k error vs 1.18x uniform, 1.20x pivoted, 1.53x leverage) is greedy column
+  subset selection on a sketch of the row space (Farahat, Ghodsi, Kamel 2011): each step
+  takes the row whose direction holds the most energy of all remaining rows. "pivoted" is
+  QRCP's norm pivoting on the same sketch (the randomized QRCP pivots) or, with method
+  "exact", scipy's QRCP pivots of S^T. "leverage" takes the k largest rank-k leverage scores.
+  With method "exact" the sketch is the exact top singular subspace.
 - Z = S R^+ is solved through the QR of R^T: R^T = Q T gives Z = (S Q) T^{-T} (one k x k
   triangular solve, batched, on the tensor's device). Uniform and leverage picks are first
   reordered by greedy pivoting so that rows nearly in the span of earlier ones come last and
