@@ -7,13 +7,15 @@ power iterations); Xiao, Gu, Langou 2017 "Fast parallel randomized QR with colum
 Notes
 - Every kernel takes a batch x of shape (b, m, n), fp32, on any device, and never syncs with
   the host: no `.item()`, no data-dependent shapes, so a whole GPT-2 delta is launched at once.
-- Orthonormalisation is Householder QR (`torch.linalg.qr`), batched; it stays accurate for
-  rank-deficient sketches, where Cholesky-QR would fail.
-- The small SVD of the randomized SVD is done on the l x l triangle of a QR (l = rank +
-  oversample), never on an n-long matrix, and never on a Gram matrix (that would square the
-  condition number).
-- Greedy pivoting is QRCP's pivot rule (largest remaining column norm, then project it out),
-  written as k batched steps; it runs on the tensor's device.
+- Orthonormalisation is shifted Cholesky-QR with the l x l Gram matrix in fp64, not
+  Householder QR: on an H100, batched `torch.linalg.qr` loops over the batch and took 33 of
+  39 ms of GPU time for the 124M delta. The shift keeps rank-deficient or zero sketches safe.
+- The small SVD of the randomized SVD is an fp64 eigendecomposition of the l x l matrix B B^T
+  (l = rank + oversample); singular values are then re-measured as column norms of B^T U_B,
+  which stay accurate where the Gram matrix squares the condition number.
+- Householder QR remains for the k chosen rows of QRCP/CUR (one batched call per shape),
+  whose triangular factor CUR's least-squares solve needs.
+- Greedy pivoting (QRCP's norm rule) and greedy energy selection run as k batched steps.
 """
 
 from __future__ import annotations
