@@ -104,7 +104,7 @@ KEYS: tuple[Key, ...] = (
     Key("compress-method", "randomized", "\"exact\" (SVD / scipy QRCP) | \"randomized\" (sketching, GPU-friendly)", one_of("exact", "randomized"), "compress"),
     Key("wire-dtype", "fp16", "dtype of the factors on the wire: \"fp16\" | \"fp32\"", one_of("fp16", "fp32"), "compress"),
     Key("energy", 0.0, "adaptive rank: smallest k <= `rank` capturing this energy fraction (0 = fixed rank)", in_range(0.0, 1.0), "compress"),
-    Key("row-select", "pivoted", "CUR row selection: \"pivoted\" (QRCP on a sketch) | \"uniform\" (paper) | \"leverage\"", one_of("pivoted", "uniform", "leverage"), "compress"),
+    Key("row-select", "greedy", "CUR row selection: \"greedy\" (most energy per row, on a sketch; best measured) | \"pivoted\" (QRCP pivots) | \"uniform\" (paper) | \"leverage\"", one_of("greedy", "pivoted", "uniform", "leverage"), "compress"),
     # --- server loop ---------------------------------------------------------------------------
     Key("mode", "async", "\"async\" (apply each update on arrival) | \"sync\" (FedAvg barrier per round)", one_of("async", "sync"), "server"),
     Key("rule", "fedasync", "async rule: \"fedasync\" | \"fedbuff\" | \"asgd\" | \"shifted\" | \"saga\"", one_of("fedasync", "fedbuff", "asgd", "shifted", "saga"), "server"),

@@ -44,12 +44,17 @@ def node_state_dir() -> Path:
     return Path(os.environ.get("ASYNCFL_NODE_DIR", Path.home() / ".cache" / "asyncfl" / "node-state"))
 
 
-def make_compressor(cfg: AppConfig):
+def task_seed(cfg: AppConfig, partition_id: int, version: int) -> int:
+    """A seed per (run seed, client, model version): fresh batches and sketches every task."""
+    return hash((cfg.seed, partition_id, version)) & 0x7FFFFFFF
+
+
+def make_compressor(cfg: AppConfig, seed: int = 0):
     if cfg.compressor == "none":
         return get_compressor("none")
     return get_compressor(cfg.compressor, rank=cfg.rank, method=cfg.compress_method,
                           dtype=cfg.wire_dtype, energy=cfg.energy or None,
-                          row_select=cfg.row_select, seed=cfg.seed)
+                          row_select=cfg.row_select, seed=seed)
 
 
 @dataclass
@@ -65,7 +70,6 @@ class Worker:
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.model = build_model(cfg).to(self.device)
-        self.compressor = make_compressor(cfg)
 
     def matches(self, cfg: AppConfig) -> bool:
         return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)
@@ -73,14 +77,14 @@ class Worker:
     def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor], partition_id: int,
                  num_partitions: int, run_key: str = "", version: int = 0) -> TaskResult:
         t_start = time.perf_counter()
-        self.cfg, self.compressor = cfg, make_compressor(cfg)
+        seed = task_seed(cfg, partition_id, version)
+        self.cfg, self.compressor = cfg, make_compressor(cfg, seed)
         # 1. data (cached per process) and the received global weights
         blocks = load_partition(cfg, partition_id, num_partitions)
         load_trainable_state(self.model, global_state)
         received = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
         # 2. local training
-        stats = train_local(self.model, blocks, cfg, self.device,
-                            generator_seed=hash((cfg.seed, partition_id, version)) & 0x7FFFFFFF)
+        stats = train_local(self.model, blocks, cfg, self.device, generator_seed=seed)
         # 3. delta = local - received, optionally minus this client's shift, then encode
         with torch.no_grad():
             delta = {k: v.detach() - received[k] for k, v in trainable_state(self.model).items()}

@@ -82,7 +82,7 @@ def test_sync_fedavg_two_clients_two_rounds(tmp_path):
 def test_async_three_clients_one_slowed_with_low_rank_payloads(tmp_path):
     results = tmp_path / "results"
     extra = {"mode": "async", "rule": "fedasync", "compressor": "pca", "rank": 4,
-             "client-speeds": "1,1,4", "max-updates": 9, "eval-every": 3, "min-nodes": 3}
+             "client-speeds": "1,1,3", "max-updates": 14, "eval-every": 3, "min-nodes": 3}
     log = flwr_run(tmp_path, offline_config(results, **extra), supernodes=3)
     summary, events = read_run(results, log)
     updates = [e for e in events if e["event"] == "update"]

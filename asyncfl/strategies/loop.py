@@ -294,7 +294,8 @@ class AsyncFLStrategy(Strategy):
             if record is None:
                 raise PayloadError("reply has no ArrayRecord named 'arrays'")
             t0 = time.perf_counter()
-            update = decode_state(record, reference=self.s.shapes, device=self.s.device)
+            update = decode_state(record, reference=self.s.shapes, device=self.s.device,
+                                  max_rank=self.cfg.rank)
             self.s.sync_device()
             decode_s = time.perf_counter() - t0
         except PayloadError as exc:
