@@ -1,13 +1,18 @@
-"""Flower ClientApp: receive the global weights, train locally, reply with the encoded delta."""
+"""Flower ClientApp: receive the global weights, train locally, reply with the encoded delta.
+
+This module imports only flwr, numpy and the config, so a per-message ClientApp process in
+deployment starts fast; the training code is imported where it runs (here in simulation, or
+in the node's persistent worker, see `asyncfl.node_worker`).
+"""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from asyncfl.config import AppConfig, ConfigError
 from asyncfl.logs import setup_logging
-from asyncfl.worker import get_worker
+from asyncfl.node_worker import in_deployment_process, run_remote
 
 app = ClientApp()
 
@@ -26,18 +31,33 @@ def partition_of(node_config) -> tuple[int, int]:
     return pid, n
 
 
+def use_persistent_worker(cfg: AppConfig) -> bool:
+    if cfg.persistent_worker == "auto":
+        return in_deployment_process()
+    return cfg.persistent_worker == "on"
+
+
 def handle_train(msg: Message, context: Context) -> Message:
-    """One training task: the whole client-side protocol, used by `@app.train()`."""
+    """One training task: the whole client-side protocol (used by the train handler)."""
     setup_logging()
     cfg = AppConfig.from_run_config(context.run_config)
     pid, num_partitions = partition_of(context.node_config)
     task_cfg = msg.content["config"]
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    worker = get_worker(cfg)
-    result = worker.run_task(cfg, global_state, pid, num_partitions,
-                             run_key=str(task_cfg.get("run-key", context.run_id)),
-                             version=int(task_cfg.get("version", 0)))
-    content = RecordDict({"arrays": result.record, "metrics": MetricRecord(result.metrics)})
+    task = {"run-key": str(task_cfg.get("run-key", context.run_id)),
+            "version": int(task_cfg.get("version", 0))}
+    if use_persistent_worker(cfg):  # deployment: the node's warm worker does the work
+        arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        node = {"partition-id": pid, "num-partitions": num_partitions}
+        out, metrics = run_remote(dict(context.run_config), node, task, arrays)
+        record = ArrayRecord({k: Array(v) for k, v in out.items()})
+    else:  # simulation: this process (a Ray actor) lives for the whole run
+        from asyncfl.worker import get_worker
+
+        global_state = msg.content["arrays"].to_torch_state_dict()
+        result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
+                                          run_key=task["run-key"], version=task["version"])
+        record, metrics = result.record, result.metrics
+    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

@@ -78,6 +78,7 @@ KEYS: tuple[Key, ...] = (
     Key("lora-alpha", 16, "LoRA scaling alpha", above(0), "model"),
     Key("lora-dropout", 0.0, "LoRA dropout", in_range(0.0, 0.9), "model"),
     Key("device", "auto", "\"auto\" (CUDA when present) | \"cpu\" | \"cuda\"", one_of("auto", "cpu", "cuda"), "model"),
+    Key("persistent-worker", "auto", "keep the model warm in a node-local worker process across messages: \"auto\" (on in deployment, where each message is a fresh process) | \"on\" | \"off\"", one_of("auto", "on", "off"), "model"),
     Key("compile", False, "torch.compile the client model (CUDA only; ignored on CPU)", group="model"),
     # --- data ----------------------------------------------------------------------------------
     Key("dataset", "Salesforce/wikitext", "Hub dataset id (used when `data-dir` is \"\")", group="data"),

@@ -84,7 +84,10 @@ class Worker:
         load_trainable_state(self.model, global_state)
         received = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
         # 2. local training
-        stats = train_local(self.model, blocks, cfg, self.device, generator_seed=seed)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # dropout masks: reproducible per task
+            torch.manual_seed(seed)
+            stats = train_local(self.model, blocks, cfg, self.device, generator_seed=seed)
         # 3. delta = local - received, optionally minus this client's shift, then encode
         with torch.no_grad():
             delta = {k: v.detach() - received[k] for k, v in trainable_state(self.model).items()}
