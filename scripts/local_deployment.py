@@ -148,7 +148,6 @@ class Deployment:
         self.gpus = gpus or []
         self.extra_keys = extra_keys  # key pairs made but never registered (auth tests)
         self.sans = sans  # names in the server certificate
-        self.interpreter_path_first = True  # see env(); benchmarks turn it off for a baseline
         self.certs = self.work / "certs"
         self.logs = self.work / "logs"
         self.cli_home = self.work / "flwr-home" / "cli"
@@ -183,10 +182,8 @@ class Deployment:
     def env(self, home: Path, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         # Flower's processes start each other by name (flower-superexec, flwr-clientapp, ...):
-        # find them next to this interpreter first, not through wrapper shims (pyenv adds ~0.3 s
-        # to every ClientApp process) or another installation.
-        if self.interpreter_path_first:
-            env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # take them from this interpreter's installation first, so all of them are one flwr.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["FLWR_HOME"] = str(home)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", DEFAULT_TASK_POLL_INTERVAL)
@@ -240,10 +237,13 @@ class Deployment:
 
     def start_superlink(self, timeout: float = 60) -> Proc:
         proc = self.spawn("superlink", self.superlink_cmd(), self.work / "flwr-home" / "superlink")
-        self._wait(lambda: port_accepts(self.port), timeout, "the SuperLink to listen", [proc])
-        # The port is open; the Control API answering over TLS is the real readiness signal.
-        self._wait(self._control_api_ready, timeout, "the SuperLink Control API", [proc])
+        self.wait_superlink_ready(proc, timeout)
         return proc
+
+    def wait_superlink_ready(self, proc: Proc, timeout: float = 60) -> None:
+        self.wait_for(lambda: port_accepts(self.port), timeout, "the SuperLink to listen", [proc])
+        # The port is open; the Control API answering over TLS is the real readiness signal.
+        self.wait_for(self._control_api_ready, timeout, "the SuperLink Control API", [proc])
 
     def _control_api_ready(self) -> bool:
         try:
@@ -296,10 +296,11 @@ class Deployment:
             online = {int(n["node-id"]) for n in self.list_nodes() if n["status"] == "online"}
             return all(self.node_ids[i] in online for i in indices)
 
-        self._wait(ready, timeout, f"{len(indices)} SuperNode(s) to come online", procs)
+        self.wait_for(ready, timeout, f"{len(indices)} SuperNode(s) to come online", procs)
         log(f"{len(indices)} SuperNode(s) online")
 
-    def _wait(self, ready, timeout: float, what: str, procs: list[Proc], every: float = 0.5) -> None:
+    def wait_for(self, ready, timeout: float, what: str, procs: list[Proc], every: float = 0.5) -> None:
+        """Poll `ready()` until true; fail when a process in `procs` dies or on timeout."""
         deadline = time.monotonic() + timeout
         while True:
             for p in procs:

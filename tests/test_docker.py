@@ -28,7 +28,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -361,8 +360,7 @@ def test_compose_topology_runs_as_processes(tmp_path, compose):
             return dep.spawn(name, cmd, dep.work / "flwr-home" / name, **env)
 
         link = start("superlink")
-        dep._wait(lambda: ld.port_accepts(base), 60, "the SuperLink", [link])
-        dep._wait(dep._control_api_ready, 60, "the Control API", [link])
+        dep.wait_superlink_ready(link)
         start("superexec-serverapp")
         for i in nodes:
             dep.register(i)
