@@ -1,0 +1,254 @@
+"""Per-update overhead of the Flower deployment runtime, Flower defaults vs our settings.
+
+    python bench/deployment_overhead.py                      # 2 SuperNodes, 12 updates per profile
+    python bench/deployment_overhead.py --nodes 1 --updates 8 --profiles tuned --breakdown
+
+In deployment every task message starts a fresh `flwr-clientapp` process, and the SuperNode,
+its SuperExec and the reply path poll on fixed intervals. This runs the real local deployment
+(scripts/local_deployment.py: TLS SuperLink, authenticated SuperNodes, tiny preset on CPU) once
+per settings profile and reads the server's events.jsonl:
+
+    overhead = round_trip_s - client_s
+
+per applied update, where `round_trip_s` is the server's dispatch-to-reply wall time and
+`client_s` the time the ClientApp's train handler reported for itself (data, training,
+encoding). The first update of each node also pays FAB install, first imports and data caches;
+it is reported apart, the rest are the steady state.
+
+Profiles (legitimate settings only, nothing in Flower is patched). The one timing knob flwr
+1.41 exposes for this path is the SuperExec's task poll interval (env
+FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 0.01..60 s); the SuperNode's idle poll (3 s) and its reply
+poll (0.5 s) are constants in flwr/supernode/start_client_internal.py.
+* `default`: Flower's default, task poll 1.0 s.
+* `tuned`: what scripts/local-deployment.sh and the docker images set, task poll 0.1 s.
+`--breakdown` repeats the `tuned` run with FLWR_LOG_LEVEL=DEBUG (timestamped Flower logs) and
+splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), process start
+(task pulled -> flwr-clientapp running), app (ClientApp load + handler), reply wait (task
+finished -> reply sent).
+
+Separately (no deployment), medians of `--repeats` fresh interpreters: Python start, Flower's
+ClientApp process imports, `import asyncfl.client_app`, and building the model in a fresh
+process -- where a new ClientApp process spends its time before the handler runs.
+
+Results: printed as markdown and written as JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "scripts"))
+import local_deployment as ld  # noqa: E402
+
+PROFILES = {
+    "default": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
+    "tuned": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL},
+}
+
+
+def tiny_run_config(results: Path, updates: int, extra: str) -> list[str]:
+    cfg = {
+        "model-preset": "tiny", "tokenizer": str(SHARED_DATA / "gpt2"),
+        "data-dir": str(SHARED_DATA / "wikitext-2-raw"), "block-size": 32, "max-train-blocks": 8,
+        "eval-max-blocks": 8, "local-steps": 2, "mode": "async", "device": "cpu",
+        "max-updates": updates, "eval-every": 100_000, "save-model": False,
+        "results-dir": str(results), "run-name": "bench",
+    }
+    items = [" ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())]
+    return items + ([extra] if extra else [])
+
+
+def stats(xs: list[float]) -> dict[str, float | int | None]:
+    if not xs:
+        return {"n": 0, "median": None, "mean": None, "p90": None, "min": None, "max": None}
+    s = sorted(xs)
+    return {"n": len(s), "median": round(statistics.median(s), 3), "mean": round(statistics.mean(s), 3),
+            "p90": round(s[min(len(s) - 1, int(0.9 * len(s)))], 3), "min": round(s[0], 3),
+            "max": round(s[-1], 3)}
+
+
+def run_profile(name: str, args, debug: bool = False) -> dict:
+    env = PROFILES[name]
+    work = Path(tempfile.mkdtemp(prefix=f"asyncfl-bench-{name}-"))
+    results = work / "results"
+    base = free_ports(args.nodes + 1)
+    saved = {k: os.environ.get(k) for k in [*env, "FLWR_LOG_LEVEL"]}
+    os.environ.update(env)
+    if debug:
+        os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
+    dep = ld.Deployment(work / "work", args.nodes, superlink_port=base, node_port=base + 1)
+    t0 = time.monotonic()
+    try:
+        dep.prepare()
+        dep.start_superlink()
+        for i in range(1, args.nodes + 1):
+            dep.register(i)
+        for i in range(1, args.nodes + 1):
+            dep.start_supernode(i, partition_id=i - 1)
+        dep.wait_nodes_online(list(range(1, args.nodes + 1)))
+        dep.run_app(args.app, tiny_run_config(results, args.updates, args.run_config), args.timeout)
+    except ld.DeploymentError:
+        dep.stop_all()
+        dep.print_log_tails(60)
+        raise
+    finally:
+        dep.stop_all()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    total_s = time.monotonic() - t0
+    events = [json.loads(l) for l in (results / "bench" / "events.jsonl").read_text().splitlines()]
+    updates = [e for e in events if e.get("event") == "update"]
+    seen, first, steady = set(), [], []
+    for u in updates:
+        (steady if u["node"] in seen else first).append(u)
+        seen.add(u["node"])
+
+    def overhead(us):
+        return [u["round_trip_s"] - u["client_s"] for u in us if u.get("client_s") is not None]
+
+    out = {
+        "profile": name, "env": env,
+        "updates": len(updates), "total_s": round(total_s, 1),
+        "overhead_s": stats(overhead(steady)), "first_update_overhead_s": stats(overhead(first)),
+        "round_trip_s": stats([u["round_trip_s"] for u in steady]),
+        "client_s": stats([u["client_s"] for u in steady if u.get("client_s") is not None]),
+        "train_s": stats([u["train_s"] for u in steady if u.get("train_s") is not None]),
+    }
+    if debug:
+        out["breakdown_s"] = breakdown([dep.logs / f"supernode-{i}.log" for i in range(1, args.nodes + 1)])
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+_TS = re.compile(r"(?:DEBUG|INFO|WARNING) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+_MARKS = {
+    "Receiving:": "received", "Start `flwr-clientapp` process": "process_up",
+    "Loading ClientApp": "loading", "Finished task": "finished", "Sent successfully": "sent",
+}
+
+
+def breakdown(logs: list[Path]) -> dict:
+    """Phases of each SuperNode cycle from timestamped (DEBUG) SuperNode logs."""
+    phases: dict[str, list[float]] = {"idle_poll": [], "process_start": [], "app": [], "reply_wait": []}
+    for path in logs:
+        marks: list[tuple[str, float]] = []
+        for line in path.read_text(errors="replace").splitlines():
+            m = _TS.search(line)
+            if not m:
+                continue
+            for text, mark in _MARKS.items():
+                if text in line:
+                    t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    marks.append((mark, t))
+        last: dict[str, float] = {}
+        for mark, t in marks:
+            if mark == "received" and "sent" in last:
+                phases["idle_poll"].append(t - last["sent"])
+            if mark == "process_up" and "received" in last:
+                phases["process_start"].append(t - last["received"])
+            if mark == "finished" and "process_up" in last:
+                phases["app"].append(t - last["process_up"])
+            if mark == "sent" and "finished" in last:
+                phases["reply_wait"].append(t - last["finished"])
+            last[mark] = t
+    return {k: stats(v) for k, v in phases.items()}
+
+
+def fresh_process_times(repeats: int) -> dict:
+    """Medians over fresh interpreters: where a new ClientApp process spends its start-up."""
+    py = sys.executable
+    probes = {
+        "python_start": [py, "-c", "pass"],
+        "flwr_clientapp_imports": [py, "-c", "import flwr.supernode.cli.flwr_clientapp"],
+        "import_asyncfl_client_app": [py, "-c", "import asyncfl.client_app"],
+        "import_and_build_tiny_model": [py, "-c", (
+            "from asyncfl.config import AppConfig; from asyncfl.model import build_model; "
+            "build_model(AppConfig.from_run_config({'model-preset': 'tiny', 'device': 'cpu'}))")],
+    }
+    out = {}
+    for name, cmd in probes.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, cwd=ROOT)
+            times.append(time.perf_counter() - t0)
+            if res.returncode != 0:
+                raise RuntimeError(f"{name} failed: {res.stderr.decode()[-2000:]}")
+        out[name] = stats(times)
+    return out
+
+
+def free_ports(size: int) -> int:
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - size)
+        if all(ld.port_is_free(base + k) for k in range(size)):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def markdown(result: dict) -> str:
+    rows = ["| profile | task poll | steady overhead median (mean, p90) | first update overhead | "
+            "round trip median | client_s median | train_s median |",
+            "|---|---|---|---|---|---|---|"]
+    for r in result["profiles"]:
+        o, f = r["overhead_s"], r["first_update_overhead_s"]
+        rows.append(
+            f"| {r['profile']} | {r['env']['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']} s | "
+            f"{o['median']} s ({o['mean']}, {o['p90']}; n={o['n']}) | {f['median']} s | "
+            f"{r['round_trip_s']['median']} s | {r['client_s']['median']} s | {r['train_s']['median']} s |")
+    if "breakdown" in result:
+        rows += ["", "| SuperNode cycle phase (tuned, DEBUG logs) | median | mean | n |", "|---|---|---|---|"]
+        for k, v in result["breakdown"].items():
+            rows.append(f"| {k} | {v['median']} s | {v['mean']} s | {v['n']} |")
+    rows += ["", "| fresh process | median | min |", "|---|---|---|"]
+    for k, v in result["fresh_process"].items():
+        rows.append(f"| {k} | {v['median']} s | {v['min']} s |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--updates", type=int, default=12, help="max-updates per run")
+    p.add_argument("--profiles", default="default,tuned", help=f"comma list of {', '.join(PROFILES)}")
+    p.add_argument("--breakdown", action="store_true", help="extra tuned run with DEBUG logs, phase split")
+    p.add_argument("--repeats", type=int, default=5, help="fresh-process probes per measurement")
+    p.add_argument("--app", type=Path, default=ROOT)
+    p.add_argument("--run-config", default="", help="extra run-config overrides (appended)")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--keep", action="store_true", help="keep the work dirs (logs)")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "asyncfl-deployment-overhead.json")
+    args = p.parse_args()
+    args.app = args.app.resolve()
+
+    result = {"nodes": args.nodes, "updates": args.updates, "cpus": os.cpu_count(),
+              "profiles": [run_profile(name, args) for name in args.profiles.split(",") if name]}
+    if args.breakdown:
+        result["breakdown"] = run_profile("tuned", args, debug=True)["breakdown_s"]
+    result["fresh_process"] = fresh_process_times(args.repeats)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    print(f"\n(JSON: {args.out})")
+
+
+if __name__ == "__main__":
+    main()
