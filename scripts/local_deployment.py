@@ -7,7 +7,9 @@ own Runtime API port and `partition-id=i num-partitions=N` node config), then
 per process (the CLI's holds the connection in config.toml; ~/.flwr is never read or written)
 and one log file per process live in a work directory. Every process this script starts runs
 in its own process group (so the SuperExec and flwr-clientapp/-serverapp processes Flower
-spawns under it go with it) and is stopped by that id on exit, failure, Ctrl-C or SIGTERM.
+spawns under it go with it) and is stopped by that id on exit, failure, Ctrl-C or SIGTERM;
+processes the app started in a session of their own (asyncfl's node-local model worker) are
+found by our private FLWR_HOME in their environment and stopped too.
 
 Usage (the .sh wrapper next to this file passes its arguments through):
 
@@ -75,6 +77,13 @@ def port_accepts(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -390,6 +399,46 @@ class Deployment:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+        self.stop_strays()
+
+    def stray_pids(self) -> list[int]:
+        """Processes that escaped our process groups but carry one of our private FLWR_HOMEs.
+
+        The app may start helpers in a new session (asyncfl's node-local model worker does), so
+        killing the groups misses them. Everything started under our SuperLink/SuperNodes
+        inherits FLWR_HOME=<work>/flwr-home/..., which no other process on the machine has.
+        """
+        marker = f"FLWR_HOME={self.work / 'flwr-home'}/".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(v.startswith(marker) for v in env):
+                pids.append(int(entry.name))
+        return pids
+
+    def stop_strays(self, grace_s: float = 10.0) -> None:
+        pids = self.stray_pids()
+        for pid in pids:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                log(f"stopping pid {pid}, started under this deployment: {cmd.strip()[:160]}")
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
+            time.sleep(0.2)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def print_log_tails(self, lines: int = 40) -> None:
         for path in sorted(self.logs.glob("*.log")):
