@@ -346,8 +346,8 @@ class Deployment:
     def run_app(self, app: Path, run_config: list[str], timeout: float) -> int:
         """`flwr run ... --stream` until the run ends; return the run id, raise unless completed."""
         cmd = ["flwr", "run", str(app), CONNECTION, "--stream"]
-        for rc in run_config:
-            cmd += ["--run-config", rc]
+        for item in run_config:
+            cmd += ["--run-config", item]
         log_path = self.logs / "flwr-run.log"
         log(f"$ {shlex.join(cmd)}")
         run_id = None
