@@ -16,7 +16,8 @@ Notes
 -----
 * One worker per (SuperNode partition, GPU visibility, model keys, installed app folder): a
   changed app or model never talks to an old worker.
-* The worker exits after `IDLE_EXIT_S` without tasks and removes its socket.
+* The worker exits after `IDLE_EXIT_S` without tasks, when the process that started the
+  ClientApp (the SuperNode's SuperExec) is gone, or on SIGTERM, and removes its socket.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def _spawn(path: Path) -> None:
     pkg_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
     with open(log_dir / f"{path.stem}.log", "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "asyncfl.node_worker", str(path)], env=env,
+        owner = str(os.getppid())  # the SuperExec that runs ClientApp processes for this node
+        subprocess.Popen([sys.executable, "-m", "asyncfl.node_worker", str(path), owner], env=env,
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 
@@ -200,19 +202,34 @@ class _Server(socketserver.UnixStreamServer):
     last_task = time.monotonic()
 
 
-def serve(path: Path) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def serve(path: Path, owner: int | None = None) -> None:
+    import signal
+
     from asyncfl.logs import setup_logging
 
     setup_logging()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the `finally` below
     path.unlink(missing_ok=True)
     with _Server(str(path), _Handler) as server:
         server.timeout = 5.0
         try:
             while time.monotonic() - server.last_task < IDLE_EXIT_S:
+                if owner is not None and not _alive(owner):
+                    break  # the SuperNode that started us is gone
                 server.handle_request()
         finally:
             path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    serve(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None)

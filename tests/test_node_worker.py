@@ -63,3 +63,28 @@ def test_worker_errors_come_back_as_a_clear_exception(remote):
     run_config, node = remote
     with pytest.raises(RuntimeError, match="node worker failed: .*trainable"):
         run_remote(run_config, node, {"run-key": "r", "version": 0}, {"bogus": np.zeros(3, np.float32)})
+
+
+def test_worker_exits_when_its_owner_is_gone_and_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sock = tmp_path / "w.sock"
+    worker = subprocess.Popen([sys.executable, "-m", "asyncfl.node_worker", str(sock), str(owner.pid)])
+    deadline = time.monotonic() + 60
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert control(sock, "ping")["pid"] == worker.pid
+    owner.kill()
+    owner.wait()
+    assert worker.wait(timeout=30) == 0 and not sock.exists()  # followed its owner out
+
+    worker = subprocess.Popen([sys.executable, "-m", "asyncfl.node_worker", str(sock)])
+    while not sock.exists() and time.monotonic() < deadline + 60:
+        time.sleep(0.1)
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0 and not sock.exists()  # SIGTERM removes the socket
