@@ -17,7 +17,6 @@ Notes
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from asyncfl.compressors import get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.data import load_partition
 from asyncfl.model import build_model, load_trainable_state, resolve_device, trainable_state
+from asyncfl.node_worker import node_state_dir
 from asyncfl.strategies.rules import ClientShift
 from asyncfl.train import train_local
 
@@ -38,10 +38,6 @@ log = logging.getLogger("asyncfl")
 # Keys that change the model a worker holds; anything else can vary per run without a rebuild.
 _MODEL_KEYS = ("model", "pretrained", "model_preset", "lora_rank", "lora_alpha", "lora_dropout",
                "device", "seed", "block_size")
-
-
-def node_state_dir() -> Path:
-    return Path(os.environ.get("ASYNCFL_NODE_DIR", Path.home() / ".cache" / "asyncfl" / "node-state"))
 
 
 def task_seed(cfg: AppConfig, partition_id: int, version: int) -> int:
