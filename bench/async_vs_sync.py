@@ -13,7 +13,10 @@ once whatever the real core count), or `scripts/local-deployment.sh 4 --run-conf
     # CPU, tiny preset: calibrate the target with a sync run, then run both modes to it
     python bench/async_vs_sync.py --preset tiny --device cpu
     # fixed target, several async rules against one sync run
-    python bench/async_vs_sync.py --target-ppl 1500 --time-budget-s 300 --rules fedasync,fedbuff
+    python bench/async_vs_sync.py --target-ppl 3300 --time-budget-s 150 --rules fedasync,fedbuff,asgd
+    # both modes for the whole budget (final ppl at equal wall-clock), an async rule variant
+    python bench/async_vs_sync.py --equal-budget --target-ppl 3300 --time-budget-s 150 \
+        --rules fedasync,fedbuff:buffer-size=4:server-lr=1.5
     # GPU machine, real deployment (SuperNode i on GPU i % #gpus)
     python bench/async_vs_sync.py --deployment --preset small --device cuda --gpus 0
 
@@ -22,11 +25,17 @@ the perplexity it reached after `--calib-frac` (2/3) of them becomes the target.
 runs with `target-ppl` and `time-budget-s` (it stops at whichever comes first), or with
 `--equal-budget` for the whole budget (time to target then comes from the event log).
 
-Times are the recorder's `t` (the ServerApp's own clock, started when its RunRecorder is built:
-Ray / SuperLink start-up is not counted; the clients' first-task warm-up -- model build, data
-load -- is, equally in both modes). Outputs in `--out`: one run folder per run (events.jsonl,
-summary.json, results.md, plot.png), `comparison.md` / `comparison.png` per async rule
-(`python -m asyncfl.results compare`), `results.json` and `table.md`.
+Times are the recorder's `t`: the ServerApp's own clock, started when its RunRecorder is built,
+so the SuperLink start, `flwr run`'s FAB build and Ray's start before the ServerApp are not in
+it. In simulation, though, Flower starts the ServerApp beside the Ray actor pool, so the first
+tasks also wait for the actors (ClientApp import, model build): 10-50 s on a 2-core machine,
+equally in both modes. The table therefore also gives the speed-up with that start-up removed
+(each run's clock restarted when its first client began its first task; see `startup_s`).
+
+Outputs in `--out`: one run folder per run under runs/ (events.jsonl, summary.json, results.md,
+plot.png), `comparison.md` / `comparison.png` per async rule (`asyncfl.results.compare`, i.e.
+`python -m asyncfl.results compare`), `results.json` (all metrics, configs, environment) and
+`table.md`.
 """
 
 from __future__ import annotations
@@ -105,52 +114,54 @@ def run_config_str(cfg: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Running one configuration
 # ---------------------------------------------------------------------------------------------
-def _proc_info(pid: int) -> tuple[int, str] | None:
-    """(session id, command line) of a process, None if it is gone or a zombie."""
+def _alive(pid: int) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[3]), cmd  # fields: state ppid pgrp session ...
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
-def _all_pids() -> list[int]:
-    return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+def _pids_of_home(home: Path) -> list[int]:
+    """Processes started for this FLWR_HOME: the environment (or command line) names it."""
+    env_tag = f"FLWR_HOME={home}".encode()
+    me, out = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"\0" + env_tag + b"\0" in b"\0" + env + b"\0" or str(home).encode() in cmd:
+            out.append(int(d.name))
+    return out
 
 
 def stop_local_superlink(home: Path, grace_s: float = 8.0) -> None:
-    """Stop the background SuperLink that `flwr run` started for this FLWR_HOME, by process id.
+    """Stop, by process id, everything `flwr run` started for this private FLWR_HOME.
 
-    The SuperLink is found by its command line (it names our private FLWR_HOME); it leads its
-    own session, and the simulation it spawned (flwr-simulation, Ray's raylet, GCS and the
-    ClientApp actors) lives in that session, so every process of that session goes too.
+    `flwr run` starts a background SuperLink; it starts a SuperExec in a session of its own,
+    which starts flwr-simulation, Ray (GCS, raylet, dashboard) and the ClientApp actors. All of
+    them inherit our FLWR_HOME, which no other process on the machine has, so they are found by
+    it in their environment and sent SIGTERM, then SIGKILL if still there after `grace_s`.
     """
-    me = os.getpid()
-    leaders = [p for p in _all_pids() if p != me and (i := _proc_info(p))
-               and str(home / "local-superlink") in i[1]]
-    sids = {_proc_info(p)[0] for p in leaders if _proc_info(p)}
-    sids.discard(os.getsid(0))  # never our own session
-    def members() -> list[int]:
-        return [p for p in _all_pids() if p != me and (i := _proc_info(p)) and i[0] in sids]
-    targets = sorted(set(leaders) | set(members()))
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in targets:
+        pids = [p for p in _pids_of_home(home) if _alive(p)]
+        if not pids:
+            return
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            targets = [p for p in targets if _proc_info(p)] + [p for p in members() if p not in targets]
-            if not targets:
-                return
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.25)
-    if targets:
-        log(f"warning: processes {targets} of the local SuperLink did not exit")
+    left = [p for p in _pids_of_home(home) if _alive(p)]
+    if left:
+        log(f"warning: processes {left} started for {home} did not exit")
 
 
 def _flwr_status(env: dict[str, str], run_id: str) -> str:
@@ -486,8 +497,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=6, help="async: evaluate every N updates")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--threads", type=int, default=1,
-                   help="OMP/MKL threads per process of the run (0: leave the environment alone)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP/MKL threads per process of the run (0: leave the environment alone; "
+                        "default 1 with --device cpu, else 0)")
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2") if SHARED.is_dir() else "")
     p.add_argument("--data-dir", default=str(SHARED / "wikitext-2-raw") if SHARED.is_dir() else "")
     p.add_argument("--set", action="append", default=[], metavar='"k=v ..."',
@@ -510,6 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gpus:
         args.deployment_args += f" --gpus {args.gpus}"
     args.out = args.out.resolve()
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     return args
 
 
