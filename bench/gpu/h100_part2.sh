@@ -15,7 +15,7 @@ python3 bench/server_apply.py --device cuda --preset small --repeats 10 --tokeni
 MON=$!
 echo "== async vs sync, deployment, 4 SuperNodes on GPU 0, GPT-2 124M shape"
 python3 bench/async_vs_sync.py --deployment --preset small --device cuda --gpus 0 \
-  --tokenizer .data/gpt2 --data-dir .data/wikitext-2-raw --time-budget-s 150 --rules fedasync \
+  --tokenizer .data/gpt2 --data-dir .data/wikitext-2-raw --calib-rounds 6 --time-budget-s 90 --rules asgd \
   --out "$OUT/avs" 2>&1 | tail -30 | tee "$OUT/avs.txt"
 kill $MON
 sort -u "$OUT/gpu_mem.log" | tail -20
