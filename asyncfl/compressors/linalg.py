@@ -20,6 +20,8 @@ Notes
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -92,22 +94,28 @@ def row_sketch(x: Tensor, width: int, power_iters: int, gen: torch.Generator | N
     return (x @ range_finder(x.mT, width, power_iters, gen)).mT
 
 
-def greedy_pivots(y: Tensor, k: int) -> Tensor:
-    """Indices (b, k) of k columns of y (b, d, c) picked by QRCP's greedy pivot rule."""
+def _pick_columns(y: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Shared greedy loop: k times, take the column with the best `score(y, taken)` (b, c),
+    then project it out of every column of y (b, d, c). Returns indices (b, k)."""
     y = y.clone()
     b, _, c = y.shape
     taken = torch.zeros(b, c, dtype=torch.bool, device=y.device)
     batch = torch.arange(b, device=y.device)
     picks = []
     for _ in range(k):
-        norms = y.square().sum(1).masked_fill(taken, -1.0)  # (b, c) remaining column norms^2
-        p = norms.argmax(1)  # (b,)
+        p = score(y, taken).argmax(1)  # (b,)
         taken[batch, p] = True
         col = y[batch, :, p]  # (b, d)
         col = col / col.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
         y -= col[:, :, None] * (col[:, None, :] @ y)  # project the pivot out of every column
         picks.append(p)
     return torch.stack(picks, 1)
+
+
+def greedy_pivots(y: Tensor, k: int) -> Tensor:
+    """Indices (b, k) of k columns of y (b, d, c) picked by QRCP's greedy pivot rule."""
+    # remaining column norms^2; taken columns can never win
+    return _pick_columns(y, k, lambda y, taken: y.square().sum(1).masked_fill(taken, -1.0))
 
 
 def row_basis(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -146,21 +154,13 @@ def greedy_energy_pivots(y: Tensor, k: int) -> Tensor:
     ||y_i||^2, then projects it out. Unlike QRCP's norm rule it prefers a direction shared
     by many small columns over one large outlier.
     """
-    y = y.clone()
-    b, _, c = y.shape
-    taken = torch.zeros(b, c, dtype=torch.bool, device=y.device)
-    batch = torch.arange(b, device=y.device)
-    picks = []
-    for _ in range(k):
+    tiny = torch.finfo(y.dtype).tiny
+
+    def score(y: Tensor, taken: Tensor) -> Tensor:
         norms = y.square().sum(1)  # (b, c)
         held = (y * ((y @ y.mT) @ y)).sum(1)  # (b, c) energy along each column's direction
         live = (norms > RTOL * norms.amax(1, keepdim=True)) & ~taken
-        score = torch.where(live, held / norms.clamp_min(torch.finfo(y.dtype).tiny), -1.0)
-        score = score.masked_fill(taken, -2.0)  # a dead column only after every live one
-        p = score.argmax(1)
-        taken[batch, p] = True
-        col = y[batch, :, p]
-        col = col / col.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
-        y -= col[:, :, None] * (col[:, None, :] @ y)
-        picks.append(p)
-    return torch.stack(picks, 1)
+        score = torch.where(live, held / norms.clamp_min(tiny), -1.0)
+        return score.masked_fill(taken, -2.0)  # a dead column only after every live one
+
+    return _pick_columns(y, k, score)
