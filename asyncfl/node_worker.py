@@ -171,6 +171,8 @@ class _Handler(socketserver.StreamRequestHandler):
             if req.get("op") == "ping":
                 reply = {"ok": True, "pid": os.getpid()}
             elif req.get("op") == "shutdown":
+                # unlink first: a client arriving now starts a new worker, not a dying one
+                Path(self.server.server_address).unlink(missing_ok=True)
                 self.server.last_task = -IDLE_EXIT_S  # type: ignore[attr-defined]
                 self.wfile.write(b'{"ok": true}\n')
                 return
