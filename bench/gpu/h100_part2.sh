@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
-# GPU measurements, part 2 (one device call): server decode+apply for the 124M shape, and the
-# deployment topology (4 SuperNodes sharing one GPU, GPT-2 124M shape): async vs sync, client
-# tokens/s, per-update overhead, GPU memory per SuperNode. Same carry as part 1 (.whl, .data).
+# GPU measurements, part 2 (one device call): the deployment topology (4 SuperNodes sharing
+# one GPU, GPT-2 124M shape): async vs sync, client tokens/s, per-update overhead, GPU memory per SuperNode. Same carry as part 1 (.whl, .data).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-echo "== server decode+apply (124M, cuda)"
-python3 bench/server_apply.py --device cuda --preset small --repeats 10 --tokenizer .data/gpt2 \
-  --data .data/wikitext-2-raw/wiki.valid.raw --out "$OUT/server_apply.json" 2>&1 | tail -30 | tee "$OUT/server_apply.txt"
 ( while sleep 5; do nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader; done ) > "$OUT/gpu_mem.log" 2>&1 &
 MON=$!
 echo "== async vs sync, deployment, 4 SuperNodes on GPU 0, GPT-2 124M shape"
