@@ -124,6 +124,8 @@ KEYS: tuple[Key, ...] = (
     Key("min-nodes", 2, "wait for this many nodes before starting", at_least(1), "server"),
     Key("node-wait-s", 120.0, "give up if `min-nodes` are not connected after this long", above(0), "server"),
     Key("poll-interval-s", 0.05, "server poll interval for replies", above(0), "server"),
+    Key("prefetch", "auto", "queue each node's next task shortly before its current one ends, so a deployed SuperNode never sleeps between tasks (async mode; the queued task is a little staler): \"auto\" (on in deployment, off in simulation) | \"on\" | \"off\"", one_of("auto", "on", "off"), "server"),
+    Key("prefetch-lead-s", 3.0, "prefetch: push the queued task this many seconds before the node's expected finish, estimated from its previous tasks", _NONNEG, "server"),
     Key("task-ttl-s", 3600.0, "TTL of a task message; expired tasks come back as errors and are re-dispatched", above(0), "server"),
     Key("max-node-failures", 3, "retire a node after this many consecutive error replies", at_least(1), "server"),
     # --- stopping ------------------------------------------------------------------------------
@@ -207,6 +209,12 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
         if self.model_preset == "" and not self.model:
             raise ConfigError(
                 "run config key `model` must name a Hub id or folder when `model-preset` is \"\""
+            )
+        if self.prefetch == "on" and self.selection != "same" and self.concurrency:
+            raise ConfigError(
+                f"run config key `prefetch` = \"on\" keeps each working node busy, which defeats "
+                f"`selection` = \"{self.selection}\" under a `concurrency` cap of {self.concurrency}: "
+                "use selection \"same\", concurrency 0, or prefetch \"off\" / \"auto\""
             )
         if self.stop_rule == "bound":
             try:  # lambda must lie in (0, 1) for the bound to mean anything

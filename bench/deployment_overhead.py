@@ -8,19 +8,22 @@ its SuperExec and the reply path poll on fixed intervals. This runs the real loc
 (scripts/local_deployment.py: TLS SuperLink, authenticated SuperNodes, tiny preset on CPU) once
 per settings profile and reads the server's events.jsonl:
 
-    overhead = round_trip_s - client_s
+    overhead = service_s - client_s
 
-per applied update, where `round_trip_s` is the server's dispatch-to-reply wall time and
-`client_s` the time the ClientApp's train handler reported for itself (data, training,
-encoding). The first update of each node also pays FAB install, first imports and data caches;
+per applied update, where `service_s` is the server's wall time from the moment the node could
+start the task (its dispatch, or the node's previous reply when the task was queued behind
+that one) to its reply -- the time each update costs that node -- and `client_s` the time the
+ClientApp's train handler reported for itself (data, training, encoding). The first update of each node also pays FAB install, first imports and data caches;
 it is reported apart, the rest are the steady state.
 
 Profiles (legitimate settings only, nothing in Flower is patched). The one timing knob flwr
 1.41 exposes for this path is the SuperExec's task poll interval (env
 FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 0.01..60 s); the SuperNode's idle poll (3 s) and its reply
-poll (0.5 s) are constants in flwr/supernode/start_client_internal.py.
-* `default`: Flower's default, task poll 1.0 s.
+poll (0.5 s) are constants in flwr/supernode/start_client_internal.py. The server can hide the
+idle poll by queueing a node's next task before the running one ends (`prefetch`).
+* `default`: Flower's default, task poll 1.0 s, one task per node at a time.
 * `tuned`: what scripts/local-deployment.sh and the docker images set, task poll 0.1 s.
+* `prefetch`: tuned + `prefetch="on"` (what a deployment gets by default, `prefetch="auto"`).
 `--breakdown` repeats the `tuned` run with FLWR_LOG_LEVEL=DEBUG (timestamped Flower logs) and
 splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), process start
 (task pulled -> flwr-clientapp running), app (ClientApp load + handler), reply wait (task
@@ -53,22 +56,29 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "scripts"))
 import local_deployment as ld  # noqa: E402
 
-PROFILES = {
-    "default": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
-    "tuned": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL},
+PROFILES = {  # name -> (environment, run-config overrides)
+    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off"'),
+    "tuned": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}, 'prefetch="off"'),
+    "prefetch": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}, 'prefetch="on"'),
 }
 
 
-def tiny_run_config(results: Path, updates: int, extra: str) -> list[str]:
+def bench_run_config(results: Path, args, *extra: str) -> list[str]:
+    """The measured job: tiny preset (32-token blocks, 2 steps) or the 124M shape (1024-token
+    blocks, batch 8, `--local-steps`); PCA rank 10 uploads for the 124M shape."""
     cfg = {
-        "model-preset": "tiny", "tokenizer": str(SHARED_DATA / "gpt2"),
-        "data-dir": str(SHARED_DATA / "wikitext-2-raw"), "block-size": 32, "max-train-blocks": 8,
-        "eval-max-blocks": 8, "local-steps": 2, "mode": "async", "device": "cpu",
-        "max-updates": updates, "eval-every": 100_000, "save-model": False,
-        "results-dir": str(results), "run-name": "bench",
+        "model-preset": args.preset, "tokenizer": str(args.data / "gpt2"),
+        "data-dir": str(args.data / "wikitext-2-raw"), "eval-max-blocks": 8,
+        "mode": "async", "device": args.device, "max-updates": args.updates, "min-nodes": args.nodes,
+        "eval-every": 100_000, "save-model": False, "results-dir": str(results), "run-name": "bench",
     }
+    if args.preset == "tiny":
+        cfg.update({"block-size": 32, "max-train-blocks": 8, "local-steps": args.local_steps or 2})
+    else:
+        cfg.update({"block-size": 1024, "batch-size": 8, "max-train-blocks": 64,
+                    "local-steps": args.local_steps or 10, "compressor": "pca"})
     items = [" ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())]
-    return items + ([extra] if extra else [])
+    return items + [e for e in extra if e]
 
 
 def stats(xs: list[float]) -> dict[str, float | int | None]:
@@ -81,7 +91,7 @@ def stats(xs: list[float]) -> dict[str, float | int | None]:
 
 
 def run_profile(name: str, args, debug: bool = False) -> dict:
-    env = PROFILES[name]
+    env, profile_config = PROFILES[name]
     work = Path(tempfile.mkdtemp(prefix=f"asyncfl-bench-{name}-"))
     results = work / "results"
     base = free_ports(args.nodes + 1)
@@ -89,7 +99,9 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
     os.environ.update(env)
     if debug:
         os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
-    dep = ld.Deployment(work / "work", args.nodes, superlink_port=base, node_port=base + 1)
+    dep = ld.Deployment(work / "work", args.nodes, superlink_port=base, node_port=base + 1,
+                        gpus=[g for g in args.gpus.split(",") if g])
+    gpu_mem = GpuMemory() if args.device == "cuda" else None
     t0 = time.monotonic()
     try:
         dep.prepare()
@@ -99,12 +111,14 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
         for i in range(1, args.nodes + 1):
             dep.start_supernode(i, partition_id=i - 1)
         dep.wait_nodes_online(list(range(1, args.nodes + 1)))
-        dep.run_app(args.app, tiny_run_config(results, args.updates, args.run_config), args.timeout)
+        dep.run_app(args.app, bench_run_config(results, args, profile_config, args.run_config), args.timeout)
     except ld.DeploymentError:
         dep.stop_all()
         dep.print_log_tails(60)
         raise
     finally:
+        if gpu_mem is not None:
+            gpu_mem.stop()
         dep.stop_all()
         for k, v in saved.items():
             if v is None:
@@ -120,16 +134,22 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
         seen.add(u["node"])
 
     def overhead(us):
-        return [u["round_trip_s"] - u["client_s"] for u in us if u.get("client_s") is not None]
+        return [u.get("service_s", u["round_trip_s"]) - u["client_s"]
+                for u in us if u.get("client_s") is not None]
 
     out = {
-        "profile": name, "env": env,
+        "profile": name, "env": env, "run_config": profile_config,
+        "prefetched": sum(1 for u in updates if u.get("prefetched")),
         "updates": len(updates), "total_s": round(total_s, 1),
         "overhead_s": stats(overhead(steady)), "first_update_overhead_s": stats(overhead(first)),
         "round_trip_s": stats([u["round_trip_s"] for u in steady]),
+        "service_s": stats([u.get("service_s", u["round_trip_s"]) for u in steady]),
         "client_s": stats([u["client_s"] for u in steady if u.get("client_s") is not None]),
         "train_s": stats([u["train_s"] for u in steady if u.get("train_s") is not None]),
+        "tokens_per_s": stats([u["tokens_per_s"] for u in steady if u.get("tokens_per_s")]),
     }
+    if gpu_mem is not None:
+        out["gpu_mem_mib"] = gpu_mem.result()
     if debug:
         out["breakdown_s"] = breakdown([dep.logs / f"supernode-{i}.log" for i in range(1, args.nodes + 1)])
     if not args.keep:
@@ -195,6 +215,50 @@ def fresh_process_times(repeats: int) -> dict:
     return out
 
 
+class GpuMemory:
+    """Polls nvidia-smi every second; keeps each GPU process's peak memory and what it is
+    (the ServerApp, a node worker, or other), read from its command line."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak: dict[int, int] = {}
+        self.kind: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                      "--format=csv,noheader,nounits"], capture_output=True,
+                                     text=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            for line in out.strip().splitlines():
+                try:
+                    pid, mib = (int(x) for x in line.split(","))
+                except ValueError:
+                    continue
+                self.peak[pid] = max(self.peak.get(pid, 0), mib)
+                if pid not in self.kind:
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    except OSError:
+                        cmd = ""
+                    self.kind[pid] = ("node worker" if "asyncfl.node_worker" in cmd else
+                                      "serverapp" if "serverapp" in cmd or "flwr-simulation" in cmd
+                                      else "clientapp" if "clientapp" in cmd else "other")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def result(self) -> list[dict]:
+        return [{"pid": p, "kind": self.kind.get(p, "?"), "peak_mib": m} for p, m in sorted(self.peak.items())]
+
+
 def free_ports(size: int) -> int:
     import random
 
@@ -206,20 +270,29 @@ def free_ports(size: int) -> int:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| profile | task poll | steady overhead median (mean, p90) | first update overhead | "
-            "round trip median | client_s median | train_s median |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| profile | task poll | queued ahead | steady overhead median (mean, p90) | "
+            "first update overhead | service median | round trip median | client_s median | "
+            "train_s median |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in result["profiles"]:
         o, f = r["overhead_s"], r["first_update_overhead_s"]
         rows.append(
             f"| {r['profile']} | {r['env']['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']} s | "
-            f"{o['median']} s ({o['mean']}, {o['p90']}; n={o['n']}) | {f['median']} s | "
-            f"{r['round_trip_s']['median']} s | {r['client_s']['median']} s | {r['train_s']['median']} s |")
+            f"{r['prefetched']}/{r['updates']} | {o['median']} s ({o['mean']}, {o['p90']}; n={o['n']}) | "
+            f"{f['median']} s | {r['service_s']['median']} s | {r['round_trip_s']['median']} s | "
+            f"{r['client_s']['median']} s | {r['train_s']['median']} s |")
+    for r in result["profiles"]:
+        if r["tokens_per_s"]["n"]:
+            rows.append(f"\n{r['profile']}: client tokens/s median {r['tokens_per_s']['median']:,.0f} "
+                        f"(min {r['tokens_per_s']['min']:,.0f}, max {r['tokens_per_s']['max']:,.0f})")
+        for g in r.get("gpu_mem_mib", []):
+            rows.append(f"{r['profile']}: GPU memory peak {g['peak_mib']} MiB, pid {g['pid']} ({g['kind']})")
     if "breakdown" in result:
         rows += ["", "| SuperNode cycle phase (tuned, DEBUG logs) | median | mean | n |", "|---|---|---|---|"]
         for k, v in result["breakdown"].items():
             rows.append(f"| {k} | {v['median']} s | {v['mean']} s | {v['n']} |")
-    rows += ["", "| fresh process | median | min |", "|---|---|---|"]
+    if result["fresh_process"]:
+        rows += ["", "| fresh process | median | min |", "|---|---|---|"]
     for k, v in result["fresh_process"].items():
         rows.append(f"| {k} | {v['median']} s | {v['min']} s |")
     return "\n".join(rows)
@@ -229,10 +302,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--updates", type=int, default=12, help="max-updates per run")
-    p.add_argument("--profiles", default="default,tuned", help=f"comma list of {', '.join(PROFILES)}")
+    p.add_argument("--profiles", default="default,tuned,prefetch", help=f"comma list of {', '.join(PROFILES)}")
     p.add_argument("--breakdown", action="store_true", help="extra tuned run with DEBUG logs, phase split")
     p.add_argument("--repeats", type=int, default=5, help="fresh-process probes per measurement")
     p.add_argument("--app", type=Path, default=ROOT)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="small = GPT-2 124M shape")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--gpus", default="", help="comma list: SuperNode i gets CUDA_VISIBLE_DEVICES=gpus[i % len]")
+    p.add_argument("--local-steps", type=int, default=0, help="per task (0: 2 for tiny, 10 for small)")
+    p.add_argument("--data", type=Path, default=SHARED_DATA, help="folder with gpt2/ and wikitext-2-raw/")
+    p.add_argument("--no-fresh", action="store_true", help="skip the fresh-process probes")
     p.add_argument("--run-config", default="", help="extra run-config overrides (appended)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--keep", action="store_true", help="keep the work dirs (logs)")
@@ -240,11 +319,13 @@ def main() -> None:
     args = p.parse_args()
     args.app = args.app.resolve()
 
+    args.data = args.data.resolve()
     result = {"nodes": args.nodes, "updates": args.updates, "cpus": os.cpu_count(),
+              "preset": args.preset, "device": args.device,
               "profiles": [run_profile(name, args) for name in args.profiles.split(",") if name]}
     if args.breakdown:
         result["breakdown"] = run_profile("tuned", args, debug=True)["breakdown_s"]
-    result["fresh_process"] = fresh_process_times(args.repeats)
+    result["fresh_process"] = {} if args.no_fresh else fresh_process_times(args.repeats)
     args.out.write_text(json.dumps(result, indent=2))
     print(markdown(result))
     print(f"\n(JSON: {args.out})")

@@ -1,7 +1,9 @@
 """The server loop against an in-memory fake Grid: ordering, faults, stale drops, resume.
 
 The fake Grid plays the clients: each pushed task completes after a per-node number of
-ticks (one tick per `pull_messages` call), so replies arrive out of order. Each fake client
+ticks (one tick per `pull_messages` call), so replies arrive out of order; like a SuperNode,
+a node works through its messages one after another (a queued one starts when the previous
+one is done). Each fake client
 returns delta = c_node - 0.5 * received (a function of the weights it was sent), so the
 expected global state can be recomputed independently, update by update, from the event log.
 """
@@ -53,6 +55,11 @@ class FakeGrid:
         self.pending: dict[str, tuple[int, Message]] = {}
         self.sent: list[tuple[int, int]] = []  # (node, version) in push order
         self.calls: dict[int, int] = {n: 0 for n in delays}
+        self.busy_until: dict[int, int] = {n: 0 for n in delays}
+        self.max_queued: dict[int, int] = {n: 0 for n in delays}  # most messages held at once
+
+    def queued(self, node: int) -> int:
+        return sum(1 for _, m in self.pending.values() if m.metadata.dst_node_id == node)
 
     def get_node_ids(self):
         return sorted(self.online)
@@ -66,7 +73,10 @@ class FakeGrid:
                 continue
             mid = uuid.uuid4().hex
             m.metadata.__dict__["_message_id"] = mid
-            self.pending[mid] = (self.tick + self.delays[node], m)
+            done = max(self.tick, self.busy_until[node]) + self.delays[node]
+            self.busy_until[node] = done
+            self.pending[mid] = (done, m)
+            self.max_queued[node] = max(self.max_queued[node], self.queued(node))
             self.sent.append((node, int(m.content["config"]["version"])))
             ids.append(mid)
         return ids
@@ -236,3 +246,71 @@ def test_checkpoint_then_resume_continues_the_version_count(tmp_path):
     ups = events(tmp_path, "update")
     assert [u["version"] for u in ups][-4:] == [2, 3, 3, 4]
     assert len(events(tmp_path, "resume")) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# prefetch: a node's next task queued while it still runs the current one
+# ------------------------------------------------------------------------------------------
+def test_prefetch_queues_one_task_ahead_and_the_model_matches_the_replay(tmp_path):
+    # a huge lead time queues the next task as soon as a node's task time is known
+    state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 1e6,
+                                                              "server-lr": 0.5, "max-updates": 12})
+    grid = FakeGrid({1: 2, 2: 3})
+    strategy = AsyncFLStrategy(state)
+    strategy.start(grid)
+    assert grid.max_queued == {1: 2, 2: 2}  # one running + one queued, never more
+    ups = events(tmp_path, "update")
+    assert len(ups) == 12 and strategy.prefetched > 0
+    assert any(u["prefetched"] for u in ups) and not all(u["prefetched"] for u in ups)
+    # a queued task carries the version it was pushed with: the replay checks its staleness
+    expected = replay_asgd(grid, ups, 0.5)
+    for k in X0:
+        torch.testing.assert_close(state.x[k], expected[k])
+    # no work is queued past max-updates: every pushed task but the unanswered ones was applied
+    assert len(grid.sent) <= 12 + 2
+
+
+def test_prefetch_auto_stays_off_outside_deployment(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"prefetch-lead-s": 1e6, "max-updates": 8})
+    grid = FakeGrid({1: 1, 2: 2})
+    strategy = AsyncFLStrategy(state)
+    strategy.start(grid)
+    assert not strategy.prefetch and strategy.prefetched == 0
+    assert grid.max_queued == {1: 1, 2: 1}
+
+
+def test_prefetch_waits_until_the_lead_time_before_the_expected_finish(tmp_path):
+    state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 2.0})
+    grid = FakeGrid({1: 100})
+    strategy = AsyncFLStrategy(state)
+    strategy.prefetch = True
+    strategy._scan_nodes(grid, force=True)
+    now = [10.0]
+    strategy.clock.elapsed = lambda: now[0]
+    strategy._dispatch(grid, 1)
+    node = strategy.nodes[1]
+    node.services, node.free_at = [9.5, 8.0, 12.0], 9.0  # expect 8 s; started at 10 (pushed after the last reply)
+    for t, expect in [(12.0, 1), (15.9, 1), (16.0, 2), (30.0, 2)]:  # due at 10 + 8 - 2 = 16
+        now[0] = t
+        strategy._prefetch(grid)
+        assert node.inflight == expect, t
+    assert [t.prefetched for t in strategy.inflight.values()] == [False, True]
+
+
+def test_prefetch_survives_a_crash_and_a_node_leaving_with_a_queued_task(tmp_path):
+    state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 1e6, "max-updates": 6})
+    grid = FakeGrid({1: 1, 2: 2}, {2: "crash-once"})
+    strategy = AsyncFLStrategy(state)
+    strategy.start(grid)
+    ups = events(tmp_path, "update")
+    assert len(ups) == 6 and {u["node"] for u in ups} == {1, 2}  # node 2 kept working after its crash
+    assert not events(tmp_path, "node_retired")
+    # node 2 leaves while it holds a running and a queued task: both are dropped with it
+    before = strategy.nodes[2].inflight  # the run stopped with work still out
+    strategy._dispatch(grid, 2, prefetched=True)
+    assert strategy.nodes[2].inflight == before + 1 == grid.queued(2) >= 1
+    grid.online.discard(2)
+    strategy._scan_nodes(grid, force=True)
+    assert strategy.nodes[2].retired and strategy.nodes[2].inflight == 0
+    assert all(t.node != 2 for t in strategy.inflight.values())
+    assert [r["node"] for r in events(tmp_path, "node_retired")] == [2]

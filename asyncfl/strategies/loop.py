@@ -2,9 +2,12 @@
 
 `AsyncFLStrategy.start()` owns the loop (Flower's round-based `start()` is replaced):
 
-* async mode -- one task in flight per busy node; every reply is decoded, weighted by its
-  staleness (global versions applied since the task was sent) and applied through the rule at
-  once; the selection policy then hands new work to an idle node. No barrier.
+* async mode -- every reply is decoded, weighted by its staleness (global versions applied
+  since the task was sent) and applied through the rule at once; the selection policy then
+  hands new work to an idle node. No barrier. One task runs per working node; with `prefetch`
+  (on by default in deployment) its next task is queued shortly before the running one is
+  expected to end, so the SuperNode picks it up at once instead of sleeping through its idle
+  poll (3 s in flwr 1.41) -- at the price of the few versions applied in that lead time.
 * sync mode -- the FedAvg baseline over the same dispatch, decode and logging code: a barrier
   per round, the sample-weighted mean of the decoded deltas, `x <- x + server_lr * mean`.
 
@@ -15,7 +18,9 @@ any tensor of the global state is touched; updates staler than `max-staleness` a
 Notes
 -----
 * Flower caveats followed (../shared/docs/flower-notes.md): one message per `push_messages`
-  call, empty ids dropped, at most one message in flight per node, own poll interval.
+  call, empty ids dropped, own poll interval, at most one message in flight per node in
+  simulation (there a second message would run concurrently on another actor); a deployed
+  SuperNode runs its messages one after another, so a second, queued one is safe there.
 * The global trainable state `x` is the live parameter tensors of the server model, so rules
   update the model in place and evaluation needs no copy.
 * `version` counts changes of `x` (a FedBuff buffer fill is one version); `updates` counts
@@ -52,6 +57,8 @@ class Task:
     node: int
     version: int
     sent_at: float
+    prefetched: bool = False  # pushed while the node was still running its previous task
+    started_at: float | None = None  # when the node could start it (set when the reply arrives)
 
 
 @dataclass
@@ -59,7 +66,9 @@ class NodeInfo:
     partition: int | None = None
     failures: int = 0  # consecutive error replies
     retired: bool = False
-    busy: bool = False
+    inflight: int = 0  # tasks pushed and not answered: 1 running, + 1 queued with prefetch
+    free_at: float | None = None  # clock time of its last reply (it started the next task then)
+    services: list[float] = field(default_factory=list)  # its last task service times (start -> reply)
     last_loss: float | None = None
 
 
@@ -95,6 +104,8 @@ class AsyncFLStrategy(Strategy):
         self.clock = StopWatch(offset=state.recorder.elapsed_s)  # continues on resume
         self.checkpointer = Checkpointer(state)
         self._last_node_scan = 0.0
+        self.prefetch = False  # decided in start(), from the config and the kind of grid
+        self.prefetched = 0
 
     # ----------------------------------------------------------------------------------------
     # Flower Strategy interface (round-based hooks; our start() drives everything itself)
@@ -126,6 +137,7 @@ class AsyncFLStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, *args, **kwargs) -> Result:
         """Run the whole training; returns a Flower `Result` with the final arrays."""
         self.summary()
+        self.prefetch = self._prefetch_wanted(grid)
         reason = "finished"
         try:
             self._wait_for_nodes(grid)
@@ -140,6 +152,8 @@ class AsyncFLStrategy(Strategy):
             log.warning("asyncfl: interrupted; writing results before exit")
         self.s.flush_rule()
         self.s.final_reason = reason
+        if self.prefetch:
+            log.info("asyncfl: %d task(s) were queued ahead (prefetch)", self.prefetched)
         return Result(arrays=ArrayRecord({k: v.detach().cpu() for k, v in self.s.x.items()}))
 
     # ----------------------------------------------------------------------------------------
@@ -161,6 +175,7 @@ class AsyncFLStrategy(Strategy):
                 reason = self.s.stop_reason(self.clock.elapsed())
                 if reason:
                     return reason
+            self._prefetch(grid)
             self._scan_nodes(grid)
             time.sleep(self.cfg.poll_interval_s)
 
@@ -168,7 +183,7 @@ class AsyncFLStrategy(Strategy):
         """Process one reply; returns the node that became idle (None if retired)."""
         task = self.inflight.pop(msg.metadata.reply_to_message_id)
         node = self.nodes[task.node]
-        node.busy = False
+        self._node_replied(node, task, ok=not msg.has_error())
         reply = self._decode(msg, task)
         if reply is None:
             return None if node.retired else task.node
@@ -192,9 +207,9 @@ class AsyncFLStrategy(Strategy):
         return task.node
 
     def _fill_slots(self, grid: Grid, finished: int | None) -> None:
-        """Dispatch tasks until `concurrency` are in flight (or no idle node is left)."""
+        """Dispatch tasks until `concurrency` nodes are working (or no idle node is left)."""
         limit = self.cfg.concurrency or len(self._alive_nodes())
-        while len(self.inflight) < limit:
+        while self._working() < limit:
             idle = self._idle_nodes()
             if not idle:
                 return
@@ -202,6 +217,59 @@ class AsyncFLStrategy(Strategy):
             if node is None or not self._dispatch(grid, node):
                 return
             finished = None
+
+    # ----------------------------------------------------------------------------------------
+    # Prefetch: queue a working node's next task shortly before it is expected to finish
+    # ----------------------------------------------------------------------------------------
+    def _prefetch_wanted(self, grid: Grid) -> bool:
+        c = self.cfg
+        if c.mode != "async" or c.prefetch == "off":
+            return False
+        if c.prefetch == "auto":
+            # A SuperLink-backed grid means deployment; in simulation a second message per node
+            # would run concurrently on another actor (flower-notes), so auto stays off there.
+            if type(grid).__name__ != "HttpGrid":
+                return False
+            if c.selection != "same" and c.concurrency:
+                log.info("asyncfl: prefetch off: it would pin the working nodes under "
+                         "selection=%s with concurrency=%d", c.selection, c.concurrency)
+                return False
+        log.info("asyncfl: prefetch on: each node's next task is queued %.1f s before its "
+                 "expected finish", c.prefetch_lead_s)
+        return True
+
+    def _node_replied(self, node: NodeInfo, task: Task, ok: bool) -> None:
+        """Book-keeping when one of `node`'s tasks comes back (reply or error)."""
+        now = self.clock.elapsed()
+        node.inflight = max(node.inflight - 1, 0)
+        task.started_at = max(task.sent_at, node.free_at if node.free_at is not None else task.sent_at)
+        if ok:  # crashes say nothing about how long a task takes
+            node.services = [*node.services[-2:], now - task.started_at]
+        node.free_at = now
+
+    @staticmethod
+    def _expected_service(node: NodeInfo) -> float | None:
+        """The shortest of the node's last three task times. A task that was not queued ahead
+        also holds the SuperNode's idle poll, so averages run long, and a late push costs that
+        whole poll again, while an early one costs only a little staleness."""
+        return min(node.services) if node.services else None
+
+    def _prefetch(self, grid: Grid) -> None:
+        """Queue the next task of each node whose running task should end within the lead time."""
+        if not self.prefetch:
+            return
+        now = self.clock.elapsed()
+        budget = self.s.max_updates - self.s.updates - len(self.inflight)  # no work past the end
+        for n, info in sorted(self.nodes.items()):
+            expected = self._expected_service(info)
+            if info.retired or info.inflight != 1 or expected is None or budget <= 0:
+                continue
+            running = next(t for t in self.inflight.values() if t.node == n)
+            start = max(running.sent_at, info.free_at if info.free_at is not None else running.sent_at)
+            if now >= start + expected - self.cfg.prefetch_lead_s:
+                if self._dispatch(grid, n, prefetched=True):
+                    self.prefetched += 1
+                    budget -= 1
 
     # ----------------------------------------------------------------------------------------
     # Sync loop (FedAvg baseline)
@@ -222,7 +290,7 @@ class AsyncFLStrategy(Strategy):
             while self.inflight:
                 for msg in self._pull(grid):
                     task = self.inflight.pop(msg.metadata.reply_to_message_id)
-                    self.nodes[task.node].busy = False
+                    self._node_replied(self.nodes[task.node], task, ok=not msg.has_error())
                     reply = self._decode(msg, task)
                     if reply is not None:
                         replies.append(reply)
@@ -265,14 +333,15 @@ class AsyncFLStrategy(Strategy):
         return Message(RecordDict({"arrays": self._global_record(), "config": config}),
                        dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
 
-    def _dispatch(self, grid: Grid, node: int) -> bool:
+    def _dispatch(self, grid: Grid, node: int, prefetched: bool = False) -> bool:
         ids = [i for i in grid.push_messages([self._task_message(node)]) if i]
         if not ids:
             log.warning("asyncfl: node %s rejected a task; retiring it", node)
             self._retire(node, "push rejected")
             return False
-        self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.clock.elapsed())
-        self.nodes[node].busy = True
+        self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.clock.elapsed(),
+                                     prefetched=prefetched)
+        self.nodes[node].inflight += 1
         return True
 
     def _pull(self, grid: Grid) -> list[Message]:
@@ -323,7 +392,7 @@ class AsyncFLStrategy(Strategy):
         node = self.nodes.setdefault(node_id, NodeInfo())
         if node.retired:
             return
-        node.retired, node.busy = True, False
+        node.retired, node.inflight = True, 0
         for mid, task in list(self.inflight.items()):
             if task.node == node_id:
                 del self.inflight[mid]
@@ -368,7 +437,10 @@ class AsyncFLStrategy(Strategy):
         return sorted(n for n, i in self.nodes.items() if not i.retired)
 
     def _idle_nodes(self) -> list[int]:
-        return sorted(n for n, i in self.nodes.items() if not i.retired and not i.busy)
+        return sorted(n for n, i in self.nodes.items() if not i.retired and not i.inflight)
+
+    def _working(self) -> int:
+        return sum(1 for i in self.nodes.values() if not i.retired and i.inflight)
 
     def _release_snapshots(self) -> None:
         needed = {t.version for t in self.inflight.values()}

@@ -143,7 +143,9 @@ class ServerState:
             bytes=m.get("bytes"), dense_bytes=m.get("dense-bytes"), rec_error=m.get("rec-error"),
             fro_error=fro, decode_apply_s=decode_apply_s, train_s=m.get("train-s"),
             tokens_per_s=m.get("tokens-per-s"), round_trip_s=elapsed - reply.task.sent_at,
-            client_s=m.get("client-s"),
+            service_s=elapsed - (reply.task.started_at if reply.task.started_at is not None
+                                 else reply.task.sent_at),
+            prefetched=reply.task.prefetched, client_s=m.get("client-s"),
         )
         log.info("asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
                  self.updates, self.max_updates if self.cfg.mode == "async" else "-", self.version,
