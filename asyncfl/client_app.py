@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from asyncfl.config import AppConfig, ConfigError
 from asyncfl.logs import setup_logging
-from asyncfl.node_worker import in_deployment_process, run_remote
+from asyncfl.node_worker import array_view, in_deployment_process, run_remote
 
 app = ClientApp()
 
@@ -44,21 +44,34 @@ def handle_train(msg: Message, context: Context) -> Message:
     pid, num_partitions = partition_of(context.node_config)
     task_cfg = msg.content["config"]
     task = {"run-key": str(task_cfg.get("run-key", context.run_id)),
-            "version": int(task_cfg.get("version", 0))}
+            "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0))}
     if use_persistent_worker(cfg):  # deployment: the node's warm worker does the work
-        arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        arrays = {k: array_view(a) for k, a in msg.content["arrays"].items()}
         node = {"partition-id": pid, "num-partitions": num_partitions}
         out, metrics = run_remote(dict(context.run_config), node, task, arrays)
         record = ArrayRecord({k: Array(v) for k, v in out.items()})
     else:  # simulation: this process (a Ray actor) lives for the whole run
         from asyncfl.worker import get_worker
 
-        global_state = msg.content["arrays"].to_torch_state_dict()
+        global_state = _torch_views(msg.content["arrays"])
         result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
-                                          run_key=task["run-key"], version=task["version"])
+                                          run_key=task["run-key"], version=task["version"],
+                                          repeat=task["repeat"])
         record, metrics = result.record, result.metrics
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _torch_views(record: ArrayRecord) -> dict:
+    """Tensors over the record's bytes (read-only, no copy); the worker copies them into the
+    model, so the 500 MB of a full 124M state are not duplicated on the way in."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # "non-writable tensor": it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(array_view(a)) for k, a in record.items()}
 
 
 @app.train()

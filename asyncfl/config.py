@@ -104,6 +104,7 @@ KEYS: tuple[Key, ...] = (
     Key("rank", 10, "rank k of the low-rank factors (paper: 10)", at_least(1), "compress"),
     Key("compress-method", "randomized", "\"exact\" (SVD / scipy QRCP) | \"randomized\" (sketching, GPU-friendly)", one_of("exact", "randomized"), "compress"),
     Key("wire-dtype", "fp16", "dtype of the factors on the wire: \"fp16\" | \"fp32\"", one_of("fp16", "fp32"), "compress"),
+    Key("download-dtype", "fp32", "dtype of the global weights sent to clients: \"fp32\" (exact) | \"fp16\" (half the downlink; the client trains from the rounded weights and its delta is taken against them, the server keeps fp32; a tensor beyond fp16 range goes as fp32)", one_of("fp32", "fp16"), "compress"),
     Key("energy", 0.0, "adaptive rank: smallest k <= `rank` capturing this energy fraction (0 = fixed rank)", in_range(0.0, 1.0), "compress"),
     Key("row-select", "greedy", "CUR row selection: \"greedy\" (most energy per row, on a sketch; best measured) | \"pivoted\" (QRCP pivots) | \"uniform\" (paper) | \"leverage\"", one_of("greedy", "pivoted", "uniform", "leverage"), "compress"),
     # --- server loop ---------------------------------------------------------------------------
@@ -125,7 +126,7 @@ KEYS: tuple[Key, ...] = (
     Key("node-wait-s", 120.0, "give up if `min-nodes` are not connected after this long", above(0), "server"),
     Key("poll-interval-s", 0.05, "server poll interval for replies", above(0), "server"),
     Key("prefetch", "auto", "queue each node's next task shortly before its current one ends, so a deployed SuperNode never sleeps between tasks (async mode; the queued task is a little staler): \"auto\" (on in deployment, off in simulation) | \"on\" | \"off\"", one_of("auto", "on", "off"), "server"),
-    Key("prefetch-lead-s", 3.0, "prefetch: push the queued task this many seconds before the node's expected finish, estimated from its previous tasks", _NONNEG, "server"),
+    Key("prefetch-lead-s", 3.0, "prefetch: push the queued task this many seconds (plus the time the last pushes took) before the node's expected finish, estimated from its previous tasks", _NONNEG, "server"),
     Key("task-ttl-s", 3600.0, "TTL of a task message; expired tasks come back as errors and are re-dispatched", above(0), "server"),
     Key("max-node-failures", 3, "retire a node after this many consecutive error replies", at_least(1), "server"),
     # --- stopping ------------------------------------------------------------------------------

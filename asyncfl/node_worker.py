@@ -23,6 +23,7 @@ Notes
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -59,20 +60,47 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> list[dict[str, An
     with open(path, "wb") as f:
         for name, a in arrays.items():
             a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-            f.write(a.tobytes())
+            f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no intermediate copy
             index.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset})
             offset += a.nbytes
     return index
 
 
-def read_arrays(path: Path, index: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    raw = np.fromfile(path, dtype=np.uint8)
+def read_arrays(path: Path, index: list[dict[str, Any]], copy: bool = True) -> dict[str, np.ndarray]:
+    """The arrays of `write_arrays`. `copy=False` maps the file copy-on-write instead of reading
+    it: the views are valid after the file is unlinked and cost no copy until written to."""
+    if copy:
+        raw = np.fromfile(path, dtype=np.uint8)
+    else:
+        raw = np.memmap(path, dtype=np.uint8, mode="c") if path.stat().st_size else np.zeros(0, np.uint8)
     out = {}
     for e in index:
         dt = np.dtype(e["dtype"])
         n = int(np.prod(e["shape"], dtype=np.int64)) * dt.itemsize
-        out[e["name"]] = raw[e["offset"]:e["offset"] + n].view(dt).reshape(tuple(e["shape"])).copy()
+        a = raw[e["offset"]:e["offset"] + n].view(dt).reshape(tuple(e["shape"]))
+        out[e["name"]] = a.copy() if copy else a
     return out
+
+
+def array_view(array: Any) -> np.ndarray:
+    """A read-only numpy view of a Flower `Array`'s bytes, without the copy of `Array.numpy()`.
+
+    `Array.data` holds `np.save` output: parse the header, view the rest. Anything unusual
+    (Fortran order, object dtypes, another serialization) goes through `Array.numpy()`."""
+    data = array.data
+    if getattr(array, "stype", "numpy.ndarray") != "numpy.ndarray" or not isinstance(data, (bytes, bytearray)):
+        return array.numpy()
+    try:
+        head = io.BytesIO(memoryview(data)[:65536 + 16])
+        major, _minor = np.lib.format.read_magic(head)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(head)
+    except (ValueError, OSError):
+        return array.numpy()
+    if fortran or dtype.hasobject:
+        return array.numpy()
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(data, dtype=dtype, count=count, offset=head.tell()).reshape(shape)
 
 
 def _scratch_dir() -> Path:
@@ -193,10 +221,12 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
 
     cfg = AppConfig.from_run_config(req["run_config"])
     pid, n = partition_of(req["node_config"])
-    state = {k: torch.from_numpy(a) for k, a in read_arrays(Path(req["in"]), req["in_index"]).items()}
+    # a copy-on-write map of the task file: the model reads the weights straight from it
+    state = {k: torch.from_numpy(a) for k, a in read_arrays(Path(req["in"]), req["in_index"], copy=False).items()}
     task = req["task"]
-    result = get_worker(cfg).run_task(cfg, state, pid, n, run_key=task["run-key"], version=task["version"])
-    arrays = {k: result.record[k].numpy() for k in result.record.keys()}
+    result = get_worker(cfg).run_task(cfg, state, pid, n, run_key=task["run-key"], version=task["version"],
+                                      repeat=int(task.get("repeat", 0)))
+    arrays = {k: array_view(result.record[k]) for k in result.record.keys()}
     return {"out_index": write_arrays(Path(req["out"]), arrays), "metrics": result.metrics}
 
 

@@ -40,9 +40,11 @@ _MODEL_KEYS = ("model", "pretrained", "model_preset", "lora_rank", "lora_alpha",
                "device", "seed", "block_size")
 
 
-def task_seed(cfg: AppConfig, partition_id: int, version: int) -> int:
-    """A seed per (run seed, client, model version): fresh batches and sketches every task."""
-    return hash((cfg.seed, partition_id, version)) & 0x7FFFFFFF
+def task_seed(cfg: AppConfig, partition_id: int, version: int, repeat: int = 0) -> int:
+    """A seed per (run seed, client, model version, repeat): fresh batches and sketches every
+    task; `repeat` tells apart tasks that start from the same version (prefetch)."""
+    key = (cfg.seed, partition_id, version) if repeat == 0 else (cfg.seed, partition_id, version, repeat)
+    return hash(key) & 0x7FFFFFFF
 
 
 def make_compressor(cfg: AppConfig, seed: int = 0):
@@ -71,9 +73,10 @@ class Worker:
         return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)
 
     def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor], partition_id: int,
-                 num_partitions: int, run_key: str = "", version: int = 0) -> TaskResult:
+                 num_partitions: int, run_key: str = "", version: int = 0,
+                 repeat: int = 0) -> TaskResult:
         t_start = time.perf_counter()
-        seed = task_seed(cfg, partition_id, version)
+        seed = task_seed(cfg, partition_id, version, repeat)
         self.cfg, self.compressor = cfg, make_compressor(cfg, seed)
         # 1. data (cached per process) and the received global weights
         blocks = load_partition(cfg, partition_id, num_partitions)

@@ -24,6 +24,7 @@ idle poll by queueing a node's next task before the running one ends (`prefetch`
 * `default`: Flower's default, task poll 1.0 s, one task per node at a time.
 * `tuned`: what scripts/local-deployment.sh and the docker images set, task poll 0.1 s.
 * `prefetch`: tuned + `prefetch="on"` (what a deployment gets by default, `prefetch="auto"`).
+* `prefetch-fp16`: prefetch + `download-dtype="fp16"` (global weights sent in half precision).
 `--breakdown` repeats the `tuned` run with FLWR_LOG_LEVEL=DEBUG (timestamped Flower logs) and
 splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), process start
 (task pulled -> flwr-clientapp running), app (ClientApp load + handler), reply wait (task
@@ -60,6 +61,8 @@ PROFILES = {  # name -> (environment, run-config overrides)
     "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off"'),
     "tuned": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}, 'prefetch="off"'),
     "prefetch": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}, 'prefetch="on"'),
+    "prefetch-fp16": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL},
+                      'prefetch="on" download-dtype="fp16"'),
 }
 
 
@@ -287,7 +290,7 @@ def markdown(result: dict) -> str:
                         f"(min {r['tokens_per_s']['min']:,.0f}, max {r['tokens_per_s']['max']:,.0f})")
         for g in r.get("gpu_mem_mib", []):
             rows.append(f"{r['profile']}: GPU memory peak {g['peak_mib']} MiB, pid {g['pid']} ({g['kind']})")
-    if "breakdown" in result:
+    if result.get("breakdown"):
         rows += ["", "| SuperNode cycle phase (tuned, DEBUG logs) | median | mean | n |", "|---|---|---|---|"]
         for k, v in result["breakdown"].items():
             rows.append(f"| {k} | {v['median']} s | {v['mean']} s | {v['n']} |")
@@ -321,8 +324,15 @@ def main() -> None:
 
     args.data = args.data.resolve()
     result = {"nodes": args.nodes, "updates": args.updates, "cpus": os.cpu_count(),
-              "preset": args.preset, "device": args.device,
-              "profiles": [run_profile(name, args) for name in args.profiles.split(",") if name]}
+              "preset": args.preset, "device": args.device, "profiles": [], "fresh_process": {}}
+    for name in [n for n in args.profiles.split(",") if n]:
+        try:
+            result["profiles"].append(run_profile(name, args))
+        except ld.DeploymentError as exc:
+            result.setdefault("failed", {})[name] = str(exc)
+            print(f"profile {name} failed: {exc}", flush=True)
+        args.out.write_text(json.dumps(result, indent=2))  # partial results survive a time limit
+        print(markdown(result), flush=True)
     if args.breakdown:
         result["breakdown"] = run_profile("tuned", args, debug=True)["breakdown_s"]
     result["fresh_process"] = {} if args.no_fresh else fresh_process_times(args.repeats)

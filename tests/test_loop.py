@@ -14,6 +14,7 @@ import json
 import math
 import uuid
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
@@ -54,6 +55,7 @@ class FakeGrid:
         self.tick = 0
         self.pending: dict[str, tuple[int, Message]] = {}
         self.sent: list[tuple[int, int]] = []  # (node, version) in push order
+        self.repeats: list[int] = []  # the task config's `repeat`, in push order
         self.calls: dict[int, int] = {n: 0 for n in delays}
         self.busy_until: dict[int, int] = {n: 0 for n in delays}
         self.max_queued: dict[int, int] = {n: 0 for n in delays}  # most messages held at once
@@ -78,6 +80,7 @@ class FakeGrid:
             self.pending[mid] = (done, m)
             self.max_queued[node] = max(self.max_queued[node], self.queued(node))
             self.sent.append((node, int(m.content["config"]["version"])))
+            self.repeats.append(int(m.content["config"]["repeat"]))
             ids.append(mid)
         return ids
 
@@ -268,6 +271,9 @@ def test_prefetch_queues_one_task_ahead_and_the_model_matches_the_replay(tmp_pat
         torch.testing.assert_close(state.x[k], expected[k])
     # no work is queued past max-updates: every pushed task but the unanswered ones was applied
     assert len(grid.sent) <= 12 + 2
+    # a node given two tasks of one version is told so (the client then draws other batches)
+    keys = [(n, v, r) for (n, v), r in zip(grid.sent, grid.repeats)]
+    assert len(set(keys)) == len(keys) and max(grid.repeats) >= 1
 
 
 def test_prefetch_auto_stays_off_outside_deployment(tmp_path):
@@ -314,3 +320,17 @@ def test_prefetch_survives_a_crash_and_a_node_leaving_with_a_queued_task(tmp_pat
     assert strategy.nodes[2].retired and strategy.nodes[2].inflight == 0
     assert all(t.node != 2 for t in strategy.inflight.values())
     assert [r["node"] for r in events(tmp_path, "node_retired")] == [2]
+
+
+def test_fp16_download_sends_rounded_weights_and_keeps_out_of_range_tensors_fp32(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"download-dtype": "fp16", "max-updates": 2})
+    state.x["b"][0] = 1e5  # beyond fp16 range: this tensor must go as fp32
+    strategy = AsyncFLStrategy(state)
+    record = strategy._global_record()
+    w, b = record["w"].numpy(), record["b"].numpy()
+    assert w.dtype == np.float16 and b.dtype == np.float32
+    np.testing.assert_array_equal(w, state.x["w"].numpy().astype(np.float16))
+    np.testing.assert_array_equal(b, state.x["b"].numpy())
+    assert record.count_bytes() < AsyncFLStrategy(make_state(tmp_path / "fp32", rule="asgd"))._global_record().count_bytes()
+    strategy.start(FakeGrid({1: 1, 2: 2}))  # clients train from the fp16 copy; the run completes
+    assert len(events(tmp_path, "update")) == 2 and state.x["w"].dtype == torch.float32

@@ -8,7 +8,9 @@ import torch
 
 from asyncfl.compressors import decode_state
 from asyncfl.model import build_model, trainable_state
-from asyncfl.node_worker import control, read_arrays, run_remote, socket_path, write_arrays
+from flwr.app import Array
+
+from asyncfl.node_worker import array_view, control, read_arrays, run_remote, socket_path, write_arrays
 from asyncfl.worker import Worker
 from tests.conftest import TINY_OFFLINE
 
@@ -23,6 +25,32 @@ def test_array_file_round_trip_keeps_dtype_shape_and_bits(tmp_path):
     for k in arrays:
         assert back[k].dtype == arrays[k].dtype and back[k].shape == arrays[k].shape
         np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_mapped_read_survives_unlink_and_copies_on_write(tmp_path):
+    arrays = {"w": np.random.rand(5, 7).astype(np.float32), "e": np.zeros((0, 3), np.float32)}
+    path = tmp_path / "f.bin"
+    back = read_arrays(path, write_arrays(path, arrays), copy=False)
+    path.unlink()  # the client removes its task files once the worker has answered
+    np.testing.assert_array_equal(back["w"], arrays["w"])
+    assert back["e"].shape == (0, 3)
+    back["w"][0, 0] = -1.0  # writable (torch.from_numpy needs that), private to this process
+    assert torch.from_numpy(back["w"])[0, 0] == -1.0
+
+
+@pytest.mark.parametrize("value", [
+    np.random.rand(3, 4).astype(np.float32), np.random.rand(6).astype(np.float16), np.array(2.5),
+    np.zeros((0, 3), np.float32), np.arange(5, dtype=">i4"), np.arange(24, dtype=np.int64).reshape(2, 3, 4),
+    np.asfortranarray(np.random.rand(3, 2)),
+])
+def test_array_view_equals_flower_numpy_without_a_copy(value):
+    arr = Array(value)
+    view = array_view(arr)
+    ref = arr.numpy()
+    assert view.dtype == ref.dtype and view.shape == ref.shape
+    np.testing.assert_array_equal(view, ref)
+    if not np.isfortran(value) or value.ndim < 2:  # C order: a view into Array.data itself
+        assert not view.flags.owndata and not view.flags.writeable
 
 
 @pytest.fixture

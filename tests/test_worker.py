@@ -69,3 +69,21 @@ def test_slow_client_sleeps_its_speed_factor(make_cfg, tmp_path, monkeypatch):
     m = result.metrics
     compute = m["client-s"] - m["sleep-s"]
     assert abs(m["sleep-s"] - 2 * compute) < 0.25 * compute + 0.05
+
+
+def test_a_repeat_of_the_same_version_trains_on_other_batches(make_cfg, tmp_path, monkeypatch):
+    """Prefetch can give a node two tasks of one version: same inputs must not mean same work."""
+    monkeypatch.setenv("ASYNCFL_NODE_DIR", str(tmp_path))
+    cfg = make_cfg(compressor="none")
+    worker = Worker(cfg)
+    start = fresh_global(cfg)
+
+    def delta(repeat):
+        r = worker.run_task(cfg, {k: v.clone() for k, v in start.items()}, 0, 2, version=5, repeat=repeat)
+        return decode_state(r.record, reference={k: v.shape for k, v in start.items()}), r.metrics["train-loss"]
+
+    (d0, loss0), (d0_again, loss0_again), (d1, loss1) = delta(0), delta(0), delta(1)
+    for k in start:  # a task is reproducible ...
+        torch.testing.assert_close(d0[k], d0_again[k])
+    assert loss0 == loss0_again and loss1 != loss0  # ... and a repeat is a different one
+    assert any(not torch.allclose(d0[k], d1[k]) for k in start)

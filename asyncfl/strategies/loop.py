@@ -52,6 +52,17 @@ log = logging.getLogger("asyncfl")
 _RETIRE_AT_ONCE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
 
 
+def _for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The host copy of a global tensor as sent to clients (`download-dtype`)."""
+    t = t.detach()
+    if dtype == "fp16" and t.is_floating_point() and (t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX):
+        return t.to(torch.float16).cpu()
+    return t.float().cpu()
+
+
+_FP16_MAX = 65504.0
+
+
 @dataclass
 class Task:
     node: int
@@ -69,6 +80,8 @@ class NodeInfo:
     inflight: int = 0  # tasks pushed and not answered: 1 running, + 1 queued with prefetch
     free_at: float | None = None  # clock time of its last reply (it started the next task then)
     services: list[float] = field(default_factory=list)  # its last task service times (start -> reply)
+    last_version: int | None = None  # version of the last task pushed to it
+    repeat: int = 0  # tasks of that same version pushed before it
     last_loss: float | None = None
 
 
@@ -106,6 +119,7 @@ class AsyncFLStrategy(Strategy):
         self._last_node_scan = 0.0
         self.prefetch = False  # decided in start(), from the config and the kind of grid
         self.prefetched = 0
+        self.push_s: list[float] = []  # how long the last task pushes took
 
     # ----------------------------------------------------------------------------------------
     # Flower Strategy interface (round-based hooks; our start() drives everything itself)
@@ -234,8 +248,8 @@ class AsyncFLStrategy(Strategy):
                 log.info("asyncfl: prefetch off: it would pin the working nodes under "
                          "selection=%s with concurrency=%d", c.selection, c.concurrency)
                 return False
-        log.info("asyncfl: prefetch on: each node's next task is queued %.1f s before its "
-                 "expected finish", c.prefetch_lead_s)
+        log.info("asyncfl: prefetch on: each node's next task is queued %.1f s (+ the time a push "
+                 "takes) before its expected finish", c.prefetch_lead_s)
         return True
 
     def _node_replied(self, node: NodeInfo, task: Task, ok: bool) -> None:
@@ -260,13 +274,16 @@ class AsyncFLStrategy(Strategy):
             return
         now = self.clock.elapsed()
         budget = self.s.max_updates - self.s.updates - len(self.inflight)  # no work past the end
+        # the push itself takes time (building and uploading the global weights: seconds for
+        # the 124M shape), so it starts that much earlier
+        lead = self.cfg.prefetch_lead_s + max(self.push_s, default=0.0)
         for n, info in sorted(self.nodes.items()):
             expected = self._expected_service(info)
             if info.retired or info.inflight != 1 or expected is None or budget <= 0:
                 continue
             running = next(t for t in self.inflight.values() if t.node == n)
             start = max(running.sent_at, info.free_at if info.free_at is not None else running.sent_at)
-            if now >= start + expected - self.cfg.prefetch_lead_s:
+            if now >= start + expected - lead:
                 if self._dispatch(grid, n, prefetched=True):
                     self.prefetched += 1
                     budget -= 1
@@ -323,25 +340,31 @@ class AsyncFLStrategy(Strategy):
     def _global_record(self) -> ArrayRecord:
         """The global trainable state as an ArrayRecord, built once per version."""
         if self._record_cache is None or self._record_cache[0] != self.s.version:
-            arrays = {k: v.detach().float().cpu() for k, v in self.s.x.items()}
+            arrays = {k: _for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
             self._record_cache = (self.s.version, ArrayRecord(arrays))
         return self._record_cache[1]
 
-    def _task_message(self, node: int) -> Message:
-        config = ConfigRecord({"version": self.s.version, "run-key": self.s.run_key,
+    def _task_message(self, node: int, repeat: int = 0) -> Message:
+        config = ConfigRecord({"version": self.s.version, "repeat": repeat, "run-key": self.s.run_key,
                                "rule": self.cfg.rule})
         return Message(RecordDict({"arrays": self._global_record(), "config": config}),
                        dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
 
     def _dispatch(self, grid: Grid, node: int, prefetched: bool = False) -> bool:
-        ids = [i for i in grid.push_messages([self._task_message(node)]) if i]
+        # `repeat` > 0: this node already got a task of this version (prefetch with no update in
+        # between); the client then draws other batches instead of repeating the same work
+        info = self.nodes[node]
+        repeat = info.repeat + 1 if info.last_version == self.s.version else 0
+        t0 = time.perf_counter()
+        ids = [i for i in grid.push_messages([self._task_message(node, repeat)]) if i]
+        self.push_s = [*self.push_s[-2:], time.perf_counter() - t0]
         if not ids:
             log.warning("asyncfl: node %s rejected a task; retiring it", node)
             self._retire(node, "push rejected")
             return False
         self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.clock.elapsed(),
                                      prefetched=prefetched)
-        self.nodes[node].inflight += 1
+        info.last_version, info.repeat, info.inflight = self.s.version, repeat, info.inflight + 1
         return True
 
     def _pull(self, grid: Grid) -> list[Message]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements, part 2 (one device call): the deployment topology on the GPU machine --
 # per-update overhead (tiny preset, then 4 SuperNodes sharing GPU 0 with the GPT-2 124M shape),
-# one task at a time vs prefetch, client tokens/s and GPU memory per process. Same carry as
+# one task at a time vs prefetch, fp32 vs fp16 downlink, client tokens/s and GPU memory per process. Same carry as
 # part 1 (.whl, .data).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -12,8 +12,11 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 echo "== deployment overhead, tiny preset, CPU clients, 2 SuperNodes"
-timeout 200 python3 bench/deployment_overhead.py --data .data --nodes 2 --updates 12 \
-  --profiles tuned,prefetch --repeats 3 --out "$OUT/overhead_tiny.json" 2>&1 | tail -22 | tee "$OUT/overhead_tiny.txt"
+timeout 170 python3 bench/deployment_overhead.py --data .data --nodes 2 --updates 12 \
+  --profiles tuned,prefetch --repeats 2 --out "$OUT/overhead_tiny.json" > "$OUT/overhead_tiny.log" 2>&1
+grep -A12 "^| profile" "$OUT/overhead_tiny.log" | tail -24
 echo "== deployment overhead, GPT-2 124M shape, 4 SuperNodes on GPU 0"
-timeout 330 python3 bench/deployment_overhead.py --data .data --nodes 4 --updates 24 --preset small \
-  --device cuda --gpus 0 --profiles tuned,prefetch --no-fresh --out "$OUT/overhead_124m.json" 2>&1 | tail -22 | tee "$OUT/overhead_124m.txt"
+timeout 320 python3 bench/deployment_overhead.py --data .data --nodes 4 --updates 16 --preset small \
+  --device cuda --gpus 0 --profiles prefetch,prefetch-fp16 --no-fresh --out "$OUT/overhead_124m.json" > "$OUT/overhead_124m.log" 2>&1
+grep -A12 "^| profile" "$OUT/overhead_124m.log" | tail -24
+tail -5 "$OUT/overhead_124m.log"
