@@ -45,21 +45,39 @@ def handle_train(msg: Message, context: Context) -> Message:
     task_cfg = msg.content["config"]
     task = {"run-key": str(task_cfg.get("run-key", context.run_id)),
             "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0))}
+    logs = _update_log(msg)  # None: the message carries the full weights
     if use_persistent_worker(cfg):  # deployment: the node's warm worker does the work
-        arrays = {k: array_view(a) for k, a in msg.content["arrays"].items()}
+        if logs is None:
+            arrays = {k: array_view(a) for k, a in msg.content["arrays"].items()}
+        else:  # the payloads travel in the same file, prefixed "log-<i>/"
+            arrays = {f"log-{i}/{k}": array_view(a) for i, rec in enumerate(logs[2]) for k, a in rec.items()}
+            task["update-log"] = {"base": logs[0], "coefs": logs[1], "n": len(logs[2])}
         node = {"partition-id": pid, "num-partitions": num_partitions}
         out, metrics = run_remote(dict(context.run_config), node, task, arrays)
         record = ArrayRecord({k: Array(v) for k, v in out.items()})
     else:  # simulation: this process (a Ray actor) lives for the whole run
         from asyncfl.worker import get_worker
 
-        global_state = _torch_views(msg.content["arrays"])
+        from asyncfl.worker import UpdateLog
+
+        global_state = None if logs is not None else _torch_views(msg.content["arrays"])
         result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
                                           run_key=task["run-key"], version=task["version"],
-                                          repeat=task["repeat"])
+                                          repeat=task["repeat"],
+                                          update_log=None if logs is None else UpdateLog(*logs))
         record, metrics = result.record, result.metrics
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _update_log(msg: Message) -> tuple[int, list[float], list[ArrayRecord]] | None:
+    """(base version, coefficients, payload records) when the task came as an update log."""
+    cfg = msg.content["config"]
+    if cfg.get("downlink", "full") != "log":
+        return None
+    n = int(cfg["log-n"])
+    return int(cfg["base-version"]), [float(c) for c in cfg["log-coefs"]][:n], \
+        [msg.content[f"log-{i}"] for i in range(n)]
 
 
 def _torch_views(record: ArrayRecord) -> dict:

@@ -105,6 +105,7 @@ KEYS: tuple[Key, ...] = (
     Key("compress-method", "randomized", "\"exact\" (SVD / scipy QRCP) | \"randomized\" (sketching, GPU-friendly)", one_of("exact", "randomized"), "compress"),
     Key("wire-dtype", "fp16", "dtype of the factors on the wire: \"fp16\" | \"fp32\"", one_of("fp16", "fp32"), "compress"),
     Key("download-dtype", "fp32", "dtype of the global weights sent to clients: \"fp32\" (exact) | \"fp16\" (half the downlink; the client trains from the rounded weights and its delta is taken against them, the server keeps fp32; a tensor beyond fp16 range goes as fp32)", one_of("fp32", "fp16"), "compress"),
+    Key("downlink", "auto", "how tasks carry the global weights: \"full\" (every task) | \"log\" (the low-rank payloads applied since the node's last task, with their weights, while under half the size of the full weights; rules asgd, fedbuff and sync only) | \"auto\" (log in deployment when it applies)", one_of("auto", "full", "log"), "compress"),
     Key("energy", 0.0, "adaptive rank: smallest k <= `rank` capturing this energy fraction (0 = fixed rank)", in_range(0.0, 1.0), "compress"),
     Key("row-select", "greedy", "CUR row selection: \"greedy\" (most energy per row, on a sketch; best measured) | \"pivoted\" (QRCP pivots) | \"uniform\" (paper) | \"leverage\"", one_of("greedy", "pivoted", "uniform", "leverage"), "compress"),
     # --- server loop ---------------------------------------------------------------------------
@@ -210,6 +211,12 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
         if self.model_preset == "" and not self.model:
             raise ConfigError(
                 "run config key `model` must name a Hub id or folder when `model-preset` is \"\""
+            )
+        if self.downlink == "log" and self.mode == "async" and self.rule not in ("asgd", "fedbuff"):
+            raise ConfigError(
+                f"run config key `downlink` = \"log\" needs a rule whose steps are weighted sums of "
+                f"client payloads (\"asgd\", \"fedbuff\") or mode \"sync\", got rule \"{self.rule}\"; "
+                "use downlink \"auto\" or \"full\""
             )
         if self.prefetch == "on" and self.selection != "same" and self.concurrency:
             raise ConfigError(

@@ -222,10 +222,22 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     cfg = AppConfig.from_run_config(req["run_config"])
     pid, n = partition_of(req["node_config"])
     # a copy-on-write map of the task file: the model reads the weights straight from it
-    state = {k: torch.from_numpy(a) for k, a in read_arrays(Path(req["in"]), req["in_index"], copy=False).items()}
+    arrays = read_arrays(Path(req["in"]), req["in_index"], copy=False)
     task = req["task"]
+    state, update_log = None, None
+    if "update-log" in task:  # payloads named "log-<i>/<array>": regroup into their records
+        from flwr.app import Array, ArrayRecord
+
+        from asyncfl.worker import UpdateLog
+
+        spec = task["update-log"]
+        records = [ArrayRecord({k.split("/", 1)[1]: Array(np.ascontiguousarray(a)) for k, a in arrays.items()
+                                if k.startswith(f"log-{i}/")}) for i in range(int(spec["n"]))]
+        update_log = UpdateLog(int(spec["base"]), [float(c) for c in spec["coefs"]], records)
+    else:
+        state = {k: torch.from_numpy(a) for k, a in arrays.items()}
     result = get_worker(cfg).run_task(cfg, state, pid, n, run_key=task["run-key"], version=task["version"],
-                                      repeat=int(task.get("repeat", 0)))
+                                      repeat=int(task.get("repeat", 0)), update_log=update_log)
     arrays = {k: array_view(result.record[k]) for k in result.record.keys()}
     return {"out_index": write_arrays(Path(req["out"]), arrays), "metrics": result.metrics}
 

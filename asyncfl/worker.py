@@ -20,12 +20,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from flwr.app import ArrayRecord
 
-from asyncfl.compressors import get_compressor
+from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.data import load_partition
 from asyncfl.model import build_model, load_trainable_state, resolve_device, trainable_state
@@ -56,6 +56,16 @@ def make_compressor(cfg: AppConfig, seed: int = 0):
 
 
 @dataclass
+class UpdateLog:
+    """A task's weights as an update log (see `asyncfl.strategies.downlink`): the global weights
+    of `base` (which this worker must hold) plus sum_i coefs[i] * decode(records[i])."""
+
+    base: int
+    coefs: list[float]
+    records: list[ArrayRecord]
+
+
+@dataclass
 class TaskResult:
     record: ArrayRecord
     metrics: dict[str, Any]
@@ -68,20 +78,32 @@ class Worker:
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.model = build_model(cfg).to(self.device)
+        self.held: tuple[str, int, dict[str, torch.Tensor]] | None = None  # (run, version, weights)
 
     def matches(self, cfg: AppConfig) -> bool:
         return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)
 
-    def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor], partition_id: int,
+    def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor] | None, partition_id: int,
                  num_partitions: int, run_key: str = "", version: int = 0,
-                 repeat: int = 0) -> TaskResult:
+                 repeat: int = 0, update_log: UpdateLog | None = None) -> TaskResult:
+        """One task from the full global weights (`global_state`) or from an `update_log`
+        over the weights this worker kept from its previous task; without those it answers
+        with metrics {"need-full": 1} and no payload, and the server sends the weights."""
         t_start = time.perf_counter()
         seed = task_seed(cfg, partition_id, version, repeat)
         self.cfg, self.compressor = cfg, make_compressor(cfg, seed)
         # 1. data (cached per process) and the received global weights
         blocks = load_partition(cfg, partition_id, num_partitions)
-        load_trainable_state(self.model, global_state)
-        received = {k: v.detach().clone() for k, v in trainable_state(self.model).items()}
+        if update_log is not None:
+            received = self._rebuild(cfg, run_key, update_log)
+            if received is None:
+                log.info("asyncfl: worker holds no weights of version %d (run %s): asking for them",
+                         update_log.base, run_key)
+                return TaskResult(record=ArrayRecord(), metrics={"need-full": 1, "partition-id": partition_id})
+        else:
+            received = self._received(global_state)
+        load_trainable_state(self.model, received)
+        self.held = (run_key, version, received)  # never written: the log's next base
         # 2. local training
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # dropout masks: reproducible per task
@@ -113,6 +135,24 @@ class Worker:
             "sleep-s": sleep_s, "client-s": time.perf_counter() - t_start,
         }
         return TaskResult(record=record, metrics=metrics)
+
+    def _received(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The received weights as new tensors in the model's dtype, on its device."""
+        target = trainable_state(self.model)
+        return {k: torch.as_tensor(v).to(device=self.device, dtype=target[k].dtype if k in target else None,
+                                          copy=True) for k, v in global_state.items()}
+
+    def _rebuild(self, cfg: AppConfig, run_key: str, update_log: UpdateLog) -> dict[str, torch.Tensor] | None:
+        """held weights + sum_i c_i decode(p_i), or None when this worker holds other weights."""
+        if self.held is None or self.held[0] != run_key or self.held[1] != update_log.base:
+            return None
+        x = {k: v.clone() for k, v in self.held[2].items()}
+        shapes = {k: v.shape for k, v in x.items()}
+        with torch.no_grad():
+            for coef, record in zip(update_log.coefs, update_log.records):
+                update = decode_state(record, reference=shapes, device=self.device, max_rank=None)
+                torch._foreach_add_(list(x.values()), [update[k] for k in x], alpha=coef)
+        return x
 
     # ---- node-local shift state (rule "shifted") ------------------------------------------------
     @staticmethod

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from asyncfl.compressors import get_compressor
+from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
@@ -58,6 +58,9 @@ class FakeGrid:
         self.repeats: list[int] = []  # the task config's `repeat`, in push order
         self.calls: dict[int, int] = {n: 0 for n in delays}
         self.busy_until: dict[int, int] = {n: 0 for n in delays}
+        self.held: dict[int, tuple[int, dict]] = {}  # node -> (version, weights) its "worker" keeps
+        self.log_tasks = 0  # tasks that came as an update log
+        self.forgot: set[int] = set()
         self.max_queued: dict[int, int] = {n: 0 for n in delays}  # most messages held at once
 
     def queued(self, node: int) -> int:
@@ -101,7 +104,23 @@ class FakeGrid:
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom"), reply_to=msg)
         if how == "gone":
             return Message(Error(ErrorCode.NODE_UNAVAILABLE, "heartbeat lapsed"), reply_to=msg)
-        received = msg.content["arrays"].to_torch_state_dict()
+        config = msg.content["config"]
+        version = int(config["version"])
+        if config.get("downlink", "full") == "log":  # rebuild from the weights kept last time
+            if how == "amnesia-once" and node not in self.forgot:
+                self.forgot.add(node)
+                return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"need-full": 1})}),
+                               reply_to=msg)
+            base, held = self.held[node]
+            assert base == int(config["base-version"])
+            received = {k: v.clone() for k, v in held.items()}
+            for i, c in enumerate(list(config["log-coefs"])[:int(config["log-n"])]):
+                for k, u in decode_state(msg.content[f"log-{i}"]).items():
+                    received[k] += c * u
+            self.log_tasks += 1
+        else:
+            received = msg.content["arrays"].to_torch_state_dict()
+        self.held[node] = (version, {k: v.clone() for k, v in received.items()})
         delta = client_delta(node, received)
         if how == "nan":
             delta["w"][0, 0] = float("nan")
@@ -334,3 +353,70 @@ def test_fp16_download_sends_rounded_weights_and_keeps_out_of_range_tensors_fp32
     assert record.count_bytes() < AsyncFLStrategy(make_state(tmp_path / "fp32", rule="asgd"))._global_record().count_bytes()
     strategy.start(FakeGrid({1: 1, 2: 2}))  # clients train from the fp16 copy; the run completes
     assert len(events(tmp_path, "update")) == 2 and state.x["w"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# downlink update log: nodes rebuild the weights from the payloads they missed
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def log_always(monkeypatch):
+    """The fake clients upload dense payloads, as big as the weights: send the log anyway."""
+    import functools
+
+    import asyncfl.strategies.loop as loop_mod
+
+    monkeypatch.setattr(loop_mod, "DownlinkLog", functools.partial(loop_mod.DownlinkLog, max_fraction=100.0))
+
+
+@pytest.mark.parametrize("rule", ["asgd", "fedbuff"])
+def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, rule):
+    state = make_state(tmp_path, rule=rule, downlink="log", **{"server-lr": 0.5, "max-updates": 10,
+                                                               "buffer-size": 2})
+    grid = FakeGrid({1: 1, 2: 3})
+    strategy = AsyncFLStrategy(state)
+    strategy.start(grid)
+    assert grid.log_tasks >= 6 and strategy.log_tasks == len(grid.sent) - 2  # all but the first per node
+    ups = events(tmp_path, "update")
+    if rule == "asgd":  # every delta was taken at the exact global weights of its version
+        expected = replay_asgd(grid, ups, 0.5)
+        for k in X0:
+            torch.testing.assert_close(state.x[k], expected[k])
+    # the rebuilt copies equal the server's weights of those versions: the last one, exactly now
+    node, (version, held) = max(grid.held.items(), key=lambda kv: kv[1][0])
+    if version == state.version:
+        for k in X0:
+            torch.testing.assert_close(held[k], state.x[k])
+
+
+def test_sync_rounds_go_out_as_update_logs(tmp_path, log_always):
+    state = make_state(tmp_path, mode="sync", downlink="log", **{"num-rounds": 3, "server-lr": 1.0})
+    grid = FakeGrid({1: 1, 2: 3})
+    AsyncFLStrategy(state).start(grid)
+    x = {k: v.clone() for k, v in X0.items()}
+    for _ in range(3):
+        d1, d2 = client_delta(1, x), client_delta(2, x)
+        x = {k: x[k] + (1 * d1[k] + 2 * d2[k]) / 3 for k in x}
+    for k in X0:
+        torch.testing.assert_close(state.x[k], x[k])
+    assert grid.log_tasks == 4  # rounds 2 and 3, both nodes
+
+
+def test_a_node_that_lost_its_copy_gets_the_full_weights(tmp_path, log_always):
+    state = make_state(tmp_path, rule="asgd", downlink="log", **{"server-lr": 0.5, "max-updates": 8})
+    grid = FakeGrid({1: 1, 2: 2}, {2: "amnesia-once"})
+    AsyncFLStrategy(state).start(grid)
+    assert [e["node"] for e in events(tmp_path, "need_full")] == [2]
+    assert not events(tmp_path, "drop") and not events(tmp_path, "node_retired")
+    ups = events(tmp_path, "update")
+    assert len(ups) == 8 and {u["node"] for u in ups} == {1, 2}
+    expected = replay_asgd(grid, ups, 0.5)
+    for k in X0:
+        torch.testing.assert_close(state.x[k], expected[k])
+
+
+def test_update_log_needs_a_linear_rule():
+    from asyncfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="downlink.*fedasync"):
+        AppConfig.from_run_config({"downlink": "log", "rule": "fedasync"})
+    assert AppConfig.from_run_config({"downlink": "log", "mode": "sync", "rule": "fedasync"}).downlink == "log"

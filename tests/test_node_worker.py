@@ -87,6 +87,38 @@ def test_remote_task_matches_in_process_and_reuses_one_warm_worker(remote):
         np.testing.assert_array_equal(out[k], out2[k])
 
 
+def test_remote_update_log_task_matches_in_process(remote):
+    """Deployment path: the log's payloads travel in the task file, prefixed, and are regrouped."""
+    from flwr.app import Array, ArrayRecord
+
+    from asyncfl.compressors import get_compressor
+    from asyncfl.config import AppConfig
+    from asyncfl.node_worker import array_view
+    from asyncfl.worker import UpdateLog
+
+    run_config, node = remote
+    cfg = AppConfig.from_run_config(run_config)
+    start = {k: v.clone() for k, v in trainable_state(build_model(cfg)).items()}
+    g = torch.Generator().manual_seed(3)
+    rec = get_compressor("pca", rank=2, dtype="fp32").encode_state(
+        {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in start.items()})
+    run_remote(run_config, node, {"run-key": "r", "version": 0}, {k: v.numpy() for k, v in start.items()})
+    arrays = {f"log-0/{k}": array_view(a) for k, a in rec.items()}
+    task = {"run-key": "r", "version": 1, "update-log": {"base": 0, "coefs": [0.5], "n": 1}}
+    out, metrics = run_remote(run_config, node, task, arrays)
+    assert "need-full" not in metrics
+    local = Worker(cfg)
+    local.run_task(cfg, {k: v.clone() for k, v in start.items()}, 1, 2, run_key="r", version=0)
+    expected = local.run_task(cfg, None, 1, 2, run_key="r", version=1, update_log=UpdateLog(0, [0.5], [rec]))
+    got = decode_state(ArrayRecord({k: Array(v) for k, v in out.items()}))
+    for k, v in decode_state(expected.record).items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-4)
+    # a base it does not hold: the worker asks for the full weights instead of failing
+    task["update-log"]["base"] = 5
+    out, metrics = run_remote(run_config, node, task, arrays)
+    assert metrics["need-full"] == 1 and out == {}
+
+
 def test_worker_errors_come_back_as_a_clear_exception(remote):
     run_config, node = remote
     with pytest.raises(RuntimeError, match="node worker failed: .*trainable"):

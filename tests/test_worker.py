@@ -87,3 +87,35 @@ def test_a_repeat_of_the_same_version_trains_on_other_batches(make_cfg, tmp_path
         torch.testing.assert_close(d0[k], d0_again[k])
     assert loss0 == loss0_again and loss1 != loss0  # ... and a repeat is a different one
     assert any(not torch.allclose(d0[k], d1[k]) for k in start)
+
+
+def test_update_log_rebuilds_the_weights_from_the_held_copy(make_cfg, tmp_path, monkeypatch):
+    from asyncfl.compressors import get_compressor
+    from asyncfl.worker import UpdateLog
+
+    monkeypatch.setenv("ASYNCFL_NODE_DIR", str(tmp_path))
+    cfg = make_cfg(compressor="none")
+    worker = Worker(cfg)
+    x0 = fresh_global(cfg)
+    worker.run_task(cfg, {k: v.clone() for k, v in x0.items()}, 0, 2, run_key="r", version=4)
+    # two low-rank "client payloads" applied by the server with weights 0.5 and -0.25
+    g = torch.Generator().manual_seed(1)
+    payloads = [get_compressor("pca", rank=2, dtype="fp32").encode_state(
+        {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in x0.items()}) for _ in range(2)]
+    coefs = [0.5, -0.25]
+    expected = {k: v.double() for k, v in x0.items()}
+    for c, p in zip(coefs, payloads):
+        for k, u in decode_state(p).items():
+            expected[k] += c * u.double()
+    result = worker.run_task(cfg, None, 0, 2, run_key="r", version=6, update_log=UpdateLog(4, coefs, payloads))
+    assert "need-full" not in result.metrics
+    run_key, version, held = worker.held
+    assert (run_key, version) == ("r", 6)
+    for k in x0:  # the weights the task trained from
+        torch.testing.assert_close(held[k].double(), expected[k], rtol=1e-5, atol=1e-6)
+    # a log over weights this worker does not hold: no training, ask for the full weights
+    for stale in (UpdateLog(4, coefs, payloads), UpdateLog(6, coefs, payloads)):
+        rk = "other-run" if stale.base == 6 else "r"
+        out = worker.run_task(cfg, None, 0, 2, run_key=rk, version=7, update_log=stale)
+        assert out.metrics["need-full"] == 1 and len(out.record) == 0
+    assert worker.held[1] == 6

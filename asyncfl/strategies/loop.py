@@ -44,6 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from asyncfl.compressors import PayloadError, decode_state
+from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
 from asyncfl.strategies.rules import fedavg_mean
 from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch
 
@@ -94,6 +95,7 @@ class Reply:
     update: dict[str, torch.Tensor]
     metrics: dict[str, Any] = field(default_factory=dict)
     decode_s: float = 0.0
+    record: ArrayRecord | None = None  # the payload as uploaded (re-sent by the downlink log)
 
 
 class AsyncFLStrategy(Strategy):
@@ -120,6 +122,8 @@ class AsyncFLStrategy(Strategy):
         self.prefetch = False  # decided in start(), from the config and the kind of grid
         self.prefetched = 0
         self.push_s: list[float] = []  # how long the last task pushes took
+        self.downlink: DownlinkLog | None = None  # decided in start(); None = full weights always
+        self.log_tasks = 0  # tasks sent as an update log
 
     # ----------------------------------------------------------------------------------------
     # Flower Strategy interface (round-based hooks; our start() drives everything itself)
@@ -152,6 +156,7 @@ class AsyncFLStrategy(Strategy):
         """Run the whole training; returns a Flower `Result` with the final arrays."""
         self.summary()
         self.prefetch = self._prefetch_wanted(grid)
+        self.downlink = self._downlink_wanted(grid)
         reason = "finished"
         try:
             self._wait_for_nodes(grid)
@@ -168,6 +173,8 @@ class AsyncFLStrategy(Strategy):
         self.s.final_reason = reason
         if self.prefetch:
             log.info("asyncfl: %d task(s) were queued ahead (prefetch)", self.prefetched)
+        if self.downlink is not None:
+            log.info("asyncfl: %d task(s) were sent as an update log", self.log_tasks)
         return Result(arrays=ArrayRecord({k: v.detach().cpu() for k, v in self.s.x.items()}))
 
     # ----------------------------------------------------------------------------------------
@@ -211,7 +218,10 @@ class AsyncFLStrategy(Strategy):
         if self.s.rule.needs_base and any(t.version == self.s.version for t in self.inflight.values()):
             self.snapshots.setdefault(self.s.version, {k: v.clone() for k, v in self.s.x.items()})
         base = self.snapshots.get(task.version)
+        version_before = self.s.version
         applied = self.s.rule.apply(self.s.x, reply.update, staleness=staleness, node=task.node, base=base)
+        if self.downlink is not None:
+            self.downlink.add(reply.record, applied.weight, applied.stepped, version_before)
         self.s.sync_device()
         apply_s = time.perf_counter() - t0
         self._release_snapshots()
@@ -251,6 +261,22 @@ class AsyncFLStrategy(Strategy):
         log.info("asyncfl: prefetch on: each node's next task is queued %.1f s (+ the time a push "
                  "takes) before its expected finish", c.prefetch_lead_s)
         return True
+
+    def _downlink_wanted(self, grid: Grid) -> DownlinkLog | None:
+        c = self.cfg
+        if c.downlink == "full":
+            return None
+        linear = c.mode == "sync" or c.rule in LINEAR_RULES
+        if c.downlink == "auto" and (not linear or c.compressor == "none" or type(grid).__name__ != "HttpGrid"):
+            return None
+        if not linear:
+            log.info("asyncfl: downlink log off: rule %s mixes in older global states; sending "
+                     "full weights", c.rule)
+            return None
+        dense = self._global_record().count_bytes()
+        log.info("asyncfl: downlink log on: nodes get the payloads applied since their last task "
+                 "while they are under half of the %.1f MB of full weights", dense / 1e6)
+        return DownlinkLog(dense_bytes=dense)
 
     def _node_replied(self, node: NodeInfo, task: Task, ok: bool) -> None:
         """Book-keeping when one of `node`'s tasks comes back (reply or error)."""
@@ -328,6 +354,10 @@ class AsyncFLStrategy(Strategy):
                 v.add_(mean[k], alpha=self.cfg.server_lr)
         self.s.sync_device()
         apply_s = (time.perf_counter() - t0) / len(replies)
+        if self.downlink is not None:
+            total_w = sum(weights)
+            self.downlink.add_round([r.record for r in replies],
+                                    [self.cfg.server_lr * w / total_w for w in weights], self.s.version)
         self.s.version += 1
         total = sum(weights)
         for r, w in zip(replies, weights):
@@ -345,10 +375,19 @@ class AsyncFLStrategy(Strategy):
         return self._record_cache[1]
 
     def _task_message(self, node: int, repeat: int = 0) -> Message:
-        config = ConfigRecord({"version": self.s.version, "repeat": repeat, "run-key": self.s.run_key,
-                               "rule": self.cfg.rule})
-        return Message(RecordDict({"arrays": self._global_record(), "config": config}),
-                       dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
+        config = {"version": self.s.version, "repeat": repeat, "run-key": self.s.run_key,
+                  "rule": self.cfg.rule, "downlink": "full"}
+        content = RecordDict()
+        update_log = self.downlink.message_for(node, self.s.version) if self.downlink else None
+        if update_log is None:
+            content["arrays"] = self._global_record()
+        else:  # the payloads since the version the node holds, instead of the weights
+            config.update({"downlink": "log", "base-version": update_log.base,
+                           "log-coefs": update_log.coefs or [0.0], "log-n": len(update_log.records)})
+            for i, record in enumerate(update_log.records):
+                content[f"log-{i}"] = record
+        content["config"] = ConfigRecord(config)
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
 
     def _dispatch(self, grid: Grid, node: int, prefetched: bool = False) -> bool:
         # `repeat` > 0: this node already got a task of this version (prefetch with no update in
@@ -356,7 +395,8 @@ class AsyncFLStrategy(Strategy):
         info = self.nodes[node]
         repeat = info.repeat + 1 if info.last_version == self.s.version else 0
         t0 = time.perf_counter()
-        ids = [i for i in grid.push_messages([self._task_message(node, repeat)]) if i]
+        message = self._task_message(node, repeat)
+        ids = [i for i in grid.push_messages([message]) if i]
         self.push_s = [*self.push_s[-2:], time.perf_counter() - t0]
         if not ids:
             log.warning("asyncfl: node %s rejected a task; retiring it", node)
@@ -365,6 +405,10 @@ class AsyncFLStrategy(Strategy):
         self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.clock.elapsed(),
                                      prefetched=prefetched)
         info.last_version, info.repeat, info.inflight = self.s.version, repeat, info.inflight + 1
+        if self.downlink is not None:
+            self.log_tasks += "arrays" not in message.content.array_records
+            self.downlink.sent(node, self.s.version)
+            self.downlink.prune()
         return True
 
     def _pull(self, grid: Grid) -> list[Message]:
@@ -380,8 +424,14 @@ class AsyncFLStrategy(Strategy):
         if msg.has_error():
             self._on_error(node_id, msg.error.code, msg.error.reason)
             return None
+        metrics = dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
+        if metrics.get("need-full"):  # its worker lost the weights the update log builds on
+            log.info("asyncfl: node %s has no copy to apply an update log to; sending full weights", node_id)
+            self.s.recorder.log_event("need_full", node=node_id, partition=node.partition)
+            if self.downlink is not None:
+                self.downlink.forget(node_id)
+            return None
         try:
-            metrics = dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
             record = msg.content.array_records.get("arrays")
             if record is None:
                 raise PayloadError("reply has no ArrayRecord named 'arrays'")
@@ -400,11 +450,13 @@ class AsyncFLStrategy(Strategy):
         node.last_loss = float(metrics.get("train-loss", float("nan")))
         self.s.selector.observe(node_id, node.last_loss)
         return Reply(node=node_id, task=task or Task(node_id, self.s.version, 0.0),
-                     update=update, metrics=metrics, decode_s=decode_s)
+                     update=update, metrics=metrics, decode_s=decode_s, record=record)
 
     def _on_error(self, node_id: int, code: int, reason: str) -> None:
         node = self.nodes[node_id]
         node.failures += 1
+        if self.downlink is not None:  # the worker may have died with its copy
+            self.downlink.forget(node_id)
         self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
                                  reason=f"error reply code {code}: {reason}")
         log.warning("asyncfl: node %s error reply (code %s): %s", node_id, code, reason)
@@ -416,6 +468,8 @@ class AsyncFLStrategy(Strategy):
         if node.retired:
             return
         node.retired, node.inflight = True, 0
+        if self.downlink is not None:
+            self.downlink.forget(node_id)
         for mid, task in list(self.inflight.items()):
             if task.node == node_id:
                 del self.inflight[mid]
