@@ -25,6 +25,8 @@ idle poll by queueing a node's next task before the running one ends (`prefetch`
 * `tuned`: what scripts/local-deployment.sh and the docker images set, task poll 0.1 s.
 * `prefetch`: tuned + `prefetch="on"` (what a deployment gets by default, `prefetch="auto"`).
 * `prefetch-fp16`: prefetch + `download-dtype="fp16"` (global weights sent in half precision).
+* `prefetch-log`: prefetch + `downlink="log"` (tasks carry the payloads a node missed; needs
+  `--run-config 'rule="asgd"'` or fedbuff). The other profiles set `downlink="full"`.
 `--breakdown` repeats the `tuned` run with FLWR_LOG_LEVEL=DEBUG (timestamped Flower logs) and
 splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), process start
 (task pulled -> flwr-clientapp running), app (ClientApp load + handler), reply wait (task
@@ -57,12 +59,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "scripts"))
 import local_deployment as ld  # noqa: E402
 
-PROFILES = {  # name -> (environment, run-config overrides)
-    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off"'),
-    "tuned": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}, 'prefetch="off"'),
-    "prefetch": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}, 'prefetch="on"'),
-    "prefetch-fp16": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL},
-                      'prefetch="on" download-dtype="fp16"'),
+_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}
+PROFILES = {  # name -> (environment, run-config overrides); each isolates one mechanism
+    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full"'),
+    "tuned": (_POLL, 'prefetch="off" downlink="full"'),
+    "prefetch": (_POLL, 'prefetch="on" downlink="full"'),
+    "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16"'),
+    "prefetch-log": (_POLL, 'prefetch="on" downlink="log"'),  # needs rule asgd or fedbuff
 }
 
 

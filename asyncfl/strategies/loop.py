@@ -64,6 +64,11 @@ def _for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
 _FP16_MAX = 65504.0
 
 
+def _in_deployment(grid: Grid) -> bool:
+    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one."""
+    return type(grid).__name__ == "HttpGrid"
+
+
 @dataclass
 class Task:
     node: int
@@ -250,9 +255,9 @@ class AsyncFLStrategy(Strategy):
         if c.mode != "async" or c.prefetch == "off":
             return False
         if c.prefetch == "auto":
-            # A SuperLink-backed grid means deployment; in simulation a second message per node
-            # would run concurrently on another actor (flower-notes), so auto stays off there.
-            if type(grid).__name__ != "HttpGrid":
+            # in simulation a second message per node would run concurrently on another actor
+            # (flower-notes), so auto stays off there
+            if not _in_deployment(grid):
                 return False
             if c.selection != "same" and c.concurrency:
                 log.info("asyncfl: prefetch off: it would pin the working nodes under "
@@ -267,7 +272,7 @@ class AsyncFLStrategy(Strategy):
         if c.downlink == "full":
             return None
         linear = c.mode == "sync" or c.rule in LINEAR_RULES
-        if c.downlink == "auto" and (not linear or c.compressor == "none" or type(grid).__name__ != "HttpGrid"):
+        if c.downlink == "auto" and (not linear or c.compressor == "none" or not _in_deployment(grid)):
             return None
         if not linear:
             log.info("asyncfl: downlink log off: rule %s mixes in older global states; sending "
