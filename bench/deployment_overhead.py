@@ -148,6 +148,8 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
         "prefetched": sum(1 for u in updates if u.get("prefetched")),
         "updates": len(updates), "total_s": round(total_s, 1),
         "overhead_s": stats(overhead(steady)), "first_update_overhead_s": stats(overhead(first)),
+        "overhead_queued_s": stats(overhead([u for u in steady if u.get("prefetched")])),
+        "overhead_not_queued_s": stats(overhead([u for u in steady if not u.get("prefetched")])),
         "round_trip_s": stats([u["round_trip_s"] for u in steady]),
         "service_s": stats([u.get("service_s", u["round_trip_s"]) for u in steady]),
         "client_s": stats([u["client_s"] for u in steady if u.get("client_s") is not None]),
@@ -277,14 +279,17 @@ def free_ports(size: int) -> int:
 
 def markdown(result: dict) -> str:
     rows = ["| profile | task poll | queued ahead | steady overhead median (mean, p90) | "
+            "queued ahead: overhead median (n) | not queued: overhead median (n) | "
             "first update overhead | service median | round trip median | client_s median | "
             "train_s median |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["profiles"]:
         o, f = r["overhead_s"], r["first_update_overhead_s"]
         rows.append(
             f"| {r['profile']} | {r['env']['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']} s | "
             f"{r['prefetched']}/{r['updates']} | {o['median']} s ({o['mean']}, {o['p90']}; n={o['n']}) | "
+            f"{r['overhead_queued_s']['median']} s ({r['overhead_queued_s']['n']}) | "
+            f"{r['overhead_not_queued_s']['median']} s ({r['overhead_not_queued_s']['n']}) | "
             f"{f['median']} s | {r['service_s']['median']} s | {r['round_trip_s']['median']} s | "
             f"{r['client_s']['median']} s | {r['train_s']['median']} s |")
     for r in result["profiles"]:
@@ -309,7 +314,9 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--updates", type=int, default=12, help="max-updates per run")
     p.add_argument("--profiles", default="default,tuned,prefetch", help=f"comma list of {', '.join(PROFILES)}")
-    p.add_argument("--breakdown", action="store_true", help="extra tuned run with DEBUG logs, phase split")
+    p.add_argument("--breakdown", action="store_true", help="extra run with DEBUG logs, phase split")
+    p.add_argument("--breakdown-profile", default="tuned", choices=list(PROFILES),
+                   help="settings of the --breakdown run")
     p.add_argument("--repeats", type=int, default=5, help="fresh-process probes per measurement")
     p.add_argument("--app", type=Path, default=ROOT)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="small = GPT-2 124M shape")
@@ -337,7 +344,7 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2))  # partial results survive a time limit
         print(markdown(result), flush=True)
     if args.breakdown:
-        result["breakdown"] = run_profile("tuned", args, debug=True)["breakdown_s"]
+        result["breakdown"] = run_profile(args.breakdown_profile, args, debug=True)["breakdown_s"]
     result["fresh_process"] = {} if args.no_fresh else fresh_process_times(args.repeats)
     args.out.write_text(json.dumps(result, indent=2))
     print(markdown(result))

@@ -108,14 +108,19 @@ def test_make_certs_gives_a_ca_a_server_cert_with_sans_and_ssh_node_keys(tmp_pat
 @pytest.mark.slow
 def test_local_deployment_completes_and_cleans_up(tmp_path):
     results = tmp_path / "results"
-    res, base = run_script(tmp_path, 2, tiny_run_config(results))
+    # asgd + low-rank payloads: in deployment the tasks after a node's first come as update logs
+    cfg = tiny_run_config(results, **{"rule": "asgd", "compressor": "pca", "num-rounds": 3})
+    res, base = run_script(tmp_path, 2, cfg)
     assert res.returncode == 0, explain(res)
     run_dir = results / "run"
     assert f"RUN_DIR={run_dir}" in res.stdout
     assert (run_dir / "summary.json").is_file()
-    updates = [e for e in read_events(run_dir) if e["event"] == "update"]
-    assert len(updates) >= 4  # async: num-rounds x nodes
+    events = read_events(run_dir)
+    updates = [e for e in events if e["event"] == "update"]
+    assert len(updates) >= 6  # async: num-rounds x nodes
     assert {u["partition"] for u in updates} == {0, 1}  # both SuperNodes worked
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["log_tasks"] >= 4 and not [e for e in events if e["event"] in ("drop", "need_full")]
     # Everything the script started is gone, and its ports are free again.
     work = str(tmp_path / "work")
     assert processes_mentioning(work) == []
@@ -174,3 +179,5 @@ def test_killed_supernode_is_retired_and_the_others_finish_the_run(tmp_path):
     assert after and all(e["node"] != killed for e in after), "no update after the node was retired"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert str(summary.get("stop_reason")).startswith("time-budget-s"), summary
+    # prefetch (on by default in deployment) kept the surviving node's next task queued
+    assert summary["prefetched_tasks"] > 0 and any(e["prefetched"] for e in after), summary
