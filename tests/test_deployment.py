@@ -120,7 +120,7 @@ def test_local_deployment_completes_and_cleans_up(tmp_path):
     assert len(updates) >= 6  # async: num-rounds x nodes
     assert {u["partition"] for u in updates} == {0, 1}  # both SuperNodes worked
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["log_tasks"] >= 4 and not [e for e in events if e["event"] in ("drop", "need_full")]
+    assert summary["extra"]["log_tasks"] >= 4 and not [e for e in events if e["event"] in ("drop", "need_full")]
     # Everything the script started is gone, and its ports are free again.
     work = str(tmp_path / "work")
     assert processes_mentioning(work) == []
@@ -180,4 +180,4 @@ def test_killed_supernode_is_retired_and_the_others_finish_the_run(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert str(summary.get("stop_reason")).startswith("time-budget-s"), summary
     # prefetch (on by default in deployment) kept the surviving node's next task queued
-    assert summary["prefetched_tasks"] > 0 and any(e["prefetched"] for e in after), summary
+    assert summary["extra"]["prefetched_tasks"] > 0 and any(e["prefetched"] for e in after), summary
