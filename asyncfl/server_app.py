@@ -16,7 +16,7 @@ from asyncfl.model import build_model, build_tokenizer, resolve_device, save_mod
 from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
 from asyncfl.strategies.loop import AsyncFLStrategy
-from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch, load_checkpoint
+from asyncfl.strategies.server_state import Checkpointer, ServerState, load_checkpoint
 from asyncfl.train import evaluate
 
 app = ServerApp()

@@ -34,8 +34,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -45,62 +43,13 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
+from asyncfl.strategies.nodes import NodeInfo, Reply, Task, for_download, in_deployment
 from asyncfl.strategies.rules import fedavg_mean
 from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch
 
 log = logging.getLogger("asyncfl")
 
 _RETIRE_AT_ONCE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
-
-
-def _for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The host copy of a global tensor as sent to clients (`download-dtype`)."""
-    t = t.detach()
-    if dtype == "fp16" and t.is_floating_point() and (t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX):
-        return t.to(torch.float16).cpu()
-    return t.float().cpu()
-
-
-_FP16_MAX = 65504.0
-
-
-def _in_deployment(grid: Grid) -> bool:
-    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one."""
-    return type(grid).__name__ == "HttpGrid"
-
-
-@dataclass
-class Task:
-    node: int
-    version: int
-    sent_at: float
-    prefetched: bool = False  # pushed while the node was still running its previous task
-    started_at: float | None = None  # when the node could start it (set when the reply arrives)
-
-
-@dataclass
-class NodeInfo:
-    partition: int | None = None
-    failures: int = 0  # consecutive error replies
-    retired: bool = False
-    inflight: int = 0  # tasks pushed and not answered: 1 running, + 1 queued with prefetch
-    free_at: float | None = None  # clock time of its last reply (it started the next task then)
-    services: list[float] = field(default_factory=list)  # its last task service times (start -> reply)
-    last_version: int | None = None  # version of the last task pushed to it
-    repeat: int = 0  # tasks of that same version pushed before it
-    last_loss: float | None = None
-
-
-@dataclass
-class Reply:
-    """A validated, decoded client reply."""
-
-    node: int
-    task: Task
-    update: dict[str, torch.Tensor]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    decode_s: float = 0.0
-    record: ArrayRecord | None = None  # the payload as uploaded (re-sent by the downlink log)
 
 
 class AsyncFLStrategy(Strategy):
@@ -209,7 +158,7 @@ class AsyncFLStrategy(Strategy):
         """Process one reply; returns the node that became idle (None if retired)."""
         task = self.inflight.pop(msg.metadata.reply_to_message_id)
         node = self.nodes[task.node]
-        self._node_replied(node, task, ok=not msg.has_error())
+        node.replied(task, self.clock.elapsed(), ok=not msg.has_error())
         reply = self._decode(msg, task)
         if reply is None:
             return None if node.retired else task.node
@@ -257,7 +206,7 @@ class AsyncFLStrategy(Strategy):
         if c.prefetch == "auto":
             # in simulation a second message per node would run concurrently on another actor
             # (flower-notes), so auto stays off there
-            if not _in_deployment(grid):
+            if not in_deployment(grid):
                 return False
             if c.selection != "same" and c.concurrency:
                 log.info("asyncfl: prefetch off: it would pin the working nodes under "
@@ -272,7 +221,7 @@ class AsyncFLStrategy(Strategy):
         if c.downlink == "full":
             return None
         linear = c.mode == "sync" or c.rule in LINEAR_RULES
-        if c.downlink == "auto" and (not linear or c.compressor == "none" or not _in_deployment(grid)):
+        if c.downlink == "auto" and (not linear or c.compressor == "none" or not in_deployment(grid)):
             return None
         if not linear:
             log.info("asyncfl: downlink log off: rule %s mixes in older global states; sending "
@@ -282,22 +231,6 @@ class AsyncFLStrategy(Strategy):
         log.info("asyncfl: downlink log on: nodes get the payloads applied since their last task "
                  "while they are under half of the %.1f MB of full weights", dense / 1e6)
         return DownlinkLog(dense_bytes=dense)
-
-    def _node_replied(self, node: NodeInfo, task: Task, ok: bool) -> None:
-        """Book-keeping when one of `node`'s tasks comes back (reply or error)."""
-        now = self.clock.elapsed()
-        node.inflight = max(node.inflight - 1, 0)
-        task.started_at = max(task.sent_at, node.free_at if node.free_at is not None else task.sent_at)
-        if ok:  # crashes say nothing about how long a task takes
-            node.services = [*node.services[-2:], now - task.started_at]
-        node.free_at = now
-
-    @staticmethod
-    def _expected_service(node: NodeInfo) -> float | None:
-        """The shortest of the node's last three task times. A task that was not queued ahead
-        also holds the SuperNode's idle poll, so averages run long, and a late push costs that
-        whole poll again, while an early one costs only a little staleness."""
-        return min(node.services) if node.services else None
 
     def _prefetch(self, grid: Grid) -> None:
         """Queue the next task of each node whose running task should end within the lead time."""
@@ -309,12 +242,10 @@ class AsyncFLStrategy(Strategy):
         # the 124M shape), so it starts that much earlier
         lead = self.cfg.prefetch_lead_s + max(self.push_s, default=0.0)
         for n, info in sorted(self.nodes.items()):
-            expected = self._expected_service(info)
-            if info.retired or info.inflight != 1 or expected is None or budget <= 0:
+            if info.retired or info.inflight != 1 or budget <= 0:
                 continue
             running = next(t for t in self.inflight.values() if t.node == n)
-            start = max(running.sent_at, info.free_at if info.free_at is not None else running.sent_at)
-            if now >= start + expected - lead:
+            if info.next_task_due(running, now, lead):
                 if self._dispatch(grid, n, prefetched=True):
                     self.prefetched += 1
                     budget -= 1
@@ -338,7 +269,7 @@ class AsyncFLStrategy(Strategy):
             while self.inflight:
                 for msg in self._pull(grid):
                     task = self.inflight.pop(msg.metadata.reply_to_message_id)
-                    self._node_replied(self.nodes[task.node], task, ok=not msg.has_error())
+                    self.nodes[task.node].replied(task, self.clock.elapsed(), ok=not msg.has_error())
                     reply = self._decode(msg, task)
                     if reply is not None:
                         replies.append(reply)
@@ -375,7 +306,7 @@ class AsyncFLStrategy(Strategy):
     def _global_record(self) -> ArrayRecord:
         """The global trainable state as an ArrayRecord, built once per version."""
         if self._record_cache is None or self._record_cache[0] != self.s.version:
-            arrays = {k: _for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
+            arrays = {k: for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
             self._record_cache = (self.s.version, ArrayRecord(arrays))
         return self._record_cache[1]
 

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # GPU measurements, part 1 (one device call): training throughput (bare vs in-FL), the
-# compressors and the server's decode+apply, all on the GPT-2 124M shape. Run from the repo root on the GPU machine with `.whl`
-# (shared/tools/gpu-wheels.sh) and `.data` (a copy of ../shared/data plus tokens.npy) carried.
+# compressors and the server's decode+apply, all on the GPT-2 124M shape. Run from the repo
+# root on the GPU machine with `.whl` (shared/tools/gpu-wheels.sh) and `.data` (a copy of
+# ../shared/data plus tokens.npy) carried.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, flwr; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'flwr', flwr.__version__)" | tee -a "$OUT/gpu.txt"
 D="--tokenizer .data/gpt2 --data-dir .data/wikitext-2-raw"
@@ -16,5 +14,5 @@ echo "== throughput: full, bf16, eager";   tp 80 --batch-size 16 --steps 60 --re
 echo "== throughput: LoRA r16, bf16, compile"; tp 110 --batch-size 16 --steps 60 --repeats 2 --lora-rank 16 --compile 2>&1 | tail -15 | tee "$OUT/tp_lora.txt"
 echo "== compressors"; timeout 120 python3 bench/compressors.py --device cuda --preset small --tokens .data/tokens.npy --repeats 20 --out "$OUT/compressors.json" 2>&1 | tail -30 | tee "$OUT/compressors.txt"
 echo "== server decode+apply (124M, cuda)"
-timeout 90 python3 bench/server_apply.py --device cuda --preset small --repeats 10 --tokenizer .data/gpt2 \
+timeout 170 python3 bench/server_apply.py --device cuda --preset small --repeats 5 --tokenizer .data/gpt2 \
   --data .data/wikitext-2-raw/wiki.valid.raw --out "$OUT/server_apply.json" 2>&1 | tail -30 | tee "$OUT/server_apply.txt"

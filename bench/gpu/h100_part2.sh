@@ -1,16 +1,10 @@
 #!/usr/bin/env bash
 # GPU measurements, part 2 (one device call): the deployment topology on the GPU machine --
 # per-update overhead (tiny preset, then 4 SuperNodes sharing GPU 0 with the GPT-2 124M shape),
-# one task at a time vs prefetch, update-log vs fp16 vs fp32 downlink, client tokens/s and GPU memory per process. Same carry as
-# part 1 (.whl, .data).
+# one task at a time vs prefetch, update-log vs fp16 vs fp32 downlink, client tokens/s and
+# GPU memory per process. Same carry as part 1 (.whl, .data).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-# Byte-compile what pip skipped: every message starts a fresh flwr-clientapp process, which
-# would otherwise compile Flower from source each time.
-python3 -m compileall -q -j 0 /tmp/site > /dev/null
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/env.sh"
 echo "== deployment overhead, tiny preset, CPU clients, 2 SuperNodes"
 timeout 170 python3 bench/deployment_overhead.py --data .data --nodes 2 --updates 12 \
   --profiles tuned,prefetch --repeats 2 --out "$OUT/overhead_tiny.json" > "$OUT/overhead_tiny.log" 2>&1

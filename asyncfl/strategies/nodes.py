@@ -1,0 +1,88 @@
+"""Book-keeping of tasks and nodes for the server loop, and the prefetch timing.
+
+A node runs its tasks one after another (a deployed SuperNode processes one message at a
+time). Its *service time* for a task runs from the moment it could start it -- the push, or
+its previous reply when the task was queued behind that one -- to the reply. Prefetch pushes
+the next task when the running one is expected to end within the lead time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+_FP16_MAX = 65504.0
+
+
+@dataclass
+class Task:
+    node: int
+    version: int
+    sent_at: float
+    prefetched: bool = False  # pushed while the node was still running its previous task
+    started_at: float | None = None  # when the node could start it (set when the reply arrives)
+
+
+@dataclass
+class NodeInfo:
+    partition: int | None = None
+    failures: int = 0  # consecutive error replies
+    retired: bool = False
+    inflight: int = 0  # tasks pushed and not answered: 1 running, + 1 queued with prefetch
+    free_at: float | None = None  # clock time of its last reply (it started the next task then)
+    services: list[float] = field(default_factory=list)  # its last task service times
+    last_version: int | None = None  # version of the last task pushed to it
+    repeat: int = 0  # tasks of that same version pushed before it
+    last_loss: float | None = None
+
+    def start_of(self, task: Task) -> float:
+        """When this node could start `task`: its push, or this node's last reply if later."""
+        return max(task.sent_at, self.free_at if self.free_at is not None else task.sent_at)
+
+    def replied(self, task: Task, now: float, ok: bool) -> None:
+        """One of this node's tasks came back at `now` (a reply, or an error when not `ok`)."""
+        self.inflight = max(self.inflight - 1, 0)
+        task.started_at = self.start_of(task)
+        if ok:  # crashes say nothing about how long a task takes
+            self.services = [*self.services[-2:], now - task.started_at]
+        self.free_at = now
+
+    def expected_service(self) -> float | None:
+        """The shortest of the last three task times. A task that was not queued ahead also
+        holds the SuperNode's idle poll, so averages run long; and a late push costs that
+        whole poll again, while an early one costs only a little staleness."""
+        return min(self.services) if self.services else None
+
+    def next_task_due(self, running: Task, now: float, lead: float) -> bool:
+        """Whether `running` is expected to end within `lead` seconds of `now`."""
+        expected = self.expected_service()
+        return expected is not None and now >= self.start_of(running) + expected - lead
+
+
+@dataclass
+class Reply:
+    """A validated, decoded client reply."""
+
+    node: int
+    task: Task
+    update: dict[str, torch.Tensor]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    decode_s: float = 0.0
+    record: ArrayRecord | None = None  # the payload as uploaded (re-sent by the downlink log)
+
+
+def for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The host copy of a global tensor as sent to clients (`download-dtype`); a tensor beyond
+    the fp16 range stays fp32."""
+    t = t.detach()
+    if dtype == "fp16" and t.is_floating_point() and (t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX):
+        return t.to(torch.float16).cpu()
+    return t.float().cpu()
+
+
+def in_deployment(grid: Any) -> bool:
+    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one."""
+    return type(grid).__name__ == "HttpGrid"

@@ -1,0 +1,9 @@
+# Sourced by bench/gpu/h100_part*.sh on the GPU machine: install the carried wheels (.whl, from
+# ../shared/tools/gpu-wheels.sh) and set up the environment; $OUT is where results go.
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+# Byte-compile what pip skipped: in deployment every message starts a fresh flwr-clientapp
+# process, which would otherwise compile Flower from source each time.
+python3 -m compileall -q -j 0 /tmp/site > /dev/null
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
