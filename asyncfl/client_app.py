@@ -56,9 +56,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         out, metrics = run_remote(dict(context.run_config), node, task, arrays)
         record = ArrayRecord({k: Array(v) for k, v in out.items()})
     else:  # simulation: this process (a Ray actor) lives for the whole run
-        from asyncfl.worker import get_worker
-
-        from asyncfl.worker import UpdateLog
+        from asyncfl.worker import UpdateLog, get_worker
 
         global_state = None if logs is not None else _torch_views(msg.content["arrays"])
         result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
