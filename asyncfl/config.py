@@ -278,5 +278,34 @@ def toml_block() -> str:
     return "\n".join(f"{k.name} = {_toml_value(k.default)}" for k in KEYS)
 
 
+def merged_toml(base: str, overrides: str) -> str:
+    """A run-config TOML: the keys of the TOML file `base`, then the `k=v ...` `overrides`
+    (TOML values, as `flwr run --run-config` takes them), checked against the key table.
+    `flwr run` takes either a TOML file or key-value pairs, not both; this makes one file."""
+    import shlex
+    import tomllib
+
+    try:
+        with open(base, "rb") as f:
+            values = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read run-config file {base}: {exc}") from None
+    for item in shlex.split(overrides, posix=False):
+        try:
+            values.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"override {item!r} is not key=value with a TOML value "
+                              '(strings in double quotes, e.g. mode="sync")') from None
+    AppConfig.from_run_config(values)  # unknown keys and bad values fail here, by name
+    return "\n".join(f"{k} = {_toml_value(v)}" for k, v in values.items()) + "\n"
+
+
 if __name__ == "__main__":
-    print(toml_block() if "--toml" in sys.argv[1:] else markdown_table())
+    args = sys.argv[1:]
+    if args[:1] == ["--merge"] and len(args) in (2, 3):
+        try:
+            print(merged_toml(args[1], args[2] if len(args) == 3 else ""), end="")
+        except ConfigError as exc:
+            sys.exit(f"error: {exc}")
+    else:
+        print(toml_block() if "--toml" in args else markdown_table())

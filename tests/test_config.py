@@ -72,3 +72,19 @@ def test_bound_constants_giving_lambda_outside_unit_interval_are_rejected():
 def test_speeds_by_partition():
     cfg = AppConfig.from_run_config({"client-speeds": "1, 2,4"})
     assert [cfg.speed_of(i) for i in range(4)] == [1.0, 2.0, 4.0, 1.0]
+
+
+def test_merge_gives_one_run_config_file_with_the_overrides(tmp_path):
+    from asyncfl.config import merged_toml
+
+    base = ROOT / "configs" / "offline-tiny.toml"
+    out = tomllib.loads(merged_toml(str(base), 'mode="sync" num-rounds=6 client-speeds="1,1,2,4"'))
+    with open(base, "rb") as f:
+        want = {**tomllib.load(f), "mode": "sync", "num-rounds": 6, "client-speeds": "1,1,2,4"}
+    assert out == want
+    AppConfig.from_run_config(out)
+    for bad, words in [('mode=sync', "double quotes"), ('mode="fast"', "`mode`"), ('colour="red"', "unknown")]:
+        with pytest.raises(ConfigError, match=words):
+            merged_toml(str(base), bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        merged_toml(str(tmp_path / "missing.toml"), "")
