@@ -56,7 +56,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         out, metrics = run_remote(dict(context.run_config), node, task, arrays)
         record = ArrayRecord({k: Array(v) for k, v in out.items()})
     else:  # simulation: this process (a Ray actor) lives for the whole run
-        from asyncfl.worker import UpdateLog, get_worker
+        from asyncfl.strategies.downlink import UpdateLog
+        from asyncfl.worker import get_worker
 
         global_state = None if logs is not None else _torch_views(msg.content["arrays"])
         result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
@@ -73,9 +74,8 @@ def _update_log(msg: Message) -> tuple[int, list[float], list[ArrayRecord]] | No
     cfg = msg.content["config"]
     if cfg.get("downlink", "full") != "log":
         return None
-    n = int(cfg["log-n"])
-    return int(cfg["base-version"]), [float(c) for c in cfg["log-coefs"]][:n], \
-        [msg.content[f"log-{i}"] for i in range(n)]
+    return int(cfg["base-version"]), [float(c) for c in cfg["log-coefs"]], \
+        [msg.content[f"log-{i}"] for i in range(int(cfg["log-n"]))]
 
 
 def _torch_views(record: ArrayRecord) -> dict:

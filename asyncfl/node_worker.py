@@ -228,7 +228,7 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     if "update-log" in task:  # payloads named "log-<i>/<array>": regroup into their records
         from flwr.app import Array, ArrayRecord
 
-        from asyncfl.worker import UpdateLog
+        from asyncfl.strategies.downlink import UpdateLog
 
         spec = task["update-log"]
         records = [ArrayRecord({k.split("/", 1)[1]: Array(np.ascontiguousarray(a)) for k, a in arrays.items()

@@ -30,6 +30,7 @@ from asyncfl.config import AppConfig
 from asyncfl.data import load_partition
 from asyncfl.model import build_model, load_trainable_state, resolve_device, trainable_state
 from asyncfl.node_worker import node_state_dir
+from asyncfl.strategies.downlink import UpdateLog
 from asyncfl.strategies.rules import ClientShift
 from asyncfl.train import train_local
 
@@ -53,16 +54,6 @@ def make_compressor(cfg: AppConfig, seed: int = 0):
     return get_compressor(cfg.compressor, rank=cfg.rank, method=cfg.compress_method,
                           dtype=cfg.wire_dtype, energy=cfg.energy or None,
                           row_select=cfg.row_select, seed=seed)
-
-
-@dataclass
-class UpdateLog:
-    """A task's weights as an update log (see `asyncfl.strategies.downlink`): the global weights
-    of `base` (which this worker must hold) plus sum_i coefs[i] * decode(records[i])."""
-
-    base: int
-    coefs: list[float]
-    records: list[ArrayRecord]
 
 
 @dataclass
@@ -95,7 +86,7 @@ class Worker:
         # 1. data (cached per process) and the received global weights
         blocks = load_partition(cfg, partition_id, num_partitions)
         if update_log is not None:
-            received = self._rebuild(cfg, run_key, update_log)
+            received = self._rebuild(run_key, update_log)
             if received is None:
                 log.info("asyncfl: worker holds no weights of version %d (run %s): asking for them",
                          update_log.base, run_key)
@@ -142,7 +133,7 @@ class Worker:
         return {k: torch.as_tensor(v).to(device=self.device, dtype=target[k].dtype if k in target else None,
                                           copy=True) for k, v in global_state.items()}
 
-    def _rebuild(self, cfg: AppConfig, run_key: str, update_log: UpdateLog) -> dict[str, torch.Tensor] | None:
+    def _rebuild(self, run_key: str, update_log: UpdateLog) -> dict[str, torch.Tensor] | None:
         """held weights + sum_i c_i decode(p_i), or None when this worker holds other weights."""
         if self.held is None or self.held[0] != run_key or self.held[1] != update_log.base:
             return None

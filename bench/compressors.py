@@ -21,7 +21,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asyncfl.compressors import codec, get_compressor, should_compress  # noqa: E402
 from asyncfl.compressors.base import _metrics  # noqa: E402  (errors from the timed encode)
+import timing  # noqa: E402  (bench/timing.py)
 
 DATA = "/work/shared/data/wikitext-2-raw/wiki.valid.raw"
 TOKENIZER = "/work/shared/data/gpt2"
@@ -106,21 +106,10 @@ def optimal_errors(delta: dict[str, torch.Tensor], rank: int) -> dict[str, float
     return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device: torch.device, repeats: int, burn_in: bool = True):
     """(last result, median ms, best ms) of `repeats` calls, after one untimed call if
     `burn_in`."""
-    result, times = fn() if burn_in else None, []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
+    times, result = timing.timed(fn, device, repeats, warmup=burn_in)
     return result, statistics.median(times), min(times)
 
 

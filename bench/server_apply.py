@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,29 +42,12 @@ from asyncfl.config import AppConfig  # noqa: E402
 from asyncfl.model import build_model, trainable_state  # noqa: E402
 from asyncfl.strategies.build import build_rule  # noqa: E402
 from asyncfl.strategies.rules import fedavg_mean  # noqa: E402
+from timing import sync, timed  # noqa: E402  (bench/timing.py)
 
 SHARED = ROOT.parent / "shared" / "data"
 RULES = "fedasync,fedbuff,asgd,shifted,saga,fedavg"
 COMPRESSORS = "none,pca,qrcp,cur"
 NUM_CLIENTS = 4
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[list[float], Any]:
-    """Milliseconds of `repeats` calls after one warm-up call; the last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return times, out
 
 
 def load_tokens(n: int, tokenizer: str, data: str) -> torch.Tensor:

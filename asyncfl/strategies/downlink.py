@@ -29,13 +29,15 @@ LINEAR_RULES = ("asgd", "fedbuff")
 
 
 @dataclass
-class LogMessage:
-    """What a node needs to go from `base` to `target`: payloads and their summed coefficients."""
+class UpdateLog:
+    """The global weights of version `target` as the weights of `base` plus
+    sum_i coefs[i] * decode(records[i]): built here by the server, applied by the client's
+    worker (`asyncfl.worker.Worker.run_task`), which must hold the weights of `base`."""
 
     base: int
-    target: int
     coefs: list[float]
     records: list[ArrayRecord]
+    target: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -71,18 +73,19 @@ class DownlinkLog:
         self.payloads[pid] = record
         self.pending.append((float(coef), pid))
         if stepped:
-            self.steps[version_before] = self.pending
-            self.pending = []
+            self._close_step(version_before)
 
     def add_round(self, records: list[ArrayRecord], coefs: list[float], version_before: int) -> None:
         """A sync round: one step made of all its payloads."""
         for r, c in zip(records, coefs):
             self.add(r, c, stepped=False, version_before=version_before)
-        self.steps[version_before] = self.pending
-        self.pending = []
+        self._close_step(version_before)
+
+    def _close_step(self, version_before: int) -> None:
+        self.steps[version_before], self.pending = self.pending, []
 
     # ---- per node ---------------------------------------------------------------------------
-    def message_for(self, node: int, version: int) -> LogMessage | None:
+    def message_for(self, node: int, version: int) -> UpdateLog | None:
         """The log taking `node` from the version it holds to `version`, or None (send full)."""
         base = self.held.get(node)
         if base is None or base > version:
@@ -93,8 +96,8 @@ class DownlinkLog:
                 return None
             for c, pid in self.steps[v]:
                 coefs[pid] = coefs.get(pid, 0.0) + c
-        msg = LogMessage(base, version, [coefs[p] for p in sorted(coefs)],
-                         [self.payloads[p] for p in sorted(coefs)])
+        msg = UpdateLog(base, [coefs[p] for p in sorted(coefs)], [self.payloads[p] for p in sorted(coefs)],
+                        target=version)
         if msg.nbytes > self.max_fraction * self.dense_bytes:
             return None
         return msg
@@ -111,10 +114,12 @@ class DownlinkLog:
         """Drop steps no node can use: older than every node's copy, or so old that the log
         from there would cost more than the full weights anyway; then their payloads."""
         oldest = min(self.held.values(), default=None)
+        if oldest is None:
+            self.steps.clear()
         total, budget = 0, self.max_fraction * self.dense_bytes
         for v in sorted(self.steps, reverse=True):
             total += sum(self.payloads[p].count_bytes() for _, p in self.steps[v])
-            if total > budget or (oldest is not None and v < oldest) or oldest is None:
+            if total > budget or v < oldest:
                 for old in [u for u in self.steps if u <= v]:
                     del self.steps[old]
                 break

@@ -43,13 +43,28 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
-from asyncfl.strategies.nodes import NodeInfo, Reply, Task, for_download, in_deployment
+from asyncfl.strategies.nodes import NodeInfo, Reply, Task
 from asyncfl.strategies.rules import fedavg_mean
 from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch
 
 log = logging.getLogger("asyncfl")
 
 _RETIRE_AT_ONCE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
+_FP16_MAX = 65504.0
+
+
+def _for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The host copy of a global tensor as sent to clients (`download-dtype`); a tensor beyond
+    the fp16 range stays fp32."""
+    t = t.detach()
+    if dtype == "fp16" and t.is_floating_point() and (t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX):
+        return t.to(torch.float16).cpu()
+    return t.float().cpu()
+
+
+def _in_deployment(grid: Grid) -> bool:
+    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one."""
+    return type(grid).__name__ == "HttpGrid"
 
 
 class AsyncFLStrategy(Strategy):
@@ -206,7 +221,7 @@ class AsyncFLStrategy(Strategy):
         if c.prefetch == "auto":
             # in simulation a second message per node would run concurrently on another actor
             # (flower-notes), so auto stays off there
-            if not in_deployment(grid):
+            if not _in_deployment(grid):
                 return False
             if c.selection != "same" and c.concurrency:
                 log.info("asyncfl: prefetch off: it would pin the working nodes under "
@@ -221,7 +236,7 @@ class AsyncFLStrategy(Strategy):
         if c.downlink == "full":
             return None
         linear = c.mode == "sync" or c.rule in LINEAR_RULES
-        if c.downlink == "auto" and (not linear or c.compressor == "none" or not in_deployment(grid)):
+        if c.downlink == "auto" and (not linear or c.compressor == "none" or not _in_deployment(grid)):
             return None
         if not linear:
             log.info("asyncfl: downlink log off: rule %s mixes in older global states; sending "
@@ -290,12 +305,11 @@ class AsyncFLStrategy(Strategy):
                 v.add_(mean[k], alpha=self.cfg.server_lr)
         self.s.sync_device()
         apply_s = (time.perf_counter() - t0) / len(replies)
-        if self.downlink is not None:
-            total_w = sum(weights)
-            self.downlink.add_round([r.record for r in replies],
-                                    [self.cfg.server_lr * w / total_w for w in weights], self.s.version)
-        self.s.version += 1
         total = sum(weights)
+        if self.downlink is not None:
+            self.downlink.add_round([r.record for r in replies],
+                                    [self.cfg.server_lr * w / total for w in weights], self.s.version)
+        self.s.version += 1
         for r, w in zip(replies, weights):
             self.s.after_update(r, 0, self.cfg.server_lr * w / total, True,
                                 r.decode_s + apply_s, self.clock.elapsed(), bump_version=False)
@@ -306,7 +320,7 @@ class AsyncFLStrategy(Strategy):
     def _global_record(self) -> ArrayRecord:
         """The global trainable state as an ArrayRecord, built once per version."""
         if self._record_cache is None or self._record_cache[0] != self.s.version:
-            arrays = {k: for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
+            arrays = {k: _for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
             self._record_cache = (self.s.version, ArrayRecord(arrays))
         return self._record_cache[1]
 
@@ -319,7 +333,7 @@ class AsyncFLStrategy(Strategy):
             content["arrays"] = self._global_record()
         else:  # the payloads since the version the node holds, instead of the weights
             config.update({"downlink": "log", "base-version": update_log.base,
-                           "log-coefs": update_log.coefs or [0.0], "log-n": len(update_log.records)})
+                           "log-coefs": update_log.coefs, "log-n": len(update_log.records)})
             for i, record in enumerate(update_log.records):
                 content[f"log-{i}"] = record
         content["config"] = ConfigRecord(config)

@@ -14,9 +14,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-_FP16_MAX = 65504.0
-
-
 @dataclass
 class Task:
     node: int
@@ -72,17 +69,3 @@ class Reply:
     metrics: dict[str, Any] = field(default_factory=dict)
     decode_s: float = 0.0
     record: ArrayRecord | None = None  # the payload as uploaded (re-sent by the downlink log)
-
-
-def for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The host copy of a global tensor as sent to clients (`download-dtype`); a tensor beyond
-    the fp16 range stays fp32."""
-    t = t.detach()
-    if dtype == "fp16" and t.is_floating_point() and (t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX):
-        return t.to(torch.float16).cpu()
-    return t.float().cpu()
-
-
-def in_deployment(grid: Any) -> bool:
-    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one."""
-    return type(grid).__name__ == "HttpGrid"
