@@ -12,7 +12,8 @@ from flwr.clientapp import ClientApp
 
 from asyncfl.config import AppConfig, ConfigError
 from asyncfl.logs import setup_logging
-from asyncfl.node_worker import array_view, in_deployment_process, run_remote
+from asyncfl.node_worker import in_deployment_process, run_remote
+from asyncfl.transport import arrays_of, pack
 
 app = ClientApp()
 
@@ -46,40 +47,44 @@ def handle_train(msg: Message, context: Context) -> Message:
     task = {"run-key": str(task_cfg.get("run-key", context.run_id)),
             "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0))}
     logs = _update_log(msg)  # None: the message carries the full weights
+    # packed reply: one Flower object instead of one per factor (the server asks in deployment)
+    packed = bool(task_cfg.get("pack", False))
     if use_persistent_worker(cfg):  # deployment: the node's warm worker does the work
         if logs is None:
-            arrays = {k: array_view(a) for k, a in msg.content["arrays"].items()}
+            arrays = arrays_of(msg.content["arrays"])
         else:  # the payloads travel in the same file, prefixed "log-<i>/"
-            arrays = {f"log-{i}/{k}": array_view(a) for i, rec in enumerate(logs[2]) for k, a in rec.items()}
+            arrays = {f"log-{i}/{k}": a for i, rec in enumerate(logs[2]) for k, a in rec.items()}
             task["update-log"] = {"base": logs[0], "coefs": logs[1], "n": len(logs[2])}
         node = {"partition-id": pid, "num-partitions": num_partitions}
         out, metrics = run_remote(dict(context.run_config), node, task, arrays)
-        record = ArrayRecord({k: Array(v) for k, v in out.items()})
+        record = pack(out) if packed else ArrayRecord({k: Array(v) for k, v in out.items()})
     else:  # simulation: this process (a Ray actor) lives for the whole run
         from asyncfl.strategies.downlink import UpdateLog
         from asyncfl.worker import get_worker
 
-        global_state = None if logs is not None else _torch_views(msg.content["arrays"])
+        global_state = None if logs is not None else _torch_views(arrays_of(msg.content["arrays"]))
         result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
                                           run_key=task["run-key"], version=task["version"],
                                           repeat=task["repeat"],
                                           update_log=None if logs is None else UpdateLog(*logs))
         record, metrics = result.record, result.metrics
+        if packed:
+            record = pack(arrays_of(record))
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
-def _update_log(msg: Message) -> tuple[int, list[float], list[ArrayRecord]] | None:
-    """(base version, coefficients, payload records) when the task came as an update log."""
+def _update_log(msg: Message) -> tuple[int, list[float], list[dict]] | None:
+    """(base version, coefficients, payloads as arrays) when the task came as an update log."""
     cfg = msg.content["config"]
     if cfg.get("downlink", "full") != "log":
         return None
     return int(cfg["base-version"]), [float(c) for c in cfg["log-coefs"]], \
-        [msg.content[f"log-{i}"] for i in range(int(cfg["log-n"]))]
+        [arrays_of(msg.content[f"log-{i}"]) for i in range(int(cfg["log-n"]))]
 
 
-def _torch_views(record: ArrayRecord) -> dict:
-    """Tensors over the record's bytes (read-only, no copy); the worker copies them into the
+def _torch_views(arrays: dict) -> dict:
+    """Tensors over the received bytes (read-only, no copy); the worker copies them into the
     model, so the 500 MB of a full 124M state are not duplicated on the way in."""
     import warnings
 
@@ -87,7 +92,7 @@ def _torch_views(record: ArrayRecord) -> dict:
 
     with warnings.catch_warnings():  # "non-writable tensor": it is only read
         warnings.simplefilter("ignore", UserWarning)
-        return {k: torch.from_numpy(array_view(a)) for k, a in record.items()}
+        return {k: torch.from_numpy(a) for k, a in arrays.items()}
 
 
 @app.train()

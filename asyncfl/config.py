@@ -128,6 +128,7 @@ KEYS: tuple[Key, ...] = (
     Key("poll-interval-s", 0.05, "server poll interval for replies", above(0), "server"),
     Key("prefetch", "auto", "queue each node's next task shortly before its current one ends, so a deployed SuperNode never sleeps between tasks (async mode; the queued task is a little staler): \"auto\" (on in deployment, off in simulation) | \"on\" | \"off\"", one_of("auto", "on", "off"), "server"),
     Key("prefetch-lead-s", 3.0, "prefetch: push the queued task this many seconds (plus the time the last pushes took) before the node's expected finish, estimated from its previous tasks", _NONNEG, "server"),
+    Key("pack", "auto", "send each message's arrays (weights, payloads, update logs) as one packed Flower Array instead of one per tensor or factor: Flower moves every Array as its own object, and in deployment the per-object round trips, not the bytes, are most of a message's cost: \"auto\" (on in deployment, off in simulation) | \"on\" | \"off\"", one_of("auto", "on", "off"), "server"),
     Key("task-ttl-s", 3600.0, "TTL of a task message; expired tasks come back as errors and are re-dispatched", above(0), "server"),
     Key("max-node-failures", 3, "retire a node after this many consecutive error replies", at_least(1), "server"),
     # --- stopping ------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ Notes
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import socket
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from asyncfl.transport import arrays_of
 
 IDLE_EXIT_S = 1800.0
 START_TIMEOUT_S = 300.0
@@ -80,27 +81,6 @@ def read_arrays(path: Path, index: list[dict[str, Any]], copy: bool = True) -> d
         a = raw[e["offset"]:e["offset"] + n].view(dt).reshape(tuple(e["shape"]))
         out[e["name"]] = a.copy() if copy else a
     return out
-
-
-def array_view(array: Any) -> np.ndarray:
-    """A read-only numpy view of a Flower `Array`'s bytes, without the copy of `Array.numpy()`.
-
-    `Array.data` holds `np.save` output: parse the header, view the rest. Anything unusual
-    (Fortran order, object dtypes, another serialization) goes through `Array.numpy()`."""
-    data = array.data
-    if getattr(array, "stype", "numpy.ndarray") != "numpy.ndarray" or not isinstance(data, (bytes, bytearray)):
-        return array.numpy()
-    try:
-        head = io.BytesIO(memoryview(data)[:65536 + 16])
-        major, _minor = np.lib.format.read_magic(head)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(head)
-    except (ValueError, OSError):
-        return array.numpy()
-    if fortran or dtype.hasobject:
-        return array.numpy()
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(data, dtype=dtype, count=count, offset=head.tell()).reshape(shape)
 
 
 def _scratch_dir() -> Path:
@@ -175,7 +155,7 @@ def run_remote(run_config: dict[str, Any], node_config: dict[str, Any], task: di
             reply = json.loads(s.makefile("rb").readline() or b'{"ok": false, "error": "worker closed"}')
         if not reply.get("ok"):
             raise RuntimeError(f"asyncfl node worker failed: {reply.get('error')}")
-        return read_arrays(out, reply["out_index"]), reply["metrics"]
+        return read_arrays(out, reply["out_index"], copy=False), reply["metrics"]
 
 
 def control(path: Path, op: str) -> dict[str, Any] | None:
@@ -226,19 +206,17 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     task = req["task"]
     state, update_log = None, None
     if "update-log" in task:  # payloads named "log-<i>/<array>": regroup into their records
-        from flwr.app import Array, ArrayRecord
-
         from asyncfl.strategies.downlink import UpdateLog
 
         spec = task["update-log"]
-        records = [ArrayRecord({k.split("/", 1)[1]: Array(np.ascontiguousarray(a)) for k, a in arrays.items()
-                                if k.startswith(f"log-{i}/")}) for i in range(int(spec["n"]))]
+        records = [{k.split("/", 1)[1]: a for k, a in arrays.items() if k.startswith(f"log-{i}/")}
+                   for i in range(int(spec["n"]))]
         update_log = UpdateLog(int(spec["base"]), [float(c) for c in spec["coefs"]], records)
     else:
         state = {k: torch.from_numpy(a) for k, a in arrays.items()}
     result = get_worker(cfg).run_task(cfg, state, pid, n, run_key=task["run-key"], version=task["version"],
                                       repeat=int(task.get("repeat", 0)), update_log=update_log)
-    arrays = {k: array_view(result.record[k]) for k in result.record.keys()}
+    arrays = arrays_of(result.record)
     return {"out_index": write_arrays(Path(req["out"]), arrays), "metrics": result.metrics}
 
 

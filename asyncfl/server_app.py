@@ -71,7 +71,7 @@ def run(grid: Grid, cfg: AppConfig) -> dict:
         save_model(model, tokenizer, run_dir / "model")
     summary = recorder.finish(stop_reason=state.final_reason, extra={
         "version": state.version, "rounds": state.rounds, "prefetched_tasks": strategy.prefetched,
-        "log_tasks": strategy.log_tasks})
+        "log_tasks": strategy.log_tasks, "packed_replies": strategy.packed_replies})
     log.info("asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s", state.final_reason,
              summary.get("initial_eval_ppl") or float("nan"), summary.get("final_eval_ppl") or float("nan"),
              summary.get("wall_clock_s") or 0.0, run_dir)

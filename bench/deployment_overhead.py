@@ -27,6 +27,9 @@ idle poll by queueing a node's next task before the running one ends (`prefetch`
 * `prefetch-fp16`: prefetch + `download-dtype="fp16"` (global weights sent in half precision).
 * `prefetch-log`: prefetch + `downlink="log"` (tasks carry the payloads a node missed; needs
   `--run-config 'rule="asgd"'` or fedbuff). The other profiles set `downlink="full"`.
+* `packed`, `packed-fp16`, `packed-log`: the three above with `pack="on"` (every record one
+  Flower Array); `packed-log` is what a deployment gets by default with rule asgd or fedbuff.
+  The profiles before them set `pack="off"`, Flower's one object per array.
 `--breakdown` repeats the `tuned` run with FLWR_LOG_LEVEL=DEBUG (timestamped Flower logs) and
 splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), process start
 (task pulled -> flwr-clientapp running), app (ClientApp load + handler), reply wait (task
@@ -61,11 +64,14 @@ import local_deployment as ld  # noqa: E402
 
 _POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}
 PROFILES = {  # name -> (environment, run-config overrides); each isolates one mechanism
-    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full"'),
-    "tuned": (_POLL, 'prefetch="off" downlink="full"'),
-    "prefetch": (_POLL, 'prefetch="on" downlink="full"'),
-    "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16"'),
-    "prefetch-log": (_POLL, 'prefetch="on" downlink="log"'),  # needs rule asgd or fedbuff
+    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"'),
+    "tuned": (_POLL, 'prefetch="off" downlink="full" pack="off"'),
+    "prefetch": (_POLL, 'prefetch="on" downlink="full" pack="off"'),
+    "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="off"'),
+    "prefetch-log": (_POLL, 'prefetch="on" downlink="log" pack="off"'),  # needs rule asgd or fedbuff
+    "packed": (_POLL, 'prefetch="on" downlink="full" pack="on"'),
+    "packed-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="on"'),
+    "packed-log": (_POLL, 'prefetch="on" downlink="log" pack="on"'),  # the deployment default (asgd)
 }
 
 
@@ -321,7 +327,7 @@ def main() -> None:
     p.add_argument("--app", type=Path, default=ROOT)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="small = GPT-2 124M shape")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--gpus", default="", help="comma list: SuperNode i gets CUDA_VISIBLE_DEVICES=gpus[i % len]")
+    p.add_argument("--gpus", default="", help="comma list: SuperNode i gets CUDA_VISIBLE_DEVICES=gpus[i %% len]")
     p.add_argument("--local-steps", type=int, default=0, help="per task (0: 2 for tiny, 10 for small)")
     p.add_argument("--data", type=Path, default=SHARED_DATA, help="folder with gpt2/ and wikitext-2-raw/")
     p.add_argument("--no-fresh", action="store_true", help="skip the fresh-process probes")

@@ -121,6 +121,7 @@ def test_local_deployment_completes_and_cleans_up(tmp_path):
     assert {u["partition"] for u in updates} == {0, 1}  # both SuperNodes worked
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["extra"]["log_tasks"] >= 4 and not [e for e in events if e["event"] in ("drop", "need_full")]
+    assert summary["extra"]["packed_replies"] == len(updates)  # pack="auto": on in deployment
     # Everything the script started is gone, and its ports are free again.
     work = str(tmp_path / "work")
     assert processes_mentioning(work) == []

@@ -26,6 +26,7 @@ from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
 from asyncfl.strategies.loop import AsyncFLStrategy
 from asyncfl.strategies.server_state import ServerState, load_checkpoint
+from asyncfl.transport import PACKED_KEY, arrays_of, pack
 
 @pytest.fixture(autouse=True)
 def task_identity():
@@ -62,6 +63,8 @@ class FakeGrid:
         self.log_tasks = 0  # tasks that came as an update log
         self.forgot: set[int] = set()
         self.max_queued: dict[int, int] = {n: 0 for n in delays}  # most messages held at once
+        self.packed_records = 0  # task records that came as one packed Array
+        self.unpacked_records = 0  # ... and as one Array per tensor
 
     def queued(self, node: int) -> int:
         return sum(1 for _, m in self.pending.values() if m.metadata.dst_node_id == node)
@@ -115,11 +118,11 @@ class FakeGrid:
             assert base == int(config["base-version"])
             received = {k: v.clone() for k, v in held.items()}
             for i, c in enumerate(list(config["log-coefs"])[:int(config["log-n"])]):
-                for k, u in decode_state(msg.content[f"log-{i}"]).items():
+                for k, u in decode_state(self._arrays(msg.content[f"log-{i}"])).items():
                     received[k] += c * u
             self.log_tasks += 1
         else:
-            received = msg.content["arrays"].to_torch_state_dict()
+            received = {k: torch.from_numpy(a.copy()) for k, a in self._arrays(msg.content["arrays"]).items()}
         self.held[node] = (version, {k: v.clone() for k, v in received.items()})
         delta = client_delta(node, received)
         if how == "nan":
@@ -127,10 +130,24 @@ class FakeGrid:
         if how == "wrong-shape":
             delta["w"] = torch.zeros(2, 2)
         record = get_compressor("none").encode_state(delta)
+        if config.get("pack", False):  # as the real ClientApp does when the server asks
+            record = pack(arrays_of(record))
+        if how == "bad-pack":  # the header claims an array far beyond the bytes sent
+            raw = bytearray(record[PACKED_KEY].data)
+            raw[raw.index(b'"w/data","<f4",[4,3],') + len(b'"w/data","<f4",[4,3],')] = ord("9")
+            record[PACKED_KEY].data = bytes(raw)
         metrics = MetricRecord({"partition-id": node, "train-loss": 1.0 / node, "num-examples": node,
                                 "bytes": record.count_bytes(), "dense-bytes": 60, "rec-error": 0.0,
                                 "fro-error": 0.0})
         return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+
+
+    def _arrays(self, record: ArrayRecord) -> dict:
+        if PACKED_KEY in record.keys():
+            self.packed_records += 1
+        else:
+            self.unpacked_records += 1
+        return arrays_of(record)
 
 
 def make_state(tmp_path, **overrides) -> ServerState:
@@ -217,9 +234,10 @@ def test_node_unavailable_retires_at_once_and_the_run_goes_on(tmp_path):
     assert len(events(tmp_path, "update")) == 4
 
 
-@pytest.mark.parametrize("how", ["nan", "wrong-shape"])
+@pytest.mark.parametrize("how", ["nan", "wrong-shape", "bad-pack"])
 def test_invalid_payload_is_rejected_and_global_model_untouched(tmp_path, how):
-    state = make_state(tmp_path, rule="asgd", **{"server-lr": 1.0, "max-updates": 3})
+    state = make_state(tmp_path, rule="asgd", pack="on" if how == "bad-pack" else "off",
+                       **{"server-lr": 1.0, "max-updates": 3})
     grid = FakeGrid({1: 1, 2: 1}, {2: how})
     AsyncFLStrategy(state).start(grid)
     ups = events(tmp_path, "update")
@@ -322,6 +340,25 @@ def test_prefetch_waits_until_the_lead_time_before_the_expected_finish(tmp_path)
     assert [t.prefetched for t in strategy.inflight.values()] == [False, True]
 
 
+def test_first_task_time_estimate_uses_the_handler_time_not_the_start_up():
+    from asyncfl.strategies.nodes import NodeInfo, Task
+
+    node = NodeInfo()
+    first = Task(node=1, version=0, sent_at=0.0)
+    node.inflight = 1
+    node.replied(first, now=8.3, ok=True, handler_s=1.4)  # 8.3 s: app install, worker start, ...
+    assert node.services == [1.4] and node.expected_service() == 1.4
+    second = Task(node=1, version=1, sent_at=8.4)
+    node.replied(second, now=13.6, ok=True, handler_s=0.7)  # later tasks: the real service time
+    assert node.services == [1.4, pytest.approx(5.2)]
+    crashed = Task(node=1, version=2, sent_at=13.6)
+    node.replied(crashed, now=14.0, ok=False)  # a crash says nothing about task times
+    assert len(node.services) == 2 and node.free_at == 14.0
+    other = NodeInfo()
+    other.replied(Task(node=2, version=0, sent_at=0.0), now=3.0, ok=True)  # no handler time sent
+    assert other.services == [3.0]
+
+
 def test_prefetch_survives_a_crash_and_a_node_leaving_with_a_queued_task(tmp_path):
     state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 1e6, "max-updates": 6})
     grid = FakeGrid({1: 1, 2: 2}, {2: "crash-once"})
@@ -420,3 +457,39 @@ def test_update_log_needs_a_linear_rule():
     with pytest.raises(ConfigError, match="downlink.*fedasync"):
         AppConfig.from_run_config({"downlink": "log", "rule": "fedasync"})
     assert AppConfig.from_run_config({"downlink": "log", "mode": "sync", "rule": "fedasync"}).downlink == "log"
+
+
+# ------------------------------------------------------------------------------------------
+# packed transport: every record one Flower Array
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("downlink", ["full", "log"])
+def test_packed_messages_train_the_same_model(tmp_path, log_always, downlink):
+    def run(pack_mode):
+        state = make_state(tmp_path / pack_mode, rule="asgd", pack=pack_mode, downlink=downlink,
+                           **{"server-lr": 0.5, "max-updates": 10})
+        grid = FakeGrid({1: 1, 2: 3})
+        strategy = AsyncFLStrategy(state)
+        strategy.start(grid)
+        return state, grid, strategy.packed_replies
+
+    packed, grid, packed_replies = run("on")
+    plain, plain_grid, plain_replies = run("off")
+    assert plain_grid.packed_records == 0 and plain_replies == 0
+    assert packed_replies == 10  # every applied reply came back packed
+    # every task record came packed (the full weights, or each payload of an update log)
+    assert grid.packed_records >= len(grid.sent) - 2 and (downlink == "full" or grid.log_tasks >= 6)
+    assert grid.unpacked_records == 0
+    ups = events(tmp_path / "on", "update")
+    assert [u["node"] for u in ups] == [u["node"] for u in events(tmp_path / "off", "update")]
+    expected = replay_asgd(grid, ups, 0.5)
+    for k in X0:
+        torch.testing.assert_close(packed.x[k], expected[k])
+        torch.testing.assert_close(packed.x[k], plain.x[k], rtol=0, atol=0)
+
+
+def test_pack_auto_is_off_outside_deployment(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"max-updates": 2})
+    strategy = AsyncFLStrategy(state)
+    grid = FakeGrid({1: 1})
+    strategy.start(grid)
+    assert not strategy.pack and grid.packed_records == 0

@@ -10,7 +10,8 @@ from asyncfl.compressors import decode_state
 from asyncfl.model import build_model, trainable_state
 from flwr.app import Array
 
-from asyncfl.node_worker import array_view, control, read_arrays, run_remote, socket_path, write_arrays
+from asyncfl.node_worker import control, read_arrays, run_remote, socket_path, write_arrays
+from asyncfl.transport import array_view
 from asyncfl.worker import Worker
 from tests.conftest import TINY_OFFLINE
 
@@ -93,7 +94,7 @@ def test_remote_update_log_task_matches_in_process(remote):
 
     from asyncfl.compressors import get_compressor
     from asyncfl.config import AppConfig
-    from asyncfl.node_worker import array_view
+    from asyncfl.transport import array_view
     from asyncfl.worker import UpdateLog
 
     run_config, node = remote

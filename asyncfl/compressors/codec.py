@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -143,7 +144,8 @@ def record_nbytes(payloads: Mapping[str, Payload], compressor: str) -> int:
 
 
 def parse_record(record) -> tuple[str, dict[str, Payload]]:
-    """Read (compressor, payloads) from a record; structure only, values are checked later."""
+    """Read (compressor, payloads) from a record (an `ArrayRecord`, or a mapping of names to
+    numpy arrays); structure only, values are checked later."""
     try:
         keys = set(record.keys())
     except AttributeError:
@@ -175,7 +177,10 @@ def parse_record(record) -> tuple[str, dict[str, Payload]]:
 
 
 def _load(array, key: str) -> np.ndarray:
-    """Deserialize one `Array` (numpy, no pickle) or raise `PayloadError`."""
+    """Deserialize one `Array` (numpy, no pickle) or raise `PayloadError`; a numpy array
+    (from an unpacked record, `asyncfl.transport.arrays_of`) is taken as it is."""
+    if isinstance(array, np.ndarray):
+        return array
     try:
         return array.numpy()  # np.load(..., allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad payload
@@ -291,7 +296,9 @@ def reconstruct(p: Payload, device=None, dtype: torch.dtype | None = torch.float
     layout = LAYOUTS[p.kind]
     f = {}
     for k, a in p.factors.items():
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        with warnings.catch_warnings():  # read-only views of received bytes: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
         f[k] = t if k == layout.index else t.float() * (2.0 ** p.scales.get(k, 0))
     return layout.rebuild(f).reshape(p.shape).to(out_dtype)
 
@@ -334,8 +341,9 @@ def decode_state(record, reference: Mapping | None = None, *, device=None,
 
     Parameters
     ----------
-    record : flwr.app.ArrayRecord
-        Built by `Compressor.encode_state`; self-describing (compressor, kinds, shapes).
+    record : flwr.app.ArrayRecord | Mapping[str, np.ndarray]
+        Built by `Compressor.encode_state` (or its arrays, e.g. unpacked by
+        `asyncfl.transport.arrays_of`); self-describing (compressor, kinds, shapes).
     reference : Mapping[str, torch.Size | tuple | Tensor] | None, default None
         Expected names and shapes; missing, extra or mismatched tensors are errors. Pass it
         for untrusted input: without it a tiny payload may declare a huge shape.

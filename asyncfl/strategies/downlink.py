@@ -36,7 +36,7 @@ class UpdateLog:
 
     base: int
     coefs: list[float]
-    records: list[ArrayRecord]
+    records: list  # payload ArrayRecords (server side) or their arrays (client side, unpacked)
     target: int | None = None
 
     @property

@@ -46,6 +46,7 @@ from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
 from asyncfl.strategies.nodes import NodeInfo, Reply, Task
 from asyncfl.strategies.rules import fedavg_mean
 from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch
+from asyncfl.transport import TransportError, arrays_of, is_packed, pack
 
 log = logging.getLogger("asyncfl")
 
@@ -60,6 +61,14 @@ def _for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
     if dtype == "fp16" and t.is_floating_point() and (t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX):
         return t.to(torch.float16).cpu()
     return t.float().cpu()
+
+
+def _handler_s(msg: Message) -> float | None:
+    """The ClientApp's own time for a task (metric `client-s`), if the reply carries it."""
+    if msg.has_error() or "metrics" not in msg.content.metric_records:
+        return None
+    value = msg.content["metrics"].get("client-s")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _in_deployment(grid: Grid) -> bool:
@@ -93,6 +102,8 @@ class AsyncFLStrategy(Strategy):
         self.push_s: list[float] = []  # how long the last task pushes took
         self.downlink: DownlinkLog | None = None  # decided in start(); None = full weights always
         self.log_tasks = 0  # tasks sent as an update log
+        self.pack = False  # decided in start(): arrays travel as one packed Array per record
+        self.packed_replies = 0  # replies whose payload came packed
 
     # ----------------------------------------------------------------------------------------
     # Flower Strategy interface (round-based hooks; our start() drives everything itself)
@@ -125,6 +136,9 @@ class AsyncFLStrategy(Strategy):
         """Run the whole training; returns a Flower `Result` with the final arrays."""
         self.summary()
         self.prefetch = self._prefetch_wanted(grid)
+        self.pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and _in_deployment(grid))
+        if self.pack:
+            log.info("asyncfl: arrays packed: each record travels as one Flower Array")
         self.downlink = self._downlink_wanted(grid)
         reason = "finished"
         try:
@@ -173,7 +187,7 @@ class AsyncFLStrategy(Strategy):
         """Process one reply; returns the node that became idle (None if retired)."""
         task = self.inflight.pop(msg.metadata.reply_to_message_id)
         node = self.nodes[task.node]
-        node.replied(task, self.clock.elapsed(), ok=not msg.has_error())
+        node.replied(task, self.clock.elapsed(), ok=not msg.has_error(), handler_s=_handler_s(msg))
         reply = self._decode(msg, task)
         if reply is None:
             return None if node.retired else task.node
@@ -321,12 +335,13 @@ class AsyncFLStrategy(Strategy):
         """The global trainable state as an ArrayRecord, built once per version."""
         if self._record_cache is None or self._record_cache[0] != self.s.version:
             arrays = {k: _for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
-            self._record_cache = (self.s.version, ArrayRecord(arrays))
+            record = pack({k: v.numpy() for k, v in arrays.items()}) if self.pack else ArrayRecord(arrays)
+            self._record_cache = (self.s.version, record)
         return self._record_cache[1]
 
     def _task_message(self, node: int, repeat: int = 0) -> Message:
         config = {"version": self.s.version, "repeat": repeat, "run-key": self.s.run_key,
-                  "rule": self.cfg.rule, "downlink": "full"}
+                  "rule": self.cfg.rule, "downlink": "full", "pack": self.pack}
         content = RecordDict()
         update_log = self.downlink.message_for(node, self.s.version) if self.downlink else None
         if update_log is None:
@@ -386,16 +401,17 @@ class AsyncFLStrategy(Strategy):
             if record is None:
                 raise PayloadError("reply has no ArrayRecord named 'arrays'")
             t0 = time.perf_counter()
-            update = decode_state(record, reference=self.s.shapes, device=self.s.device,
+            update = decode_state(arrays_of(record), reference=self.s.shapes, device=self.s.device,
                                   max_rank=self.cfg.rank)
             self.s.sync_device()
             decode_s = time.perf_counter() - t0
-        except PayloadError as exc:
+        except (PayloadError, TransportError) as exc:
             log.warning("asyncfl: rejected payload from node %s: %s", node_id, exc)
             self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
                                      reason=f"invalid payload: {exc}")
             return None
         node.failures = 0
+        self.packed_replies += is_packed(record)
         node.partition = int(metrics.get("partition-id", -1))
         node.last_loss = float(metrics.get("train-loss", float("nan")))
         self.s.selector.observe(node_id, node.last_loss)

@@ -39,12 +39,22 @@ class NodeInfo:
         """When this node could start `task`: its push, or this node's last reply if later."""
         return max(task.sent_at, self.free_at if self.free_at is not None else task.sent_at)
 
-    def replied(self, task: Task, now: float, ok: bool) -> None:
-        """One of this node's tasks came back at `now` (a reply, or an error when not `ok`)."""
+    def replied(self, task: Task, now: float, ok: bool, handler_s: float | None = None) -> None:
+        """One of this node's tasks came back at `now` (a reply, or an error when not `ok`).
+
+        `handler_s`: the ClientApp's own time for it. A node's first task also pays one-time
+        costs (app install, worker start, model build, often several times the steady service
+        time), so for it the handler time, a lower bound, is what is kept: an estimate that is
+        too low only queues the next task early (a little staleness), one that is too high
+        misses the queueing and costs the SuperNode's whole idle poll."""
+        first = self.free_at is None
         self.inflight = max(self.inflight - 1, 0)
         task.started_at = self.start_of(task)
         if ok:  # crashes say nothing about how long a task takes
-            self.services = [*self.services[-2:], now - task.started_at]
+            service = now - task.started_at
+            if first and handler_s is not None and handler_s > 0:
+                service = min(service, handler_s)
+            self.services = [*self.services[-2:], service]
         self.free_at = now
 
     def expected_service(self) -> float | None:
