@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,9 +135,9 @@ def _view(raw: np.ndarray, start: int, e) -> tuple[str, np.ndarray]:
         raise TransportError(f"packed header entry {str(e)[:80]} is not [name, dtype, shape, offset]") from None
     if not ok:
         raise TransportError(f"packed header entry {str(e)[:80]} is not [name, dtype, shape, offset]")
-    if dt.kind not in _KINDS or dt.hasobject:
-        raise TransportError(f"array '{name}': dtype {dtype!r} not accepted (numeric or bool only)")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if dt.kind not in _KINDS or dt.hasobject or not dt.isnative:
+        raise TransportError(f"array '{name}': dtype {dtype!r} not accepted (numeric or bool, native byte order)")
+    nbytes = math.prod(shape) * dt.itemsize  # Python ints: a huge declared shape cannot wrap around
     begin = start + offset
     if begin + nbytes > raw.size:
         raise TransportError(f"array '{name}' ({dtype} {tuple(shape)}) lies beyond the {raw.size} bytes received")

@@ -66,3 +66,15 @@ def _token_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     import asyncfl.data
 
     monkeypatch.setattr(asyncfl.data, "DISK_CACHE_DIR", tmp_path_factory.getbasetemp() / "token-cache")
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's runtime sets the process's task identity before an app runs (a Message built
+    outside one needs it); do the same, and restore it afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

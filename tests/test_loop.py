@@ -28,15 +28,7 @@ from asyncfl.strategies.loop import AsyncFLStrategy
 from asyncfl.strategies.server_state import ServerState, load_checkpoint
 from asyncfl.transport import PACKED_KEY, arrays_of, pack
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's runtime sets the process's task identity before a ServerApp runs; do the same."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 X0 = {"w": torch.arange(12, dtype=torch.float32).reshape(4, 3) / 10, "b": torch.ones(3)}

@@ -118,6 +118,8 @@ def _with_header(raw: bytearray, header: dict) -> np.ndarray:
 @pytest.mark.parametrize("entry, match", [
     (["w", "<f4", [2, 300], 0], "beyond"),
     (["w", "|O", [2, 3], 0], "dtype"),
+    (["w", ">f4", [2, 3], 0], "byte order"),
+    (["w", "<f8", [2 ** 40, 2 ** 40], 0], "beyond"),  # would wrap around in int64
     (["w", "<f4", [2, -3], 0], "not \\[name, dtype, shape, offset\\]"),
     (["w", "<f4", [2, 3], 3], "not \\[name, dtype, shape, offset\\]"),  # misaligned offset
     (["w", "<f4", [2, 3]], "not \\[name, dtype, shape, offset\\]"),

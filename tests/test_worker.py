@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from asyncfl.compressors import decode_state
@@ -119,3 +120,35 @@ def test_update_log_rebuilds_the_weights_from_the_held_copy(make_cfg, tmp_path, 
         out = worker.run_task(cfg, None, 0, 2, run_key=rk, version=7, update_log=stale)
         assert out.metrics["need-full"] == 1 and len(out.record) == 0
     assert worker.held[1] == 6
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_handler_reads_and_answers_packed_records_like_plain_ones(make_cfg, tmp_path, monkeypatch):
+    """The ClientApp's train handler (simulation path): a task whose weights come packed gets
+    a packed reply that decodes to exactly what the plain task's reply decodes to."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from asyncfl.client_app import handle_train
+    from asyncfl.transport import PACKED_KEY, arrays_of, pack
+    from tests.conftest import TINY_OFFLINE
+
+    monkeypatch.setenv("ASYNCFL_NODE_DIR", str(tmp_path))
+    run_config = {**TINY_OFFLINE, "compressor": "pca", "rank": 2, "persistent-worker": "off"}
+    start = fresh_global(make_cfg(**{k: v for k, v in run_config.items() if k != "persistent-worker"}))
+    arrays = {k: v.numpy() for k, v in start.items()}
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config)
+
+    def reply(packed: bool):
+        record = pack(arrays) if packed else ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        config = ConfigRecord({"version": 0, "run-key": "r", "pack": packed})
+        msg = Message(RecordDict({"arrays": record, "config": config}), dst_node_id=7, message_type="train")
+        msg.metadata.__dict__["_message_id"] = f"task-{packed}"
+        return handle_train(msg, context).content["arrays"]
+
+    packed, plain = reply(True), reply(False)
+    assert list(packed.keys()) == [PACKED_KEY] and PACKED_KEY not in plain.keys()
+    shapes = {k: v.shape for k, v in start.items()}
+    got, want = decode_state(arrays_of(packed), reference=shapes), decode_state(plain, reference=shapes)
+    for k in start:  # same task (same seed, same weights) -> the same payload, bit for bit
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
