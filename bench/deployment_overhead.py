@@ -16,8 +16,10 @@ that one) to its reply -- the time each update costs that node -- and `client_s`
 ClientApp's train handler reported for itself (data, training, encoding). The first update of each node also pays FAB install, first imports and data caches;
 it is reported apart, the rest are the steady state.
 
-Profiles (legitimate settings only, nothing in Flower is patched). The one timing knob flwr
-1.41 exposes for this path is the SuperExec's task poll interval (env
+Profiles: settings Flower exposes, and asyncfl's own SuperExec (`forked-log`, `forked`:
+`asyncfl-superexec` runs Flower's SuperExec code with its executor swapped for one that forks
+ClientApp processes, through `run_superexec.get_executor`). The one timing knob flwr 1.41/1.42
+exposes for this path is the SuperExec's task poll interval (env
 FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 0.01..60 s); the SuperNode's idle poll (3 s) and its reply
 poll (0.5 s) are constants in flwr/supernode/start_client_internal.py. The server can hide the
 idle poll by queueing a node's next task before the running one ends (`prefetch`).
@@ -28,8 +30,13 @@ idle poll by queueing a node's next task before the running one ends (`prefetch`
 * `prefetch-log`: prefetch + `downlink="log"` (tasks carry the payloads a node missed; needs
   `--run-config 'rule="asgd"'` or fedbuff). The other profiles set `downlink="full"`.
 * `packed`, `packed-fp16`, `packed-log`: the three above with `pack="on"` (every record one
-  Flower Array); `packed-log` is what a deployment gets by default with rule asgd or fedbuff.
-  The profiles before them set `pack="off"`, Flower's one object per array.
+  Flower Array). The profiles before them set `pack="off"`, Flower's one object per array.
+  All profiles up to here run the SuperNodes in Flower's default subprocess isolation.
+* `process-log`: packed-log with the SuperNodes in process isolation, each next to a
+  `flower-superexec` (Flower's executor: a fresh `flwr-clientapp` process per message).
+* `forked-log`, `forked`: packed-log / packed in process isolation next to `asyncfl-superexec`
+  (asyncfl/launcher.py: ClientApp processes forked from a zygote that imported Flower's runtime
+  once); `forked-log` is what `scripts/local-deployment.sh` runs by default with rule asgd.
 `--breakdown` repeats the `tuned` run with FLWR_LOG_LEVEL=DEBUG (timestamped Flower logs) and
 splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), process start
 (task pulled -> flwr-clientapp running), app (ClientApp load + handler), reply wait (task
@@ -63,15 +70,22 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import local_deployment as ld  # noqa: E402
 
 _POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}
-PROFILES = {  # name -> (environment, run-config overrides); each isolates one mechanism
-    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"'),
-    "tuned": (_POLL, 'prefetch="off" downlink="full" pack="off"'),
-    "prefetch": (_POLL, 'prefetch="on" downlink="full" pack="off"'),
-    "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="off"'),
-    "prefetch-log": (_POLL, 'prefetch="on" downlink="log" pack="off"'),  # needs rule asgd or fedbuff
-    "packed": (_POLL, 'prefetch="on" downlink="full" pack="on"'),
-    "packed-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="on"'),
-    "packed-log": (_POLL, 'prefetch="on" downlink="log" pack="on"'),  # the deployment default (asgd)
+# name -> (environment, run-config overrides, how SuperNodes run ClientApps); each isolates one
+# mechanism. Executors (scripts/local_deployment.py): "subprocess" = Flower's default isolation,
+# "flower" = process isolation with flower-superexec, "asyncfl" = process isolation with
+# asyncfl-superexec (ClientApp processes forked from a warm zygote).
+PROFILES = {
+    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"', "subprocess"),
+    "tuned": (_POLL, 'prefetch="off" downlink="full" pack="off"', "subprocess"),
+    "prefetch": (_POLL, 'prefetch="on" downlink="full" pack="off"', "subprocess"),
+    "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="off"', "subprocess"),
+    "prefetch-log": (_POLL, 'prefetch="on" downlink="log" pack="off"', "subprocess"),  # needs rule asgd or fedbuff
+    "packed": (_POLL, 'prefetch="on" downlink="full" pack="on"', "subprocess"),
+    "packed-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="on"', "subprocess"),
+    "packed-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "subprocess"),
+    "process-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "flower"),
+    "forked-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "asyncfl"),  # the deployment default (asgd)
+    "forked": (_POLL, 'prefetch="on" downlink="full" pack="on"', "asyncfl"),
 }
 
 
@@ -103,7 +117,7 @@ def stats(xs: list[float]) -> dict[str, float | int | None]:
 
 
 def run_profile(name: str, args, debug: bool = False) -> dict:
-    env, profile_config = PROFILES[name]
+    env, profile_config, executor = PROFILES[name]
     work = Path(tempfile.mkdtemp(prefix=f"asyncfl-bench-{name}-"))
     results = work / "results"
     base = free_ports(args.nodes + 1)
@@ -112,7 +126,7 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
     if debug:
         os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
     dep = ld.Deployment(work / "work", args.nodes, superlink_port=base, node_port=base + 1,
-                        gpus=[g for g in args.gpus.split(",") if g])
+                        gpus=[g for g in args.gpus.split(",") if g], executor=executor)
     gpu_mem = GpuMemory() if args.device == "cuda" else None
     t0 = time.monotonic()
     try:
@@ -150,7 +164,7 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
                 for u in us if u.get("client_s") is not None]
 
     out = {
-        "profile": name, "env": env, "run_config": profile_config,
+        "profile": name, "env": env, "run_config": profile_config, "executor": executor,
         "prefetched": sum(1 for u in updates if u.get("prefetched")),
         "updates": len(updates), "total_s": round(total_s, 1),
         "overhead_s": stats(overhead(steady)), "first_update_overhead_s": stats(overhead(first)),
@@ -165,7 +179,9 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
     if gpu_mem is not None:
         out["gpu_mem_mib"] = gpu_mem.result()
     if debug:
-        out["breakdown_s"] = breakdown([dep.logs / f"supernode-{i}.log" for i in range(1, args.nodes + 1)])
+        # in process isolation the ClientApp processes log to their SuperExec's file
+        out["breakdown_s"] = breakdown([[dep.logs / f"{kind}-{i}.log" for kind in ("supernode", "superexec")]
+                                        for i in range(1, args.nodes + 1)])
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -178,19 +194,24 @@ _MARKS = {
 }
 
 
-def breakdown(logs: list[Path]) -> dict:
-    """Phases of each SuperNode cycle from timestamped (DEBUG) SuperNode logs."""
+def breakdown(nodes: list[list[Path]]) -> dict:
+    """Phases of each SuperNode cycle from timestamped (DEBUG) logs: per node, the SuperNode's
+    log and (process isolation) its SuperExec's, merged by time."""
     phases: dict[str, list[float]] = {"idle_poll": [], "process_start": [], "app": [], "reply_wait": []}
-    for path in logs:
+    for paths in nodes:
         marks: list[tuple[str, float]] = []
-        for line in path.read_text(errors="replace").splitlines():
-            m = _TS.search(line)
-            if not m:
+        for path in paths:
+            if not path.is_file():
                 continue
-            for text, mark in _MARKS.items():
-                if text in line:
-                    t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                    marks.append((mark, t))
+            for line in path.read_text(errors="replace").splitlines():
+                m = _TS.search(line)
+                if not m:
+                    continue
+                for text, mark in _MARKS.items():
+                    if text in line:
+                        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                        marks.append((mark, t))
+        marks.sort(key=lambda mt: mt[1])
         last: dict[str, float] = {}
         for mark, t in marks:
             if mark == "received" and "sent" in last:
@@ -284,15 +305,15 @@ def free_ports(size: int) -> int:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| profile | task poll | queued ahead | steady overhead median (mean, p90) | "
+    rows = ["| profile | executor | task poll | queued ahead | steady overhead median (mean, p90) | "
             "queued ahead: overhead median (n) | not queued: overhead median (n) | "
             "first update overhead | service median | round trip median | client_s median | "
             "train_s median |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["profiles"]:
         o, f = r["overhead_s"], r["first_update_overhead_s"]
         rows.append(
-            f"| {r['profile']} | {r['env']['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']} s | "
+            f"| {r['profile']} | {r['executor']} | {r['env']['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']} s | "
             f"{r['prefetched']}/{r['updates']} | {o['median']} s ({o['mean']}, {o['p90']}; n={o['n']}) | "
             f"{r['overhead_queued_s']['median']} s ({r['overhead_queued_s']['n']}) | "
             f"{r['overhead_not_queued_s']['median']} s ({r['overhead_not_queued_s']['n']}) | "
@@ -305,7 +326,8 @@ def markdown(result: dict) -> str:
         for g in r.get("gpu_mem_mib", []):
             rows.append(f"{r['profile']}: GPU memory peak {g['peak_mib']} MiB, pid {g['pid']} ({g['kind']})")
     if result.get("breakdown"):
-        rows += ["", "| SuperNode cycle phase (tuned, DEBUG logs) | median | mean | n |", "|---|---|---|---|"]
+        rows += ["", f"| SuperNode cycle phase ({result.get('breakdown_profile', 'tuned')}, DEBUG logs) | median | mean | n |",
+                 "|---|---|---|---|"]
         for k, v in result["breakdown"].items():
             rows.append(f"| {k} | {v['median']} s | {v['mean']} s | {v['n']} |")
     if result["fresh_process"]:
@@ -351,6 +373,7 @@ def main() -> None:
         print(markdown(result), flush=True)
     if args.breakdown:
         result["breakdown"] = run_profile(args.breakdown_profile, args, debug=True)["breakdown_s"]
+        result["breakdown_profile"] = args.breakdown_profile
     result["fresh_process"] = {} if args.no_fresh else fresh_process_times(args.repeats)
     args.out.write_text(json.dumps(result, indent=2))
     print(markdown(result))

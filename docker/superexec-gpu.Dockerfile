@@ -4,7 +4,7 @@
 #
 # Build from the repository root:
 #   docker build -f docker/superexec-gpu.Dockerfile -t asyncfl-superexec:gpu .
-ARG FLWR_VERSION=1.41.0
+ARG FLWR_VERSION=1.42.0
 FROM flwr/superexec:${FLWR_VERSION}
 
 # PyPI's Linux x86_64 torch wheels are CUDA 12 builds; pin the index to pick another CUDA.

@@ -1,13 +1,14 @@
 # SuperExec image for asyncfl (CPU): runs `flwr-serverapp` / `flwr-clientapp` task processes in
 # process isolation (see ../docker-compose.yml). Flower ships the app code itself (the FAB) with
-# every run; the image provides its dependencies, and the package is installed too so that
-# `python -c "import asyncfl"` works in the container for debugging.
+# every run; the image provides its dependencies, and the package is installed too, which puts
+# `asyncfl-superexec` on PATH (the ClientApp containers use it as their entrypoint: Flower's
+# SuperExec with ClientApp processes forked warm, asyncfl/launcher.py).
 #
 # Build from the repository root:
 #   docker build -f docker/superexec.Dockerfile -t asyncfl-superexec:cpu .
 # FLWR_VERSION must match the flwr installed where `flwr run` is called and lie in the range
 # pinned in pyproject.toml (tests/test_docker.py checks the default).
-ARG FLWR_VERSION=1.41.0
+ARG FLWR_VERSION=1.42.0
 FROM flwr/superexec:${FLWR_VERSION}
 
 # CPU-only torch wheels (the default PyPI wheel would pull the CUDA runtime, ~3 GB).

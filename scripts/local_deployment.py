@@ -3,7 +3,12 @@
 One `flower-superlink` (TLS, SuperNode authentication, no runtime dependency installation),
 N `flower-supernode`s (each with its own key pair, registered with `flwr supernode register`, its
 own Runtime API port and `partition-id=i num-partitions=N` node config), then
-`flwr run <app> <connection> --stream` to completion. Certificates, keys, one private FLWR_HOME
+`flwr run <app> <connection> --stream` to completion. How the SuperNodes run ClientApps
+(`--executor`): `asyncfl` (default) runs each SuperNode in process isolation next to its own
+`asyncfl-superexec` (ClientApp processes forked from a warm zygote, see asyncfl/launcher.py),
+over TLS with a SuperExec shared secret; `flower` does the same with Flower's
+`flower-superexec`; `subprocess` leaves the SuperNode in Flower's default subprocess isolation
+(it starts its own SuperExec). Certificates, keys, one private FLWR_HOME
 per process (the CLI's holds the connection in config.toml; ~/.flwr is never read or written)
 and one log file per process live in a work directory. Every process this script starts runs
 in its own process group (so the SuperExec and flwr-clientapp/-serverapp processes Flower
@@ -50,6 +55,9 @@ CONNECTION = "asyncfl-local"
 HOST = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 9100
 DEFAULT_TASK_POLL_INTERVAL = "0.1"  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1.0 s)
+# How SuperNodes run ClientApps: our forking SuperExec, Flower's SuperExec (both in process
+# isolation), or Flower's subprocess isolation (the SuperNode starts its own SuperExec).
+EXECUTORS = ("asyncfl", "flower", "subprocess")
 
 
 class DeploymentError(RuntimeError):
@@ -146,7 +154,10 @@ class Deployment:
         gpus: list[str] | None = None,
         extra_keys: int = 0,
         sans: tuple[str, ...] = ("localhost", HOST),
+        executor: str = "asyncfl",
     ) -> None:
+        if executor not in EXECUTORS:
+            raise DeploymentError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
         self.work = work_dir.resolve()
         self.n = num_nodes
         self.insecure = insecure
@@ -157,11 +168,13 @@ class Deployment:
         self.gpus = gpus or []
         self.extra_keys = extra_keys  # key pairs made but never registered (auth tests)
         self.sans = sans  # names in the server certificate
+        self.executor = executor
         self.certs = self.work / "certs"
         self.logs = self.work / "logs"
         self.cli_home = self.work / "flwr-home" / "cli"
         self.procs: list[Proc] = []
         self.nodes: dict[int, Proc] = {}  # node index (1..N) -> process
+        self.executors: dict[int, Proc] = {}  # node index -> its SuperExec (process isolation)
         self.node_ids: dict[int, int] = {}  # node index -> SuperLink node id (registered keys)
 
     # -- setup ----------------------------------------------------------------------------------
@@ -276,14 +289,35 @@ class Deployment:
     def list_nodes(self) -> list[dict]:
         return json.loads(self.flwr("supernode", "ls", CONNECTION, "--format", "json"))["nodes"]
 
+    @property
+    def process_isolation(self) -> bool:
+        return self.executor != "subprocess"
+
     def supernode_cmd(self, index: int, partition_id: int) -> list[str]:
         cmd = ["flower-supernode", "--superlink", f"{HOST}:{self.port}",
                "--host", HOST, "--port", str(self.node_port + index - 1),
                "--node-config", f"partition-id={partition_id} num-partitions={self.n}"]
+        if self.process_isolation:
+            cmd += ["--isolation", "process"]
+        if self.insecure:
+            return cmd + ["--insecure"]
+        cmd += ["--root-certificates", str(self.certs / "ca.crt"),
+                "--auth-supernode-private-key", str(self.key(index))]
+        if self.process_isolation:  # the Runtime API the SuperExec dials: TLS + shared secret
+            cmd += ["--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key"),
+                    "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                    "--superexec-auth-secret-file", str(self.certs / "superexec.secret")]
+        return cmd
+
+    def superexec_cmd(self, index: int) -> list[str]:
+        """The SuperExec next to SuperNode `index` in process isolation."""
+        prog = "asyncfl-superexec" if self.executor == "asyncfl" else "flower-superexec"
+        cmd = [prog, "--runtime-api-address", f"{HOST}:{self.node_port + index - 1}"]
         if self.insecure:
             return cmd + ["--insecure"]
         return cmd + ["--root-certificates", str(self.certs / "ca.crt"),
-                      "--auth-supernode-private-key", str(self.key(index))]
+                      "--superexec-auth-secret-file", str(self.certs / "superexec.secret")]
 
     def start_supernode(self, index: int, partition_id: int, *, name: str | None = None) -> Proc:
         """Start SuperNode `index` (1-based key/port index) serving partition `partition_id`."""
@@ -292,12 +326,15 @@ class Deployment:
         if self.gpus:
             extra["CUDA_VISIBLE_DEVICES"] = self.gpus[(index - 1) % len(self.gpus)]
         name = name or f"supernode-{index}"
-        proc = self.spawn(name, cmd, self.work / "flwr-home" / name, **extra)
+        home = self.work / "flwr-home" / name
+        proc = self.spawn(name, cmd, home, **extra)
         self.nodes[index] = proc
+        if self.process_isolation:  # ClientApps (and the GPU) belong to the node's SuperExec
+            self.executors[index] = self.spawn(f"superexec-{index}", self.superexec_cmd(index), home, **extra)
         return proc
 
     def wait_nodes_online(self, indices: list[int], timeout: float = 90) -> None:
-        procs = [self.nodes[i] for i in indices]
+        procs = [self.nodes[i] for i in indices] + [self.executors[i] for i in indices if i in self.executors]
 
         def ready() -> bool:
             if self.insecure:  # no registration: count online nodes instead
@@ -325,16 +362,19 @@ class Deployment:
 
     # -- kill one node mid-run ------------------------------------------------------------------
     def kill_later(self, index: int, after_s: float, sig: int) -> threading.Thread:
-        """Kill SuperNode `index` `after_s` seconds after it received its first task."""
+        """Kill SuperNode `index` (and its SuperExec: the machine is gone) `after_s` seconds
+        after it received its first task."""
         proc = self.nodes[index]
+        executor = self.executors.get(index)
 
         def watch() -> None:
             while proc.alive():
                 if "Receiving:" in proc.log_path.read_text(errors="replace"):
                     time.sleep(after_s)
-                    if proc.alive():
-                        log(f"killing {proc.name} (pid {proc.pid}) with {signal.Signals(sig).name}")
-                        proc.signal_group(sig)
+                    for p in (proc, executor):
+                        if p is not None and p.alive():
+                            log(f"killing {p.name} (pid {p.pid}) with {signal.Signals(sig).name}")
+                            p.signal_group(sig)
                     return
                 time.sleep(0.2)
 
@@ -516,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=os.environ.get("ASYNCFL_NODE_GPUS", ""),
                    help="comma list of GPU ids; SuperNode i gets CUDA_VISIBLE_DEVICES=gpus[i %% len] "
                         "(env ASYNCFL_NODE_GPUS; default: leave CUDA_VISIBLE_DEVICES alone)")
+    p.add_argument("--executor", choices=EXECUTORS, default=os.environ.get("ASYNCFL_EXECUTOR", "asyncfl"),
+                   help="how SuperNodes run ClientApps: asyncfl = process isolation with "
+                        "asyncfl-superexec (ClientApp processes forked from a warm zygote; default), "
+                        "flower = process isolation with flower-superexec, subprocess = Flower's "
+                        "default isolation (env ASYNCFL_EXECUTOR)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds the run may take (default 1800)")
     p.add_argument("--kill-node", type=int, metavar="I",
                    help="kill SuperNode I (1..N) mid-run, to exercise node failure handling")
@@ -531,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_nodes < 1:
         log("error: N must be >= 1")
+        return 2
+    if args.executor not in EXECUTORS:  # the env default is not checked by argparse
+        log(f"error: --executor / ASYNCFL_EXECUTOR must be one of {', '.join(EXECUTORS)}, got {args.executor!r}")
         return 2
     if args.kill_node is not None and not 1 <= args.kill_node <= args.num_nodes:
         log(f"error: --kill-node must be in 1..{args.num_nodes}")
@@ -570,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     dep = Deployment(
         work, args.num_nodes, insecure=args.insecure, superlink_port=args.port,
         node_port=args.node_port, gpus=[g for g in args.gpus.split(",") if g.strip()],
+        executor=args.executor,
     )
 
     def on_signal(signum, _frame):

@@ -130,6 +130,14 @@ def test_local_deployment_completes_and_cleans_up(tmp_path):
     superlink_log = (tmp_path / "work" / "logs" / "superlink.log").read_text()
     assert "--enable-supernode-auth" in superlink_log and "https://" in superlink_log
     assert "--insecure" not in superlink_log
+    # The SuperNodes ran in process isolation next to asyncfl-superexec, and every ClientApp
+    # task ran in a process forked from its warm zygote (no silent fallback to Flower's).
+    forked = 0
+    for i in (1, 2):
+        log = (tmp_path / "work" / "logs" / f"superexec-{i}.log").read_text()
+        assert "zygote ready" in log and "zygote unavailable" not in log and "fork failed" not in log
+        forked += int(re.search(r"stopping: (\d+) ClientApp task\(s\) ran in forked processes", log).group(1))
+    assert forked >= len(updates)  # (a task queued ahead may still have started at the end)
 
 
 @pytest.mark.slow

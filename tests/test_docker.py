@@ -55,6 +55,8 @@ def load(path: Path) -> dict:
 
 
 def program_of(name: str, service: dict) -> str:
+    if "entrypoint" in service:
+        return service["entrypoint"][0]
     if "build" in service:  # our SuperExec images (ENTRYPOINT flower-superexec)
         return "flower-superexec"
     image = service["image"].split(":")[0]
@@ -100,6 +102,9 @@ def test_compose_has_superlink_serverapp_and_a_superexec_per_supernode(compose):
         executor = services[f"superexec-clientapp-{i}"]["command"]
         assert arg(executor, "--runtime-api-address") == f"supernode-{i}:{arg(node, '--port')}"
         assert f"supernode-{i}" in services[f"superexec-clientapp-{i}"]["depends_on"]
+        # ClientApps forked warm (asyncfl/launcher.py); the ServerApp's SuperExec is Flower's own
+        assert program_of(f"superexec-clientapp-{i}", services[f"superexec-clientapp-{i}"]) == "asyncfl-superexec"
+    assert program_of("superexec-serverapp", services["superexec-serverapp"]) == "flower-superexec"
 
 
 def test_tls_node_auth_and_superexec_secret_are_on(compose):
@@ -247,9 +252,12 @@ def compose_commands() -> list[list[str]]:
 
 def script_commands(tmp_path: Path) -> list[list[str]]:
     for insecure in (False, True):
-        dep = ld.Deployment(tmp_path, 2, insecure=insecure, superlink_port=9100)
-        yield dep.superlink_cmd()
-        yield dep.supernode_cmd(1, 0)
+        for executor in ld.EXECUTORS:
+            dep = ld.Deployment(tmp_path, 2, insecure=insecure, superlink_port=9100, executor=executor)
+            yield dep.superlink_cmd()
+            yield dep.supernode_cmd(1, 0)
+            if dep.process_isolation:
+                yield dep.superexec_cmd(1)
     yield ["flwr", "supernode", "register", "k.pub", ld.CONNECTION, "--format", "json"]
     yield ["flwr", "supernode", "ls", ld.CONNECTION, "--format", "json"]
     yield ["flwr", "ls", ld.CONNECTION, "--run-id", "1", "--format", "json"]
@@ -274,7 +282,8 @@ def docs_commands() -> list[list[str]]:
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             tokens = shlex.split(line, comments=True)
-            starts = [k for k, t in enumerate(tokens) if t == "flwr" or t.startswith("flower-")]
+            starts = [k for k, t in enumerate(tokens)
+                      if t in ("flwr", "asyncfl-superexec") or t.startswith("flower-")]
             if starts:
                 out.append(tokens[starts[0]:])
     return out
@@ -293,7 +302,7 @@ def test_every_flag_in_the_local_deployment_script_exists(tmp_path):
 def test_every_flag_in_the_deployment_docs_exists():
     commands = docs_commands()
     programs = {c[0] for c in commands}
-    assert {"flower-superlink", "flower-supernode", "flwr"} <= programs, programs
+    assert {"flower-superlink", "flower-supernode", "asyncfl-superexec", "flwr"} <= programs, programs
     for command in commands:
         assert_flags_exist(command)
 
