@@ -189,10 +189,13 @@ class Zygote:
         self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()
         self.conn.settimeout(start_timeout)
-        hello = self._read("start")
-        if not hello.get("ready"):
+        try:
+            hello = self._read("start")
+            if not hello.get("ready"):
+                raise ZygoteError(hello.get("error", f"unexpected first line {hello}"))
+        except (ZygoteError, ValueError) as exc:  # no zygote left behind
             self.close()
-            raise ZygoteError(hello.get("error", f"unexpected first line {hello}"))
+            raise ZygoteError(str(exc)) from exc
         self.conn.settimeout(30.0)
 
     def _read(self, what: str) -> dict[str, Any]:
@@ -209,7 +212,10 @@ class Zygote:
             self.conn.sendall((json.dumps(req) + "\n").encode())
         except OSError as exc:
             raise ZygoteError(f"zygote unreachable: {exc}") from exc
-        reply = self._read("fork")
+        try:
+            reply = self._read("fork")
+        except ValueError as exc:  # not JSON
+            raise ZygoteError(f"zygote answered garbage: {exc}") from exc
         if "pid" not in reply:
             raise ZygoteError(reply.get("error", f"unexpected reply {reply}"))
         return int(reply["pid"])
@@ -218,8 +224,9 @@ class Zygote:
         return self.proc.poll() is None
 
     def close(self) -> None:
-        try:
-            self.conn.close()  # the zygote exits on EOF; its running children finish their task
+        try:  # the zygote exits on EOF (its running children finish their task); the socket's
+            self.reader.close()  # fd stays open while its file object does
+            self.conn.close()
         except OSError:
             pass
         try:
