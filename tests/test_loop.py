@@ -485,3 +485,33 @@ def test_pack_auto_is_off_outside_deployment(tmp_path):
     grid = FakeGrid({1: 1})
     strategy.start(grid)
     assert not strategy.pack and grid.packed_records == 0
+
+
+def test_a_node_on_its_first_task_borrows_the_peers_first_task_time(tmp_path):
+    """Node 2's first task runs while node 1 has finished its own first task (6 s of handler
+    time): node 2's second task is queued on that estimate, not only at node 2's first reply."""
+    state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 2.0})
+    grid = FakeGrid({1: 100, 2: 100})
+    strategy = AsyncFLStrategy(state)
+    strategy.prefetch = True
+    strategy._scan_nodes(grid, force=True)
+    now = [0.0]
+    strategy.clock.elapsed = lambda: now[0]
+    strategy._dispatch(grid, 1)
+    now[0] = 4.0
+    strategy._dispatch(grid, 2)  # node 2's first task could start at t=4
+    node1, node2 = strategy.nodes[1], strategy.nodes[2]
+    now[0] = 5.5
+    strategy._prefetch(grid)
+    assert node2.inflight == 1  # nobody has a task time yet: nothing to go on
+    first1 = next(t for t in strategy.inflight.values() if t.node == 1)
+    now[0] = 6.5
+    node1.replied(first1, now=6.5, ok=True, handler_s=6.0)  # node 1's first task: 6 s of handler
+    assert node1.first_service == 6.0
+    for t, expect in [(7.9, 1), (8.0, 2), (9.0, 2)]:  # node 2 due at 4 + 6 - 2 = 8
+        now[0] = t
+        strategy._prefetch(grid)
+        assert node2.inflight == expect, t
+    # a node's own history wins over the peers' once it has one
+    node1.services = [20.0]
+    assert not node1.next_task_due(first1, now=10.0, lead=2.0, peer_first=0.5)

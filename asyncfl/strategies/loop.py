@@ -270,11 +270,13 @@ class AsyncFLStrategy(Strategy):
         # the push itself takes time (building and uploading the global weights: seconds for
         # the 124M shape), so it starts that much earlier
         lead = self.cfg.prefetch_lead_s + max(self.push_s, default=0.0)
+        peer_first = min((i.first_service for i in self.nodes.values() if i.first_service is not None),
+                         default=None)
         for n, info in sorted(self.nodes.items()):
             if info.retired or info.inflight != 1 or budget <= 0:
                 continue
             running = next(t for t in self.inflight.values() if t.node == n)
-            if info.next_task_due(running, now, lead):
+            if info.next_task_due(running, now, lead, peer_first):
                 if self._dispatch(grid, n, prefetched=True):
                     self.prefetched += 1
                     budget -= 1

@@ -31,6 +31,7 @@ class NodeInfo:
     inflight: int = 0  # tasks pushed and not answered: 1 running, + 1 queued with prefetch
     free_at: float | None = None  # clock time of its last reply (it started the next task then)
     services: list[float] = field(default_factory=list)  # its last task service times
+    first_service: float | None = None  # the estimate its first task gave (see `replied`)
     last_version: int | None = None  # version of the last task pushed to it
     repeat: int = 0  # tasks of that same version pushed before it
     last_loss: float | None = None
@@ -54,6 +55,8 @@ class NodeInfo:
             service = now - task.started_at
             if first and handler_s is not None and handler_s > 0:
                 service = min(service, handler_s)
+            if self.first_service is None:
+                self.first_service = service
             self.services = [*self.services[-2:], service]
         self.free_at = now
 
@@ -63,9 +66,17 @@ class NodeInfo:
         whole poll again, while an early one costs only a little staleness."""
         return min(self.services) if self.services else None
 
-    def next_task_due(self, running: Task, now: float, lead: float) -> bool:
-        """Whether `running` is expected to end within `lead` seconds of `now`."""
+    def next_task_due(self, running: Task, now: float, lead: float,
+                      peer_first: float | None = None) -> bool:
+        """Whether `running` is expected to end within `lead` seconds of `now`.
+
+        A node still on its first task has no time of its own; `peer_first`, the shortest first
+        task another node has finished (same one-time costs), stands in for it. Without it, every
+        node's second task would be pushed only at its first reply, after the SuperNode has
+        already found no message and gone to sleep for its idle poll."""
         expected = self.expected_service()
+        if expected is None:
+            expected = peer_first
         return expected is not None and now >= self.start_of(running) + expected - lead
 
 
