@@ -125,7 +125,6 @@ def _fork_child(req: dict[str, Any], conn: socket.socket) -> int:
             except (OSError, ValueError):
                 pass
         os._exit(code)
-    return 0  # unreachable
 
 
 def _reap() -> None:
@@ -275,8 +274,7 @@ class ForkingExecutor:
             return self.fallback.launch(spec)
         req = {"address": spec.runtime_api_address, "token": spec.token, "insecure": spec.insecure,
                "root_certificates": spec.root_certificates_path, "parent_pid": spec.parent_pid,
-               "runtime_dependency_install": spec.runtime_dependency_install,
-               "task_id": spec.task_id}
+               "runtime_dependency_install": spec.runtime_dependency_install}
         try:
             zygote.fork(req)
         except ZygoteError as exc:

@@ -314,14 +314,20 @@ def test_prefetch_auto_stays_off_outside_deployment(tmp_path):
     assert grid.max_queued == {1: 1, 2: 1}
 
 
-def test_prefetch_waits_until_the_lead_time_before_the_expected_finish(tmp_path):
+def manual_prefetch(tmp_path, speeds: dict[int, float], t0: float):
+    """A prefetching strategy (lead 2 s) driven by hand, on a clock set through `now[0]`."""
     state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 2.0})
-    grid = FakeGrid({1: 100})
+    grid = FakeGrid(speeds)
     strategy = AsyncFLStrategy(state)
     strategy.prefetch = True
     strategy._scan_nodes(grid, force=True)
-    now = [10.0]
+    now = [t0]
     strategy.clock.elapsed = lambda: now[0]
+    return strategy, grid, now
+
+
+def test_prefetch_waits_until_the_lead_time_before_the_expected_finish(tmp_path):
+    strategy, grid, now = manual_prefetch(tmp_path, {1: 100}, t0=10.0)
     strategy._dispatch(grid, 1)
     node = strategy.nodes[1]
     node.services, node.free_at = [9.5, 8.0, 12.0], 9.0  # expect 8 s; started at 10 (pushed after the last reply)
@@ -490,13 +496,7 @@ def test_pack_auto_is_off_outside_deployment(tmp_path):
 def test_a_node_on_its_first_task_borrows_the_peers_first_task_time(tmp_path):
     """Node 2's first task runs while node 1 has finished its own first task (6 s of handler
     time): node 2's second task is queued on that estimate, not only at node 2's first reply."""
-    state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 2.0})
-    grid = FakeGrid({1: 100, 2: 100})
-    strategy = AsyncFLStrategy(state)
-    strategy.prefetch = True
-    strategy._scan_nodes(grid, force=True)
-    now = [0.0]
-    strategy.clock.elapsed = lambda: now[0]
+    strategy, grid, now = manual_prefetch(tmp_path, {1: 100, 2: 100}, t0=0.0)
     strategy._dispatch(grid, 1)
     now[0] = 4.0
     strategy._dispatch(grid, 2)  # node 2's first task could start at t=4
