@@ -515,3 +515,21 @@ def test_a_node_on_its_first_task_borrows_the_peers_first_task_time(tmp_path):
     # a node's own history wins over the peers' once it has one
     node1.services = [20.0]
     assert not node1.next_task_due(first1, now=10.0, lead=2.0, peer_first=0.5)
+
+
+def test_error_replies_of_a_dead_node_s_running_and_queued_task_in_one_pull(tmp_path):
+    """A node dies holding a running and a queued task: both error replies come in one pull.
+    The first retires the node and drops the queued task; its reply is then skipped, not a
+    KeyError that ends the ServerApp."""
+    strategy, grid, now = manual_prefetch(tmp_path, {1: 1, 2: 1}, t0=0.0)
+    grid.behaviour[2] = "gone"
+    strategy.s.prepare(2)  # the rule (start() builds it once the nodes are there)
+    strategy._dispatch(grid, 2)
+    strategy._dispatch(grid, 2, prefetched=True)
+    assert grid.queued(2) == 2 and strategy.nodes[2].inflight == 2
+    grid.tick = 10  # both ready: the next pull returns them together
+    handled = [strategy._handle_async_reply(msg) for msg in strategy._pull(grid)]
+    assert handled == [None]  # one reply handled (node retired), the other one skipped
+    assert strategy.nodes[2].retired and strategy.nodes[2].inflight == 0
+    assert all(t.node != 2 for t in strategy.inflight.values())
+    assert [r["node"] for r in events(tmp_path, "node_retired")] == [2]

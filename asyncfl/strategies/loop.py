@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterator
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -378,11 +379,15 @@ class AsyncFLStrategy(Strategy):
             self.downlink.prune()
         return True
 
-    def _pull(self, grid: Grid) -> list[Message]:
+    def _pull(self, grid: Grid) -> Iterator[Message]:
+        """The replies ready now, each checked against `inflight` when the caller reaches it:
+        handling one reply can drop others of the same batch (an error that retires a node drops
+        its queued task too, whose error reply may be in the batch)."""
         if not self.inflight:
-            return []
-        return [m for m in grid.pull_messages(list(self.inflight))
-                if m.metadata.reply_to_message_id in self.inflight]
+            return
+        for msg in list(grid.pull_messages(list(self.inflight))):
+            if msg.metadata.reply_to_message_id in self.inflight:
+                yield msg
 
     def _decode(self, msg: Message, task: Task | None) -> Reply | None:
         """Validate and decode a reply; log and return None for errors and bad payloads."""
