@@ -45,7 +45,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     pid, num_partitions = partition_of(context.node_config)
     task_cfg = msg.content["config"]
     task = {"run-key": str(task_cfg.get("run-key", context.run_id)),
-            "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0))}
+            "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0)),
+            "local-steps": int(task_cfg.get("local-steps", 0))}  # > 0: DyLU's steps for this task
     logs = _update_log(msg)  # None: the message carries the full weights
     # packed reply: one Flower object instead of one per factor (the server asks in deployment)
     packed = bool(task_cfg.get("pack", False))
@@ -66,7 +67,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
                                           run_key=task["run-key"], version=task["version"],
                                           repeat=task["repeat"],
-                                          update_log=None if logs is None else UpdateLog(*logs))
+                                          update_log=None if logs is None else UpdateLog(*logs),
+                                          local_steps=task["local-steps"])
         record, metrics = result.record, result.metrics
         if packed:
             record = pack(arrays_of(record))
@@ -95,6 +97,27 @@ def _torch_views(arrays: dict) -> dict:
         return {k: torch.from_numpy(a) for k, a in arrays.items()}
 
 
+def handle_warmup(msg: Message, context: Context) -> Message:
+    """Build the model, load the partition and run one training step (compiled graphs,
+    allocator, caches), so the first real task costs what every later one does."""
+    setup_logging()
+    cfg = AppConfig.from_run_config(context.run_config)
+    pid, num_partitions = partition_of(context.node_config)
+    if use_persistent_worker(cfg):
+        node = {"partition-id": pid, "num-partitions": num_partitions}
+        _, metrics = run_remote(dict(context.run_config), node, {"warmup": True}, {})
+    else:
+        from asyncfl.worker import get_worker
+
+        metrics = get_worker(cfg).warm_up(cfg, pid, num_partitions)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context)
+
+
+@app.query("warmup")
+def warmup(msg: Message, context: Context) -> Message:
+    return handle_warmup(msg, context)

@@ -68,6 +68,9 @@ class Key:
 
 
 _NONNEG = at_least(0)
+# the async rules; asyncfl.strategies.registry.RULES is the same tuple (a test checks): kept
+# here as names so that the ClientApp, which reads the config, does not import torch
+RULE_NAMES = ("fedasync", "fedbuff", "asgd", "dn", "fadas", "shifted", "saga", "saga-est", "page")
 KEYS: tuple[Key, ...] = (
     # --- model ---------------------------------------------------------------------------------
     Key("model", "gpt2", "Hub id or local folder of a GPT-2 checkpoint", group="model"),
@@ -110,19 +113,29 @@ KEYS: tuple[Key, ...] = (
     Key("row-select", "greedy", "CUR row selection: \"greedy\" (most energy per row, on a sketch; best measured) | \"pivoted\" (QRCP pivots) | \"uniform\" (paper) | \"leverage\"", one_of("greedy", "pivoted", "uniform", "leverage"), "compress"),
     # --- server loop ---------------------------------------------------------------------------
     Key("mode", "async", "\"async\" (apply each update on arrival) | \"sync\" (FedAvg barrier per round)", one_of("async", "sync"), "server"),
-    Key("rule", "fedasync", "async rule: \"fedasync\" | \"fedbuff\" | \"asgd\" | \"shifted\" | \"saga\"", one_of("fedasync", "fedbuff", "asgd", "shifted", "saga"), "server"),
+    Key("rule", "fedasync", "async rule: \"fedasync\" | \"fedbuff\" | \"asgd\" | \"dn\" (Delayed Nesterov) | \"fadas\" | \"shifted\" | \"saga\" | \"saga-est\" | \"page\"", one_of(*RULE_NAMES), "server"),
     Key("alpha", 0.6, "fedasync mixing weight a (x <- (1-a s(tau)) x + a s(tau) x_client)", in_range(0.0, 1.0), "server"),
     Key("staleness", "polynomial", "staleness weight s(tau): \"constant\" | \"polynomial\" | \"hinge\"", one_of("constant", "polynomial", "hinge"), "server"),
     Key("staleness-a", 0.5, "exponent (polynomial) or slope (hinge) of s(tau)", _NONNEG, "server"),
     Key("staleness-b", 4, "hinge: staleness tolerated at full weight", _NONNEG, "server"),
     Key("buffer-size", 2, "fedbuff: deltas buffered per server step", at_least(1), "server"),
     Key("server-lr", 1.0, "server step size (fedbuff, asgd, shifted, saga, sync)", above(0), "server"),
+    Key("server-momentum", 0.0, "momentum beta of the server step (0 = none): sync (FedAvgM; DiLoCo's outer Nesterov), fedbuff (once per buffer), asgd (every update), dn (the delayed momentum, Liu et al. 2024: 0.9)", in_range(0.0, 0.999), "server"),
+    Key("nesterov", True, "server momentum in Nesterov form (step g + beta m) rather than heavy ball (step m)", group="server"),
+    Key("fadas-beta1", 0.9, "fadas: first-moment decay of the server AMSGrad step", in_range(0.0, 0.999), "server"),
+    Key("fadas-beta2", 0.99, "fadas: second-moment decay", in_range(0.0, 0.9999), "server"),
+    Key("fadas-eps", 1e-8, "fadas: epsilon of the AMSGrad denominator", above(0), "server"),
+    Key("fadas-tau-c", 0, "fadas: staleness up to which `server-lr` is used as is; above it min(server-lr, 1/tau_max) (0 = number of nodes)", _NONNEG, "server"),
+    Key("page-p", 0.5, "page: probability that a task is a fresh estimate (else the client trains twice and sends the difference)", in_range(0.01, 1.0), "server"),
+    Key("dylu", False, "dynamic local updates (Liu et al. 2024): each task's local steps scaled by the node's measured speed relative to the fastest node (`local-steps` for the fastest), so every node's task takes about as long", group="server"),
     Key("delay-adaptive", False, "asgd: shrink the step by concurrency/staleness when staleness > concurrency", group="server"),
     Key("shift-alpha", 0.5, "shifted: h_i <- h_i + shift-alpha * decoded", in_range(0.0, 1.0), "server"),
     Key("max-staleness", 0, "drop (and log) updates staler than this (0 = keep all)", _NONNEG, "server"),
-    Key("selection", "same", "who gets the next task: \"same\" | \"uniform\" (idle nodes) | \"loss-biased\"", one_of("same", "uniform", "loss-biased"), "server"),
-    Key("selection-floor", 0.2, "loss-biased: share of probability spread uniformly (keeps every q > 0)", in_range(0.0, 1.0), "server"),
+    Key("selection", "same", "who gets the next task: \"same\" | \"uniform\" (idle nodes) | \"loss-biased\" | \"time-aware\" (q favours nodes with short measured task times: the paper's sec. 2.1 objective, expected wall-clock per update, under q_i > 0)", one_of("same", "uniform", "loss-biased", "time-aware"), "server"),
+    Key("selection-floor", 0.2, "loss-biased, time-aware: share of probability spread uniformly (keeps every q > 0)", in_range(0.0, 1.0), "server"),
+    Key("selection-power", 1.0, "time-aware: q_i ~ (1 / task time)^power above the floor (1 = the share each node gets when all run without a cap)", _NONNEG, "server"),
     Key("concurrency", 0, "max tasks in flight (0 = one per node)", _NONNEG, "server"),
+    Key("warmup", True, "before the run clock starts, every node builds its model, loads its data and runs one training step (a `query.warmup` message, at most `node-wait-s`), so start-up costs stay out of the run's times and out of the first tasks: `t`, `time-budget-s` and `wall_clock_s` count training; summary `extra.warmup_s` says how long it took", group="server"),
     Key("min-nodes", 2, "wait for this many nodes before starting", at_least(1), "server"),
     Key("node-wait-s", 120.0, "give up if `min-nodes` are not connected after this long", above(0), "server"),
     Key("poll-interval-s", 0.05, "server poll interval for replies", above(0), "server"),
@@ -132,8 +145,8 @@ KEYS: tuple[Key, ...] = (
     Key("task-ttl-s", 3600.0, "TTL of a task message; expired tasks come back as errors and are re-dispatched", above(0), "server"),
     Key("max-node-failures", 3, "retire a node after this many consecutive error replies", at_least(1), "server"),
     # --- stopping ------------------------------------------------------------------------------
-    Key("num-rounds", 3, "sync: rounds; async: sets `max-updates` to num-rounds x nodes when that is 0", at_least(1), "stop"),
-    Key("max-updates", 0, "async: stop after this many applied updates (0 = num-rounds x nodes)", _NONNEG, "stop"),
+    Key("num-rounds", 3, "sync: rounds; async: `max-updates` = num-rounds x nodes when that is 0. Not a stop condition when `time-budget-s` or `target-ppl` is set: those stop the run", at_least(1), "stop"),
+    Key("max-updates", 0, "async: stop after this many applied updates (0 = num-rounds x nodes, or no limit when `time-budget-s` or `target-ppl` is set)", _NONNEG, "stop"),
     Key("time-budget-s", 0.0, "stop after this many wall-clock seconds (0 = off)", _NONNEG, "stop"),
     Key("target-ppl", 0.0, "stop when eval perplexity <= this (0 = off)", _NONNEG, "stop"),
     Key("stop-rule", "none", "\"none\" | \"bound\" (paper 3.4 convergence-bound rule)", one_of("none", "bound"), "stop"),
@@ -218,6 +231,12 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
                 f"run config key `downlink` = \"log\" needs a rule whose steps are weighted sums of "
                 f"client payloads (\"asgd\", \"fedbuff\") or mode \"sync\", got rule \"{self.rule}\"; "
                 "use downlink \"auto\" or \"full\""
+            )
+        if self.downlink == "log" and self.server_momentum:
+            raise ConfigError(
+                f"run config key `downlink` = \"log\" replays the payloads of each step, but "
+                f"`server-momentum` = {self.server_momentum} adds the momentum of older steps; "
+                "use downlink \"auto\" or \"full\", or server-momentum 0"
             )
         if self.prefetch == "on" and self.selection != "same" and self.concurrency:
             raise ConfigError(

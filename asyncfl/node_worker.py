@@ -201,6 +201,8 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
 
     cfg = AppConfig.from_run_config(req["run_config"])
     pid, n = partition_of(req["node_config"])
+    if req["task"].get("warmup"):
+        return {"out_index": [], "metrics": get_worker(cfg).warm_up(cfg, pid, n)}
     # a copy-on-write map of the task file: the model reads the weights straight from it
     arrays = read_arrays(Path(req["in"]), req["in_index"], copy=False)
     task = req["task"]
@@ -215,7 +217,8 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     else:
         state = {k: torch.from_numpy(a) for k, a in arrays.items()}
     result = get_worker(cfg).run_task(cfg, state, pid, n, run_key=task["run-key"], version=task["version"],
-                                      repeat=int(task.get("repeat", 0)), update_log=update_log)
+                                      repeat=int(task.get("repeat", 0)), update_log=update_log,
+                                      local_steps=int(task.get("local-steps", 0)))
     arrays = arrays_of(result.record)
     return {"out_index": write_arrays(Path(req["out"]), arrays), "metrics": result.metrics}
 

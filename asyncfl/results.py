@@ -224,6 +224,11 @@ class RunRecorder:
         self._fh = path.open("a", encoding="utf-8")
         return True
 
+    def restart_clock(self) -> None:
+        """Run time goes back to where it stood when the log was opened (0, or the last `t` of a
+        resumed log): what happened since, the start-up before training, is not counted."""
+        self._t0 = self._clock()
+
     @property
     def elapsed_s(self) -> float:
         """Seconds of run time so far (continues across resumes)."""

@@ -16,7 +16,7 @@ from asyncfl.model import build_model, build_tokenizer, resolve_device, save_mod
 from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
 from asyncfl.strategies.loop import AsyncFLStrategy
-from asyncfl.strategies.server_state import Checkpointer, ServerState, load_checkpoint
+from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState, load_checkpoint
 from asyncfl.train import evaluate
 
 app = ServerApp()
@@ -41,8 +41,12 @@ def main(grid: Grid, context: Context) -> None:
     run(grid, cfg)
 
 
-def run(grid: Grid, cfg: AppConfig) -> dict:
-    """Train with `cfg` over `grid`; returns the summary written to summary.json."""
+def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
+    """Train with `cfg` over `grid`; returns the summary written to summary.json.
+
+    `clock` (default: real time) is what the run is timed with; the emulator passes a
+    virtual one."""
+    clock = clock or Clock()
     device = resolve_device(cfg)
     model = build_model(cfg).to(device).eval()
     tokenizer = build_tokenizer(cfg)
@@ -52,7 +56,7 @@ def run(grid: Grid, cfg: AppConfig) -> dict:
     recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor=cfg.compressor,
                            rule=cfg.rule if cfg.mode == "async" else "fedavg", num_clients=0,
                            eval_split=eval_split, train_split=resolve_train_split(cfg),
-                           target_ppl=cfg.target_ppl or None, resume=ckpt is not None)
+                           target_ppl=cfg.target_ppl or None, clock=clock.now, resume=ckpt is not None)
     log.info("asyncfl: run dir %s; training on split '%s', evaluating on '%s' (%d blocks)",
              run_dir, resolve_train_split(cfg), eval_split, len(eval_blocks))
     state = ServerState(
@@ -61,17 +65,18 @@ def run(grid: Grid, cfg: AppConfig) -> dict:
         evaluate_fn=lambda: evaluate(model, eval_blocks, cfg.eval_batch_size, device),
         run_key=run_dir.name, run_dir=run_dir, resume=ckpt,
     )
-    strategy = AsyncFLStrategy(state)
+    strategy = AsyncFLStrategy(state, clock=clock)
     strategy.start(grid)
-    # final evaluation, model and results
-    state.ensure_final_eval(strategy.clock.elapsed())
+    # final evaluation (of the model as saved), model and results
+    state.ensure_final_eval(strategy.elapsed())
     if cfg.checkpoint_every:
         Checkpointer(state).save(state)
     if cfg.save_model:
         save_model(model, tokenizer, run_dir / "model")
     summary = recorder.finish(stop_reason=state.final_reason, extra={
         "version": state.version, "rounds": state.rounds, "prefetched_tasks": strategy.prefetched,
-        "log_tasks": strategy.log_tasks, "packed_replies": strategy.packed_replies})
+        "log_tasks": strategy.log_tasks, "packed_replies": strategy.packed_replies,
+        "warmup_s": strategy.warmup_s})
     log.info("asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s", state.final_reason,
              summary.get("initial_eval_ppl") or float("nan"), summary.get("final_eval_ppl") or float("nan"),
              summary.get("wall_clock_s") or 0.0, run_dir)

@@ -16,7 +16,9 @@ Notes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,18 +72,35 @@ class Worker:
         self.device = resolve_device(cfg)
         self.model = build_model(cfg).to(self.device)
         self.held: tuple[str, int, dict[str, torch.Tensor]] | None = None  # (run, version, weights)
+        self._page_prev: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # page: last start point
+
+    def warm_up(self, cfg: AppConfig, partition_id: int, num_partitions: int) -> dict[str, Any]:
+        """Load the partition and run one training step, so data caches, compiled graphs and
+        the allocator are ready before the first task. Safe: every task first loads the
+        received weights into the model, and each task builds its own optimizer."""
+        t0 = time.perf_counter()
+        blocks = load_partition(cfg, partition_id, num_partitions)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            train_local(self.model, blocks, dataclasses.replace(cfg, local_steps=1), self.device,
+                        generator_seed=0)
+        return {"partition-id": partition_id, "warmup-s": time.perf_counter() - t0}
 
     def matches(self, cfg: AppConfig) -> bool:
         return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)
 
     def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor] | None, partition_id: int,
                  num_partitions: int, run_key: str = "", version: int = 0,
-                 repeat: int = 0, update_log: UpdateLog | None = None) -> TaskResult:
+                 repeat: int = 0, update_log: UpdateLog | None = None,
+                 local_steps: int | None = None) -> TaskResult:
         """One task from the full global weights (`global_state`) or from an `update_log`
         over the weights this worker kept from its previous task; without those it answers
-        with metrics {"need-full": 1} and no payload, and the server sends the weights."""
+        with metrics {"need-full": 1} and no payload, and the server sends the weights.
+        `local_steps` (DyLU) overrides the config's for this task."""
         t_start = time.perf_counter()
         seed = task_seed(cfg, partition_id, version, repeat)
+        if local_steps:
+            cfg = dataclasses.replace(cfg, local_steps=int(local_steps))
         self.cfg, self.compressor = cfg, make_compressor(cfg, seed)
         # 1. data (cached per process) and the received global weights
         blocks = load_partition(cfg, partition_id, num_partitions)
@@ -93,16 +112,12 @@ class Worker:
                 return TaskResult(record=ArrayRecord(), metrics={"need-full": 1, "partition-id": partition_id})
         else:
             received = self._received(global_state)
-        load_trainable_state(self.model, received)
         self.held = (run_key, version, received)  # never written: the log's next base
-        # 2. local training
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):  # dropout masks: reproducible per task
-            torch.manual_seed(seed)
-            stats = train_local(self.model, blocks, cfg, self.device, generator_seed=seed)
-        # 3. delta = local - received, optionally minus this client's shift, then encode
-        with torch.no_grad():
-            delta = {k: v.detach() - received[k] for k, v in trainable_state(self.model).items()}
+        # 2. local training; 3. delta = local - received (page: maybe a difference of two)
+        stats, delta = self._train_delta(cfg, blocks, received, seed)
+        page_kind = None
+        if cfg.rule == "page":
+            page_kind, delta = self._page_estimate(cfg, blocks, run_key, partition_id, received, seed, delta)
         shift = self._load_shift(cfg, run_key, partition_id) if cfg.rule == "shifted" else None
         to_send = shift.residual(delta) if shift is not None else delta
         record, cm = self.compressor.encode_state(to_send, return_metrics=True)
@@ -120,12 +135,45 @@ class Worker:
             time.sleep(sleep_s)
         metrics = {
             "partition-id": partition_id, "train-loss": stats.loss, "num-examples": stats.samples,
-            "tokens": stats.tokens, "tokens-per-s": stats.tokens_per_s, "train-s": stats.seconds,
+            "steps": stats.steps, "tokens": stats.tokens, "tokens-per-s": stats.tokens_per_s,
+            "train-s": stats.seconds,
             "encode-s": cm["encode_s"], "bytes": cm["bytes"], "dense-bytes": cm["dense_bytes"],
             "rec-error": cm["mean_rel_error"], "fro-error": cm["mean_fro_error"],
             "sleep-s": sleep_s, "client-s": time.perf_counter() - t_start,
         }
+        if page_kind is not None:
+            metrics["page-kind"] = page_kind
         return TaskResult(record=record, metrics=metrics)
+
+    def _train_delta(self, cfg: AppConfig, blocks: torch.Tensor, start: dict[str, torch.Tensor],
+                     seed: int) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Train from `start` (loaded into the model) with this task's batches and dropout
+        masks; returns the training stats and the delta `trained - start`."""
+        load_trainable_state(self.model, start)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # dropout masks: reproducible per task
+            torch.manual_seed(seed)
+            stats = train_local(self.model, blocks, cfg, self.device, generator_seed=seed)
+        with torch.no_grad():
+            delta = {k: v.detach() - start[k] for k, v in trainable_state(self.model).items()}
+        return stats, delta
+
+    def _page_estimate(self, cfg: AppConfig, blocks: torch.Tensor, run_key: str, partition_id: int,
+                       received: dict[str, torch.Tensor], seed: int,
+                       delta: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+        """The client half of `page` (seed notes, Algorithm 6): with probability `page-p`, or
+        when this worker does not hold the point of the node's previous task, the task's delta
+        as it is ("fresh"); otherwise the difference between it and a delta trained from that
+        previous point with the same batches and dropout masks ("diff"), which the server adds
+        to its table entry. Either way this task's start point is kept for the next one."""
+        key = (run_key, partition_id)
+        prev = self._page_prev.get(key)
+        fresh = prev is None or random.Random(seed).random() < cfg.page_p
+        self._page_prev[key] = received
+        if fresh:
+            return "fresh", delta
+        _, old = self._train_delta(cfg, blocks, prev, seed)
+        return "diff", {k: delta[k] - old[k] for k in delta}
 
     def _received(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The received weights as new tensors in the model's dtype, on its device."""

@@ -88,3 +88,17 @@ def test_merge_gives_one_run_config_file_with_the_overrides(tmp_path):
             merged_toml(str(base), bad)
     with pytest.raises(ConfigError, match="cannot read"):
         merged_toml(str(tmp_path / "missing.toml"), "")
+
+
+def test_rule_choices_are_the_registry_s_rules():
+    from asyncfl.config import KEYS_BY_NAME, RULE_NAMES
+    from asyncfl.strategies import RULES
+
+    assert RULE_NAMES == RULES
+    check = KEYS_BY_NAME["rule"].check
+    assert all(check(r) is None for r in RULES) and check("fedavg") is not None
+
+
+def test_downlink_log_with_server_momentum_is_an_error():
+    with pytest.raises(ConfigError, match="server-momentum"):
+        AppConfig.from_run_config({"downlink": "log", "rule": "fedbuff", "server-momentum": 0.9})

@@ -24,7 +24,7 @@ from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
-from asyncfl.strategies.loop import AsyncFLStrategy
+from asyncfl.strategies.loop import WARMUP_MESSAGE_TYPE, AsyncFLStrategy
 from asyncfl.strategies.server_state import ServerState, load_checkpoint
 from asyncfl.transport import PACKED_KEY, arrays_of, pack
 
@@ -41,9 +41,13 @@ def client_delta(node: int, received: dict[str, torch.Tensor]) -> dict[str, torc
 class FakeGrid:
     """Grid stand-in: node -> (ticks to finish, behaviour)."""
 
-    def __init__(self, delays: dict[int, int], behaviour: dict[int, str] | None = None):
+    def __init__(self, delays: dict[int, int], behaviour: dict[int, str] | None = None,
+                 equal_examples: bool = False, step_s: dict[int, float] | None = None):
         self.delays = delays
         self.behaviour = behaviour or {}
+        self.equal_examples = equal_examples  # num-examples 1 for all (default: the node id)
+        self.step_s = step_s or {}  # seconds per local step each node reports (DyLU)
+        self.task_steps: list[tuple[int, int]] = []  # (node, local-steps in the task config)
         self.online = set(delays)
         self.tick = 0
         self.pending: dict[str, tuple[int, Message]] = {}
@@ -57,6 +61,7 @@ class FakeGrid:
         self.max_queued: dict[int, int] = {n: 0 for n in delays}  # most messages held at once
         self.packed_records = 0  # task records that came as one packed Array
         self.unpacked_records = 0  # ... and as one Array per tensor
+        self.warmups: list[int] = []  # nodes sent a warm-up message
 
     def queued(self, node: int) -> int:
         return sum(1 for _, m in self.pending.values() if m.metadata.dst_node_id == node)
@@ -73,11 +78,17 @@ class FakeGrid:
                 continue
             mid = uuid.uuid4().hex
             m.metadata.__dict__["_message_id"] = mid
+            if m.metadata.message_type == WARMUP_MESSAGE_TYPE:  # answered at the next pull
+                self.warmups.append(node)
+                self.pending[mid] = (self.tick, m)
+                ids.append(mid)
+                continue
             done = max(self.tick, self.busy_until[node]) + self.delays[node]
             self.busy_until[node] = done
             self.pending[mid] = (done, m)
             self.max_queued[node] = max(self.max_queued[node], self.queued(node))
             self.sent.append((node, int(m.content["config"]["version"])))
+            self.task_steps.append((node, int(m.content["config"].get("local-steps", 16))))
             self.repeats.append(int(m.content["config"]["repeat"]))
             ids.append(mid)
         return ids
@@ -93,6 +104,8 @@ class FakeGrid:
 
     def _reply(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == WARMUP_MESSAGE_TYPE:
+            return Message(RecordDict({"metrics": MetricRecord({"warmup-s": 0.0})}), reply_to=msg)
         self.calls[node] += 1
         how = self.behaviour.get(node, "ok")
         if how == "crash" or (how == "crash-once" and self.calls[node] == 1):
@@ -128,7 +141,10 @@ class FakeGrid:
             raw = bytearray(record[PACKED_KEY].data)
             raw[raw.index(b'"w/data","<f4",[4,3],') + len(b'"w/data","<f4",[4,3],')] = ord("9")
             record[PACKED_KEY].data = bytes(raw)
-        metrics = MetricRecord({"partition-id": node, "train-loss": 1.0 / node, "num-examples": node,
+        steps = int(config.get("local-steps", 16))
+        metrics = MetricRecord({"partition-id": node, "train-loss": 1.0 / node,
+                                "num-examples": 1 if self.equal_examples else node,
+                                "steps": steps, "client-s": steps * self.step_s.get(node, 0.01),
                                 "bytes": record.count_bytes(), "dense-bytes": 60, "rec-error": 0.0,
                                 "fro-error": 0.0})
         return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
@@ -322,7 +338,7 @@ def manual_prefetch(tmp_path, speeds: dict[int, float], t0: float):
     strategy.prefetch = True
     strategy._scan_nodes(grid, force=True)
     now = [t0]
-    strategy.clock.elapsed = lambda: now[0]
+    strategy.elapsed = lambda: now[0]
     return strategy, grid, now
 
 
@@ -533,3 +549,84 @@ def test_error_replies_of_a_dead_node_s_running_and_queued_task_in_one_pull(tmp_
     assert strategy.nodes[2].retired and strategy.nodes[2].inflight == 0
     assert all(t.node != 2 for t in strategy.inflight.values())
     assert [r["node"] for r in events(tmp_path, "node_retired")] == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# stop conditions, warm-up, FedBuff vs FedAvg, DyLU
+# ---------------------------------------------------------------------------------------------
+def test_a_time_budget_not_num_rounds_stops_an_async_run(tmp_path):
+    # num-rounds 1 with 2 nodes would stop after 2 updates; with a budget set it does not apply
+    state = make_state(tmp_path, rule="asgd", **{"num-rounds": 1, "time-budget-s": 0.4})
+    grid = FakeGrid({1: 1, 2: 2})
+    AsyncFLStrategy(state).start(grid)
+    assert len(events(tmp_path, "update")) > 2
+    assert state.final_reason == "time-budget-s 0.4 reached"
+    # without a budget or target the old rule holds: max-updates = num-rounds x nodes
+    plain = make_state(tmp_path / "b", rule="asgd", **{"num-rounds": 1})
+    AsyncFLStrategy(plain).start(FakeGrid({1: 1, 2: 2}))
+    assert plain.updates == 2 and plain.final_reason == "max-updates 2 reached"
+
+
+def test_a_target_not_num_rounds_stops_a_sync_run(tmp_path):
+    # num-rounds 1 would stop after one round; the target (reached after round 4) stops it instead
+    state = make_state(tmp_path, mode="sync", **{"num-rounds": 1, "eval-every": 1, "target-ppl": 20.0})
+    state.evaluate_fn = lambda: {"loss": 1.0, "ppl": 100.0 / (1 + state.rounds), "top1": 0.0, "top5": 0.0}
+    AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 1}))
+    assert state.rounds == 4 and state.final_reason == "target-ppl 20 reached (ppl 20.00)"
+
+
+def test_warm_up_reaches_every_node_first_and_restarts_the_run_clock(tmp_path):
+    state = make_state(tmp_path, rule="asgd", **{"max-updates": 4})
+    grid = FakeGrid({1: 1, 2: 2, 3: 1})
+    strategy = AsyncFLStrategy(state)
+    clock = [100.0]
+    state.recorder._clock = lambda: clock[0]
+    state.recorder._t0 = 100.0
+    real_pull = grid.pull_messages
+
+    def slow_pull(ids):  # the warm-up answers take 7 s of the recorder's clock
+        if any(m.metadata.message_type == WARMUP_MESSAGE_TYPE for _, m in grid.pending.values()):
+            clock[0] += 7.0
+        return real_pull(ids)
+
+    grid.pull_messages = slow_pull
+    strategy.start(grid)
+    assert sorted(grid.warmups) == [1, 2, 3] and grid.sent  # all warmed before any task
+    evs = events(tmp_path)
+    kinds = [e["event"] for e in evs]
+    assert kinds.index("warmup") < kinds.index("update")
+    warm = next(e for e in evs if e["event"] == "warmup")
+    assert warm["nodes"] == 3 and warm["t"] == 0.0  # the clock restarted after it
+    assert all(e["t"] < 7.0 for e in evs if e["event"] in ("update", "eval"))
+    assert strategy.warmup_s is not None
+    off = make_state(tmp_path / "off", rule="asgd", warmup=False, **{"max-updates": 2})
+    grid_off = FakeGrid({1: 1})
+    AsyncFLStrategy(off).start(grid_off)
+    assert grid_off.warmups == [] and not events(tmp_path / "off", "warmup")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fedbuff_with_k_all_clients_at_staleness_0_equals_fedavg(tmp_path, momentum):
+    nodes = {1: 1, 2: 1, 3: 1}
+    fb = make_state(tmp_path / "fb", rule="fedbuff", staleness="constant",
+                    **{"buffer-size": 3, "server-lr": 0.8, "server-momentum": momentum, "max-updates": 3})
+    grid = FakeGrid(nodes, equal_examples=True)
+    AsyncFLStrategy(fb).start(grid)
+    assert [u["staleness"] for u in events(tmp_path / "fb", "update")] == [0, 0, 0]
+    avg = make_state(tmp_path / "avg", mode="sync",
+                     **{"num-rounds": 1, "server-lr": 0.8, "server-momentum": momentum})
+    AsyncFLStrategy(avg).start(FakeGrid(nodes, equal_examples=True))
+    for k in X0:
+        torch.testing.assert_close(fb.x[k], avg.x[k], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(fb.x["w"], X0["w"])
+
+
+def test_dylu_gives_each_node_steps_in_proportion_to_its_speed(tmp_path):
+    state = make_state(tmp_path, rule="asgd", dylu=True, **{"local-steps": 16, "max-updates": 12})
+    grid = FakeGrid({1: 1, 2: 2, 3: 4}, step_s={1: 0.1, 2: 0.2, 3: 0.4})
+    AsyncFLStrategy(state).start(grid)
+    steps = grid.task_steps
+    # before a node's first reply it gets the full 16; afterwards 16 x fastest / its own
+    assert all(s == 16 for n, s in steps[:3])
+    later = {n: s for n, s in steps[3:]}
+    assert later == {1: 16, 2: 8, 3: 4}

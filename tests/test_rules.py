@@ -14,11 +14,18 @@ import torch
 
 from asyncfl.strategies import (
     ASGD,
+    FADAS,
+    Applied,
     RULES,
     SAGA,
     ClientShift,
+    DelayedNesterov,
     FedAsync,
+    FedAvg,
     FedBuff,
+    Page,
+    SagaEstimator,
+    ServerMomentum,
     Shifted,
     fedavg_mean,
     make_rule,
@@ -61,6 +68,11 @@ RULE_KWARGS = {
     "asgd": dict(server_lr=0.3, delay_adaptive=True, concurrency=2),
     "shifted": dict(server_lr=0.2, shift_alpha=0.5, num_clients=3),
     "saga": dict(server_lr=0.4),
+    "dn": dict(buffer_size=2, server_lr=0.5, momentum=0.8,
+               staleness_fn=make_staleness_fn("polynomial", 0.5, 0)),
+    "fadas": dict(buffer_size=2, server_lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, tau_c=2),
+    "saga-est": dict(server_lr=0.4),
+    "page": dict(server_lr=0.4),
 }
 
 
@@ -432,10 +444,10 @@ def test_state_dict_round_trip_continues_identically(name):
 
 
 def test_make_rule_registry_errors():
-    with pytest.raises(ValueError, match="fedasync, fedbuff, asgd, shifted, saga"):
+    with pytest.raises(ValueError, match="fedasync, fedbuff, asgd, dn, fadas, shifted, saga, saga-est, page"):
         make_rule("fedprox", server_lr=1.0)
     with pytest.raises(ValueError, match="accepted arguments: server_lr, delay_adaptive"):
-        make_rule("asgd", server_lr=1.0, momentum=0.9)
+        make_rule("asgd", server_lr=1.0, beta=0.9)
     with pytest.raises(ValueError, match="missing"):
         make_rule("fedbuff", server_lr=1.0)
     for name, kwargs, field in [("fedasync", dict(alpha=0.0), "alpha"),
@@ -447,7 +459,11 @@ def test_make_rule_registry_errors():
                                 ("shifted", dict(server_lr=1, shift_alpha=2, num_clients=2),
                                  "shift_alpha"),
                                 ("shifted", dict(server_lr=1, shift_alpha=1, num_clients=0),
-                                 "num_clients")]:
+                                 "num_clients"),
+                                ("asgd", dict(server_lr=1.0, momentum=1.0), "momentum"),
+                                ("dn", dict(buffer_size=2, server_lr=1.0, momentum=-0.1), "momentum"),
+                                ("fadas", dict(buffer_size=2, server_lr=1.0, beta2=1.0), "beta1` and `beta2"),
+                                ("fadas", dict(buffer_size=2, server_lr=1.0, tau_c=0), "tau_c")]:
         with pytest.raises(ValueError, match=f"`{field}`"):
             make_rule(name, **kwargs)
 
@@ -480,8 +496,163 @@ def test_rules_update_live_model_parameters_in_place(name):
     x = dict(model.named_parameters())
     before = {k: v.detach().clone() for k, v in x.items()}
     rule = make_rule(name, **{**RULE_KWARGS[name], **({"buffer_size": 1}
-                                                      if name == "fedbuff" else {})})
+                                                      if name in ("fedbuff", "fadas") else {})})
     update = {k: torch.ones_like(v) for k, v in before.items()}
     assert rule.apply(x, update, staleness=0, node=0).stepped
     assert all(x[k] is p for k, p in model.named_parameters())
     assert all(not torch.equal(x[k], before[k]) for k in x)
+
+
+# ---------------------------------------------------------------------------------------------
+# server momentum, FedAvg(M), Delayed Nesterov, FADAS
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("nesterov", "expected"), [(True, 4.75), (False, 3.5)])
+def test_server_momentum_hand_computed(nesterov, expected):
+    # beta 0.5, lr 1, g = 1 then 2. Nesterov: m=1, x += 1 + 0.5*1; m = 2.5, x += 2 + 0.5*2.5
+    # -> 1.5 + 3.25. Heavy ball: x += m: 1 + 2.5.
+    x, opt = state(w=t(0)), ServerMomentum(0.5, nesterov=nesterov)
+    opt.step(x, [t(1)], lr=1.0)
+    opt.step(x, [t(2)], lr=1.0)
+    assert_state(x, w=t(expected))
+
+
+def test_fedavg_round_is_the_weighted_mean_and_momentum_carries_over_rounds():
+    x, rule = state(w=t(0, 0)), FedAvg(server_lr=2.0, momentum=0.5)
+    coefs = rule.apply_round(x, [{"w": t(3, 0)}, {"w": t(0, 6)}], [1.0, 2.0])
+    assert coefs == [pytest.approx(2 / 3), pytest.approx(4 / 3)]
+    # mean [1, 4]; m = [1, 4]; x += 2 ([1, 4] + 0.5 [1, 4]) = [3, 12]
+    assert_state(x, w=t(3, 12))
+    rule.apply_round(x, [{"w": t(2, 2)}], [5.0])  # m = [2.5, 4]; x += 2 ([2, 2] + [1.25, 2])
+    assert_state(x, w=t(9.5, 20))
+    plain = FedAvg(server_lr=1.0)
+    y = state(w=t(0, 0))
+    plain.apply_round(y, [{"w": t(3, 0)}, {"w": t(0, 6)}], [1.0, 2.0])
+    assert_state(y, w=t(1, 4))
+    with pytest.raises(ValueError, match="updates\\[1\\]\\['w'\\].*shape"):
+        plain.apply_round(y, [{"w": t(1, 1)}, {"w": t(1, 2, 3)}], [1.0, 1.0])
+    assert_state(y, w=t(1, 4))
+
+
+def test_fedbuff_with_momentum_steps_once_per_buffer_on_its_mean():
+    ups = [t(1, 0), t(3, 2), t(0, 4), t(2, 2)]
+    x, rule = state(w=t(0, 0)), FedBuff(buffer_size=2, server_lr=0.5, momentum=0.9)
+    x_ref, opt = state(w=t(0, 0)), ServerMomentum(0.9)
+    for i, u in enumerate(ups):
+        applied = rule.apply(x, {"w": u}, staleness=0, node=i)
+        assert applied.stepped == (i % 2 == 1)
+    opt.step(x_ref, [(ups[0] + ups[1]) / 2], lr=0.5)
+    opt.step(x_ref, [(ups[2] + ups[3]) / 2], lr=0.5)
+    assert_state(x, w=x_ref["w"])
+
+
+def test_delayed_nesterov_hand_computed():
+    # N = 2, lr = 1, beta = 0.5. Arrivals 1, 3: x = 0.5, 2.0; milestone m = (1 + 3) / 2 = 2,
+    # x += 0.5 * 2 -> 3.0. Arrivals 2, 0: x = 4.0, 4.0; m = 0.5 * 2 + 1 = 2, x += 1 -> 5.0.
+    x, rule = state(w=t(0)), DelayedNesterov(buffer_size=2, server_lr=1.0, momentum=0.5)
+    seen = []
+    for d in (1, 3, 2, 0):
+        applied = rule.apply(x, {"w": t(d)}, staleness=0, node=0)
+        assert applied == Applied(0.5, True)
+        seen.append(float(x["w"]))
+    assert seen == [0.5, 3.0, 4.0, 5.0]
+    # over each N arrivals: one Nesterov step on their mean
+    y, opt = state(w=t(0)), ServerMomentum(0.5)
+    opt.step(y, [t(2)], lr=1.0)
+    opt.step(y, [t(1)], lr=1.0)
+    assert_state(x, w=y["w"])
+
+
+def test_delayed_nesterov_without_momentum_is_asgd_with_lr_over_n():
+    ups = random_updates(11, 9)
+    x, y = fresh_x(), fresh_x()
+    s = make_staleness_fn("polynomial", 0.5, 0)
+    dn, fb = DelayedNesterov(3, 0.6, momentum=0.0, staleness_fn=s), FedBuff(1, 0.2, staleness_fn=s)
+    for node, tau, u in ups:
+        dn.apply(x, u, staleness=tau, node=node)
+        fb.apply(y, u, staleness=tau, node=node)
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=1e-12, atol=1e-12)
+
+
+def test_fadas_amsgrad_step_hand_computed():
+    # K = 1, lr 0.1, b1 0.9, b2 0.99, eps 0. d = 2: m = 0.2, v = v_hat = 0.04 -> x += 0.1.
+    # d = -1: m = 0.08, v = 0.0496 -> x += 0.1 * 0.08 / sqrt(0.0496).
+    x, rule = state(w=t(0)), FADAS(buffer_size=1, server_lr=0.1, beta1=0.9, beta2=0.99,
+                                   eps=1e-300, tau_c=10)
+    rule.apply(x, {"w": t(2)}, staleness=0, node=0)
+    assert float(x["w"]) == pytest.approx(0.1, rel=1e-12)
+    rule.apply(x, {"w": t(-1)}, staleness=0, node=0)
+    assert float(x["w"]) == pytest.approx(0.1 + 0.1 * 0.08 / math.sqrt(0.0496), rel=1e-12)
+    # v_hat keeps the max: a small later delta does not inflate the step
+    assert_state(rule.state_dict()["v_hat"], w=t(0.0496))
+
+
+def test_fadas_buffers_k_and_adapts_the_step_to_the_largest_staleness():
+    rule = FADAS(buffer_size=2, server_lr=0.5, tau_c=2)
+    assert rule.step_size(2) == 0.5 and rule.step_size(4) == 0.25 and rule.step_size(1) == 0.5
+    x = state(w=t(0, 0))
+    assert not rule.apply(x, {"w": t(1, -1)}, staleness=4, node=0).stepped
+    assert_state(x, w=t(0, 0))
+    applied = rule.apply(x, {"w": t(3, -3)}, staleness=0, node=1)
+    # mean [2, -2]; first AMSGrad step moves each coordinate by lr_t * sign = 0.25 (tau_max 4)
+    assert applied.stepped and applied.weight == pytest.approx(0.25 / 2)
+    torch.testing.assert_close(x["w"], t(0.25, -0.25), rtol=1e-6, atol=0)
+    assert rule.apply(x, {"w": t(1, 1)}, staleness=0, node=0) == Applied(0.0, False)
+    assert rule.flush(x).stepped and rule.count == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# saga-est (Algorithm 4), page (Algorithm 6)
+# ---------------------------------------------------------------------------------------------
+def test_saga_estimator_hand_computed():
+    # lr 1. Node 0 sends 2 (newcomer: x += 2); node 1 sends 4 (x += 4); node 0 sends 1:
+    # x += 1 - 2 + mean(2, 4) = 2.
+    x, rule = state(w=t(0)), SagaEstimator(server_lr=1.0)
+    for node, d, expect in [(0, 2, 2), (1, 4, 6), (0, 1, 8)]:
+        assert rule.apply(x, {"w": t(d)}, staleness=0, node=node) == Applied(1.0, True)
+        assert_state(x, w=t(expect))
+    assert_state(rule.state_dict()["table"][0], w=t(1))
+    rule.forget(1)  # the mean is over the remaining nodes: next step 5 - 1 + 1
+    rule.apply(x, {"w": t(5)}, staleness=0, node=0)
+    assert_state(x, w=t(13))
+
+
+def test_saga_estimator_matches_shifted_alpha1_once_every_node_reported():
+    # With every table entry filled, Algorithm 4 and `shifted` (identity compressor, alpha 1)
+    # take the same steps: compare after each node has reported once through both.
+    n, ups = 3, random_updates(3, 20)
+    warm = [(i, 0, {k: torch.full_like(v, float(i + 1)) for k, v in fresh_x().items()}) for i in range(n)]
+    x, y = fresh_x(), fresh_x()
+    est, shifted = SagaEstimator(0.25), Shifted(0.25, 1.0, num_clients=n)
+    clients = {i: ClientShift(1.0) for i in range(n)}
+    for node, tau, delta in warm + ups:
+        est.apply(x, delta, staleness=tau, node=node)
+        decoded = clients[node].residual(delta)
+        clients[node].update(decoded)
+        shifted.apply(y, decoded, staleness=tau, node=node)
+        if node == n - 1 and len(est._table) == n:
+            x_at, y_at = copy.deepcopy(x), copy.deepcopy(y)  # both have every entry now
+            break
+    for node, tau, delta in ups:
+        est.apply(x_at, delta, staleness=tau, node=node)
+        decoded = clients[node].residual(delta)
+        clients[node].update(decoded)
+        shifted.apply(y_at, decoded, staleness=tau, node=node)
+    for k in x_at:  # the two differ only by the constant offset of the warm-up steps
+        torch.testing.assert_close(x_at[k] - x[k], y_at[k] - y[k], rtol=1e-10, atol=1e-10)
+
+
+def test_page_fresh_replaces_and_diff_adds_to_the_table_entry():
+    # lr 1: node 0 fresh 2 -> x += 2; node 1 fresh 4 -> x += (2 + 4) / 2; node 0 diff 1 ->
+    # g0 = 3 -> x += (3 + 4) / 2; node 0 fresh 0 -> g0 = 0 -> x += 2.
+    x, rule = state(w=t(0)), Page(server_lr=1.0)
+    for node, kind, d, expect in [(0, "fresh", 2, 2), (1, "fresh", 4, 5), (0, "diff", 1, 8.5),
+                                  (0, "fresh", 0, 10.5)]:
+        rule.apply(x, {"w": t(d)}, staleness=0, node=node, info={"page-kind": kind})
+        assert_state(x, w=t(expect))
+    # a difference for a node with no entry is not applied
+    assert rule.apply(x, {"w": t(9)}, staleness=0, node=5, info={"page-kind": "diff"}) == Applied(0.0, False)
+    assert_state(x, w=t(10.5))
+    with pytest.raises(ValueError, match="page-kind"):
+        rule.apply(x, {"w": t(1)}, staleness=0, node=0, info={"page-kind": "stale"})
+    assert_state(x, w=t(10.5))

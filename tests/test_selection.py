@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from asyncfl.strategies import SELECTORS, LossBiasedSelector, make_selector
+from asyncfl.strategies.selection import TimeAwareSelector
 
 DRAWS = 40_000
 TOL = 0.012  # ~5 standard deviations of a frequency near 0.25 over DRAWS draws
@@ -118,7 +119,7 @@ def test_power_of_choice_takes_the_highest_loss_candidate():
 
 
 def test_make_selector_errors():
-    with pytest.raises(ValueError, match="same, uniform, loss-biased"):
+    with pytest.raises(ValueError, match="same, uniform, loss-biased, time-aware"):
         make_selector("round-robin")
     with pytest.raises(ValueError, match="accepted arguments: floor, power, decay, candidates"):
         make_selector("loss-biased", temperature=2.0)
@@ -129,3 +130,37 @@ def test_make_selector_errors():
                           (dict(candidates=-1), "candidates")):
         with pytest.raises(ValueError, match=f"`{field}`"):
             make_selector("loss-biased", **kwargs)
+
+
+def test_time_aware_probabilities_hand_computed():
+    # floor 0.2 over 3 idle nodes; task time = the shortest of each node's last three
+    sel = TimeAwareSelector(floor=0.2, power=1.0)
+    for node, times in ((0, [1.5, 1.0]), (1, [2.0]), (2, [4.0, 9.0, 5.0, 4.5])):
+        for seconds in times:
+            assert sel.observe_time(node, seconds)
+    q = sel.probabilities([2, 0, 1])
+    rates = {0: 1.0, 1: 0.5, 2: 1 / 4.5}  # node 2: the shortest of its last three (9, 5, 4.5)
+    for node, r in rates.items():  # floor / m + (1 - floor) * rate / sum of rates
+        assert q[node] == pytest.approx(0.2 / 3 + 0.8 * r / sum(rates.values()), rel=1e-12)
+    assert sum(q.values()) == pytest.approx(1.0)
+    assert sel.task_time(2) == 4.5  # its last three: 9, 5, 4.5
+    # a node never timed borrows the shortest known time: explored like the fastest
+    assert sel.task_time(7) == 1.0
+    # bad times are ignored; power 0 is uniform; nothing timed is uniform
+    assert not sel.observe_time(0, -1.0) and not sel.observe_time(0, math.nan) and not sel.observe_time(0, None)
+    assert set(TimeAwareSelector(power=0.0).probabilities([1, 2]).values()) == {0.5}
+    flat = TimeAwareSelector()
+    assert flat.probabilities([3, 4]) == {3: 0.5, 4: 0.5}
+
+
+def test_time_aware_frequencies_follow_q_and_every_q_is_positive():
+    sel = TimeAwareSelector(floor=0.1, power=2.0)
+    for node, seconds in ((0, 1.0), (1, 10.0)):
+        sel.observe_time(node, seconds)
+    q = sel.probabilities([0, 1])
+    assert q[1] >= 0.1 / 2 and q[0] > 0.9
+    freq = frequencies(sel, [0, 1])
+    for node in (0, 1):
+        assert abs(freq[node] - q[node]) < TOL
+    with pytest.raises(ValueError, match="`floor`"):
+        make_selector("time-aware", floor=0.0)

@@ -1,18 +1,21 @@
 """Async strategy: update rules, staleness weights, client selection, stopping rules."""
 
+from asyncfl.strategies.adaptive import FADAS, DelayedNesterov
+from asyncfl.strategies.registry import RULES, make_rule
 from asyncfl.strategies.rules import (
     ASGD,
-    RULES,
     SAGA,
     Applied,
     ClientShift,
     FedAsync,
+    FedAvg,
     FedBuff,
     Rule,
+    ServerMomentum,
     Shifted,
     fedavg_mean,
-    make_rule,
 )
+from asyncfl.strategies.variance import Page, SagaEstimator
 from asyncfl.strategies.selection import (
     SELECTORS,
     LossBiasedSelector,
@@ -33,8 +36,9 @@ from asyncfl.strategies.staleness import (
 from asyncfl.strategies.stopping import BoundStopRule, StopConditions
 
 __all__ = [
-    "ASGD", "RULES", "SAGA", "Applied", "ClientShift", "FedAsync", "FedBuff", "Rule",
-    "Shifted", "fedavg_mean", "make_rule",
+    "ASGD", "FADAS", "RULES", "SAGA", "Applied", "ClientShift", "DelayedNesterov", "FedAsync",
+    "FedAvg", "FedBuff", "Page", "Rule", "SagaEstimator", "ServerMomentum", "Shifted",
+    "fedavg_mean", "make_rule",
     "SELECTORS", "LossBiasedSelector", "SameSelector", "Selector", "UniformSelector",
     "make_selector",
     "STALENESS_KINDS", "ConstantStaleness", "HingeStaleness", "PolynomialStaleness",

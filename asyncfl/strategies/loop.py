@@ -45,12 +45,12 @@ from flwr.serverapp.strategy import Result, Strategy
 from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
 from asyncfl.strategies.nodes import NodeInfo, Reply, Task
-from asyncfl.strategies.rules import fedavg_mean
-from asyncfl.strategies.server_state import Checkpointer, ServerState, StopWatch
+from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState
 from asyncfl.transport import TransportError, arrays_of, is_packed, pack
 
 log = logging.getLogger("asyncfl")
 
+WARMUP_MESSAGE_TYPE = "query.warmup"  # answered by the ClientApp's @app.query("warmup")
 _RETIRE_AT_ONCE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
 _FP16_MAX = 65504.0
 
@@ -87,15 +87,17 @@ class AsyncFLStrategy(Strategy):
         evaluator and recorder (built by `server_app`).
     """
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, clock: Clock | None = None) -> None:
         self.s = state
         self.cfg = state.cfg
+        # the recorder's clock is the run clock (`elapsed`); this one sleeps between polls
+        self.clock = clock or Clock()
         self.nodes: dict[int, NodeInfo] = {}
         self.inflight: dict[str, Task] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self._record_cache: tuple[int, ArrayRecord] | None = None
         self.rng = random.Random(self.cfg.seed)
-        self.clock = StopWatch(offset=state.recorder.elapsed_s)  # continues on resume
+        self.warmup_s: float | None = None  # how long the warm-up took (None: none was done)
         self.checkpointer = Checkpointer(state)
         self._last_node_scan = 0.0
         self.prefetch = False  # decided in start(), from the config and the kind of grid
@@ -144,7 +146,10 @@ class AsyncFLStrategy(Strategy):
         reason = "finished"
         try:
             self._wait_for_nodes(grid)
-            self.s.evaluate_and_log(self.clock.elapsed(), round_=self.s.rounds)
+            if self.cfg.warmup:
+                self._warm_up(grid)
+            log.info("asyncfl: stops at: %s", self.s.limits())
+            self.s.evaluate_and_log(self.elapsed(), round_=self.s.rounds)
             self.checkpointer = Checkpointer(self.s)
             if self.cfg.mode == "sync":
                 reason = self._run_sync(grid)
@@ -161,13 +166,62 @@ class AsyncFLStrategy(Strategy):
             log.info("asyncfl: %d task(s) were sent as an update log", self.log_tasks)
         return Result(arrays=ArrayRecord({k: v.detach().cpu() for k, v in self.s.x.items()}))
 
+    def elapsed(self) -> float:
+        """Run time in seconds: the recorder's clock (continues on resume, restarts after the
+        warm-up), so the loop's decisions and the event log read the same time."""
+        return self.s.recorder.elapsed_s
+
+    # ----------------------------------------------------------------------------------------
+    # Warm-up: every node builds its model and loads its data before the clock starts
+    # ----------------------------------------------------------------------------------------
+    def _warm_up(self, grid: Grid) -> None:
+        """Send each node a `query.warmup` message and wait for the answers (at most
+        `node-wait-s`), then restart the run clock.
+
+        A node's first task otherwise also pays its one-time costs (app install, worker start,
+        model build, data, compiled graph: 8-30 s per node in deployment, 10-50 s per Ray actor
+        in simulation), which lands in both modes' times, stretches every node's first task and
+        makes those first updates stale. A node that does not answer in time, or answers with
+        an error, simply starts cold (an error is logged, not counted as a failure)."""
+        t0 = self.clock.now()
+        pending: dict[str, int] = {}
+        for node in self._alive_nodes():
+            config = ConfigRecord({"run-key": self.s.run_key, "pack": self.pack})
+            msg = Message(RecordDict({"config": config}), dst_node_id=node,
+                          message_type=WARMUP_MESSAGE_TYPE, ttl=self.cfg.node_wait_s)
+            ids = [i for i in grid.push_messages([msg]) if i]
+            if ids:
+                pending[ids[0]] = node
+        deadline = t0 + self.cfg.node_wait_s
+        answered = 0
+        while pending and self.clock.now() < deadline:
+            for msg in grid.pull_messages(list(pending)):
+                node = pending.pop(msg.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if msg.has_error():
+                    log.warning("asyncfl: node %s could not warm up (code %s): %s", node,
+                                msg.error.code, msg.error.reason)
+                else:
+                    answered += 1
+            if pending:
+                self.clock.sleep(self.cfg.poll_interval_s)
+        self.warmup_s = self.clock.now() - t0
+        if pending:
+            log.warning("asyncfl: %d node(s) did not answer the warm-up within %.0f s; they start "
+                        "cold", len(pending), self.cfg.node_wait_s)
+        self.s.recorder.restart_clock()  # the run clock counts training, not start-up
+        self.s.recorder.log_event("warmup", seconds=round(self.warmup_s, 3), nodes=answered)
+        log.info("asyncfl: %d node(s) warmed up in %.1f s; the run clock starts now", answered,
+                 self.warmup_s)
+
     # ----------------------------------------------------------------------------------------
     # Async loop
     # ----------------------------------------------------------------------------------------
     def _run_async(self, grid: Grid) -> str:
         self._fill_slots(grid, finished=None)
         while True:
-            reason = self.s.stop_reason(self.clock.elapsed())
+            reason = self.s.stop_reason(self.elapsed())
             if reason:
                 return reason
             if not self.inflight:
@@ -177,18 +231,19 @@ class AsyncFLStrategy(Strategy):
             for msg in self._pull(grid):
                 finished = self._handle_async_reply(msg)
                 self._fill_slots(grid, finished=finished)
-                reason = self.s.stop_reason(self.clock.elapsed())
+                reason = self.s.stop_reason(self.elapsed())
                 if reason:
                     return reason
             self._prefetch(grid)
             self._scan_nodes(grid)
-            time.sleep(self.cfg.poll_interval_s)
+            self.clock.sleep(self.cfg.poll_interval_s)
 
     def _handle_async_reply(self, msg: Message) -> int | None:
         """Process one reply; returns the node that became idle (None if retired)."""
         task = self.inflight.pop(msg.metadata.reply_to_message_id)
         node = self.nodes[task.node]
-        node.replied(task, self.clock.elapsed(), ok=not msg.has_error(), handler_s=_handler_s(msg))
+        node.replied(task, self.elapsed(), ok=not msg.has_error(), handler_s=_handler_s(msg))
+        self.s.selector.observe_time(task.node, node.expected_service())
         reply = self._decode(msg, task)
         if reply is None:
             return None if node.retired else task.node
@@ -203,14 +258,15 @@ class AsyncFLStrategy(Strategy):
             self.snapshots.setdefault(self.s.version, {k: v.clone() for k, v in self.s.x.items()})
         base = self.snapshots.get(task.version)
         version_before = self.s.version
-        applied = self.s.rule.apply(self.s.x, reply.update, staleness=staleness, node=task.node, base=base)
+        applied = self.s.rule.apply(self.s.x, reply.update, staleness=staleness, node=task.node,
+                                    base=base, info=reply.metrics)
         if self.downlink is not None:
             self.downlink.add(reply.record, applied.weight, applied.stepped, version_before)
         self.s.sync_device()
         apply_s = time.perf_counter() - t0
         self._release_snapshots()
         self.s.after_update(reply, staleness, applied.weight, applied.stepped,
-                            reply.decode_s + apply_s, self.clock.elapsed())
+                            reply.decode_s + apply_s, self.elapsed())
         self.checkpointer.maybe_save(self.s)
         return task.node
 
@@ -250,12 +306,13 @@ class AsyncFLStrategy(Strategy):
         c = self.cfg
         if c.downlink == "full":
             return None
-        linear = c.mode == "sync" or c.rule in LINEAR_RULES
+        linear = (c.mode == "sync" or c.rule in LINEAR_RULES) and not c.server_momentum
         if c.downlink == "auto" and (not linear or c.compressor == "none" or not _in_deployment(grid)):
             return None
         if not linear:
-            log.info("asyncfl: downlink log off: rule %s mixes in older global states; sending "
-                     "full weights", c.rule)
+            log.info("asyncfl: downlink log off: %s steps with more than the payloads applied "
+                     "(older states, tables or momentum); sending full weights",
+                     f"rule {c.rule}" if c.mode == "async" else "server momentum")
             return None
         dense = self._global_record().count_bytes()
         log.info("asyncfl: downlink log on: nodes get the payloads applied since their last task "
@@ -266,8 +323,8 @@ class AsyncFLStrategy(Strategy):
         """Queue the next task of each node whose running task should end within the lead time."""
         if not self.prefetch:
             return
-        now = self.clock.elapsed()
-        budget = self.s.max_updates - self.s.updates - len(self.inflight)  # no work past the end
+        now = self.elapsed()
+        budget = self.s.max_updates - self.s.updates - len(self.inflight)  # no work past the end (may be inf)
         # the push itself takes time (building and uploading the global weights: seconds for
         # the 124M shape), so it starts that much earlier
         lead = self.cfg.prefetch_lead_s + max(self.push_s, default=0.0)
@@ -287,7 +344,7 @@ class AsyncFLStrategy(Strategy):
     # ----------------------------------------------------------------------------------------
     def _run_sync(self, grid: Grid) -> str:
         while True:
-            reason = self.s.stop_reason(self.clock.elapsed())
+            reason = self.s.stop_reason(self.elapsed())
             if reason:
                 return reason
             nodes = self._idle_nodes()
@@ -301,35 +358,31 @@ class AsyncFLStrategy(Strategy):
             while self.inflight:
                 for msg in self._pull(grid):
                     task = self.inflight.pop(msg.metadata.reply_to_message_id)
-                    self.nodes[task.node].replied(task, self.clock.elapsed(), ok=not msg.has_error())
+                    self.nodes[task.node].replied(task, self.elapsed(), ok=not msg.has_error())
                     reply = self._decode(msg, task)
                     if reply is not None:
                         replies.append(reply)
                 self._scan_nodes(grid)
-                time.sleep(self.cfg.poll_interval_s)
+                self.clock.sleep(self.cfg.poll_interval_s)
             if replies:
                 self._apply_mean(replies)
             self.s.rounds += 1
-            self.s.evaluate_if_due(self.clock.elapsed(), per_round=True)
+            self.s.evaluate_if_due(self.elapsed(), per_round=True)
             self.checkpointer.maybe_save(self.s)
 
     def _apply_mean(self, replies: list[Reply]) -> None:
+        """One FedAvg(M) step with the round's sample-weighted mean (`FedAvg.apply_round`)."""
         t0 = time.perf_counter()
         weights = [float(r.metrics.get("num-examples", 1.0)) for r in replies]
-        mean = fedavg_mean([r.update for r in replies], weights)
-        with torch.no_grad():
-            for k, v in self.s.x.items():
-                v.add_(mean[k], alpha=self.cfg.server_lr)
+        coefs = self.s.rule.apply_round(self.s.x, [r.update for r in replies], weights)
         self.s.sync_device()
         apply_s = (time.perf_counter() - t0) / len(replies)
-        total = sum(weights)
         if self.downlink is not None:
-            self.downlink.add_round([r.record for r in replies],
-                                    [self.cfg.server_lr * w / total for w in weights], self.s.version)
+            self.downlink.add_round([r.record for r in replies], coefs, self.s.version)
         self.s.version += 1
-        for r, w in zip(replies, weights):
-            self.s.after_update(r, 0, self.cfg.server_lr * w / total, True,
-                                r.decode_s + apply_s, self.clock.elapsed(), bump_version=False)
+        for r, c in zip(replies, coefs):
+            self.s.after_update(r, 0, c, True, r.decode_s + apply_s, self.elapsed(),
+                                bump_version=False)
 
     # ----------------------------------------------------------------------------------------
     # Messages: dispatch, pull, decode
@@ -345,6 +398,8 @@ class AsyncFLStrategy(Strategy):
     def _task_message(self, node: int, repeat: int = 0) -> Message:
         config = {"version": self.s.version, "repeat": repeat, "run-key": self.s.run_key,
                   "rule": self.cfg.rule, "downlink": "full", "pack": self.pack}
+        if self.cfg.dylu:
+            config["local-steps"] = self._dylu_steps(node)
         content = RecordDict()
         update_log = self.downlink.message_for(node, self.s.version) if self.downlink else None
         if update_log is None:
@@ -357,20 +412,32 @@ class AsyncFLStrategy(Strategy):
         content["config"] = ConfigRecord(config)
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
 
+    def _dylu_steps(self, node: int) -> int:
+        """DyLU (Liu et al. 2024, sec. 4.2): local steps in proportion to the node's speed,
+        `local-steps` for the fastest, so that all nodes' tasks take about as long. Speed =
+        local steps per second of the ClientApp's own time (training, emulated slowness,
+        encoding); a node not timed yet gets the full number."""
+        full = max(self.cfg.local_steps, 1)
+        mine = self.nodes[node].step_s
+        fastest = min((i.step_s for i in self.nodes.values() if i.step_s and not i.retired), default=None)
+        if mine is None or fastest is None:
+            return full
+        return max(1, round(full * fastest / mine))
+
     def _dispatch(self, grid: Grid, node: int, prefetched: bool = False) -> bool:
         # `repeat` > 0: this node already got a task of this version (prefetch with no update in
         # between); the client then draws other batches instead of repeating the same work
         info = self.nodes[node]
         repeat = info.repeat + 1 if info.last_version == self.s.version else 0
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         message = self._task_message(node, repeat)
         ids = [i for i in grid.push_messages([message]) if i]
-        self.push_s = [*self.push_s[-2:], time.perf_counter() - t0]
+        self.push_s = [*self.push_s[-2:], self.clock.now() - t0]
         if not ids:
             log.warning("asyncfl: node %s rejected a task; retiring it", node)
             self._retire(node, "push rejected")
             return False
-        self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.clock.elapsed(),
+        self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.elapsed(),
                                      prefetched=prefetched)
         info.last_version, info.repeat, info.inflight = self.s.version, repeat, info.inflight + 1
         if self.downlink is not None:
@@ -418,6 +485,7 @@ class AsyncFLStrategy(Strategy):
                                      reason=f"invalid payload: {exc}")
             return None
         node.failures = 0
+        node.observe_steps(metrics.get("steps"), metrics.get("client-s"))
         self.packed_replies += is_packed(record)
         node.partition = int(metrics.get("partition-id", -1))
         node.last_loss = float(metrics.get("train-loss", float("nan")))

@@ -35,6 +35,13 @@ class NodeInfo:
     last_version: int | None = None  # version of the last task pushed to it
     repeat: int = 0  # tasks of that same version pushed before it
     last_loss: float | None = None
+    step_s: float | None = None  # seconds per local step of its last task (DyLU)
+
+    def observe_steps(self, steps: Any, client_s: Any) -> None:
+        """Seconds per local step from a reply's `steps` and `client-s` metrics, if both are sane."""
+        if isinstance(steps, (int, float)) and isinstance(client_s, (int, float)) and steps > 0 \
+                and client_s > 0:
+            self.step_s = float(client_s) / float(steps)
 
     def start_of(self, task: Task) -> float:
         """When this node could start `task`: its push, or this node's last reply if later."""

@@ -19,7 +19,13 @@ client got its copy.
   shifts ``h_i += alpha D``, ``h += (alpha/n) D``. ``ClientShift`` is the client half.
 - ``saga`` (seed notes, Alg. 5): latest update ``u_i`` per node;
   ``x <- x + gamma mean_i u_i``.
-- ``fedavg_mean``: weighted mean of one round of updates (synchronous FedAvg baseline).
+- ``fedavg`` (sync mode): ``x <- x + server_lr * step(mean_i w_i delta_i)``, one step per
+  round, the sample-weighted mean of the round's updates (``fedavg_mean``).
+- Server momentum (``ServerMomentum``, fedbuff / asgd / fedavg): ``m <- beta m + g``, step
+  ``g + beta m`` (Nesterov, as DiLoCo's outer optimizer: Douillard et al. 2023) or ``m``
+  (heavy ball: FedAvgM, Hsu et al. 2019), where ``g`` is what the rule would step with.
+  On asgd it acts on every stale update, which Liu et al. 2024 (arXiv 2401.09135) show to
+  hurt; ``dn`` (``asyncfl.strategies.adaptive``) is their remedy.
 
 Notes
 -----
@@ -49,7 +55,6 @@ from asyncfl.strategies.staleness import ConstantStaleness, check_staleness
 State = dict[str, Tensor]
 StalenessFn = Callable[[int], float]
 Tensors = Mapping[str, Tensor]
-RULES = ("fedasync", "fedbuff", "asgd", "shifted", "saga")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,48 @@ def _copy(d: Tensors | None) -> State | None:
     return None if d is None else {k: v.detach().clone() for k, v in d.items()}
 
 
+def _momentum(value: Any) -> float:
+    beta = _real("momentum", value, 0.0, 1.0, open_low=False)
+    if beta >= 1.0:
+        raise ValueError(f"`momentum` must be in [0.0, 1.0), got {value!r}")
+    return beta
+
+
+class ServerMomentum:
+    """The server's step with optional momentum: ``x <- x + lr * step(g)``.
+
+    ``momentum`` beta in [0, 1): 0 is plain ``x += lr g``; otherwise ``m <- beta m + g`` and
+    ``step = g + beta m`` (``nesterov``) or ``m`` (heavy ball). ``g`` is a direction to
+    *add* (a mean client delta), so this is SGD on the pseudo-gradient ``-g``.
+    """
+
+    def __init__(self, momentum: float = 0.0, nesterov: bool = True) -> None:
+        self.beta = _momentum(momentum)
+        self.nesterov = bool(nesterov)
+        self.m: State | None = None
+
+    def step(self, x: State, g: Sequence[Tensor], lr: float) -> None:
+        xs = list(x.values())
+        with torch.no_grad():
+            if self.beta == 0.0:
+                torch._foreach_add_(xs, list(g), alpha=lr)
+                return
+            self.m, ms = _lazy(self.m, x, "server momentum")
+            torch._foreach_mul_(ms, self.beta)
+            torch._foreach_add_(ms, list(g))
+            if self.nesterov:
+                torch._foreach_add_(xs, list(g), alpha=lr)
+                torch._foreach_add_(xs, ms, alpha=lr * self.beta)
+            else:
+                torch._foreach_add_(xs, ms, alpha=lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": self.m}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        self.m = _copy(d.get("m"))
+
+
 class Rule(ABC):
     """Base class: one ``apply`` step; buffered/stateful rules override the rest."""
 
@@ -124,8 +171,11 @@ class Rule(ABC):
 
     @abstractmethod
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None) -> Applied:
-        """Fold ``update`` from ``node`` into ``x`` in place; ValueError if invalid."""
+              base: Tensors | None = None,
+              info: Mapping[str, Any] | None = None) -> Applied:
+        """Fold ``update`` from ``node`` into ``x`` in place; ValueError if invalid.
+        ``info``: the client's reply metrics, for rules whose clients send different kinds
+        of update (``page``)."""
 
     def flush(self, x: State) -> Applied:
         """Apply whatever is still buffered (end of training); no-op by default."""
@@ -158,7 +208,8 @@ class FedAsync(Rule):
         self.staleness_fn = staleness_fn or ConstantStaleness()
 
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None) -> Applied:  # noqa: D102
+              base: Tensors | None = None,
+              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         a = self.alpha * self.staleness_fn(check_staleness(staleness))
         us = _aligned(x, update, "update")
         bs = None if base is None else _aligned(x, base, "base")
@@ -184,15 +235,18 @@ class FedBuff(Rule):
     name = "fedbuff"
 
     def __init__(self, buffer_size: int, server_lr: float,
-                 staleness_fn: StalenessFn | None = None) -> None:
+                 staleness_fn: StalenessFn | None = None, momentum: float = 0.0,
+                 nesterov: bool = True) -> None:
         self.buffer_size = _count("buffer_size", buffer_size)
         self.server_lr = _lr(server_lr)
         self.staleness_fn = staleness_fn or ConstantStaleness()
+        self.opt = ServerMomentum(momentum, nesterov)  # one momentum step per buffer
         self._sum: State | None = None  # sum_i s(tau_i) delta_i over the buffer
         self.count = 0  # updates currently buffered
 
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None) -> Applied:  # noqa: D102
+              base: Tensors | None = None,
+              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         s = self.staleness_fn(check_staleness(staleness))
         us = _aligned(x, update, "update")
         self._sum, acc = _lazy(self._sum, x, "fedbuff buffer")
@@ -214,17 +268,22 @@ class FedBuff(Rule):
 
     def _step(self, x: State, acc: list[Tensor]) -> None:
         with torch.no_grad():
-            lr = self.server_lr / self.count
-            torch._foreach_add_(list(x.values()), acc, alpha=lr)
+            if self.opt.beta:
+                torch._foreach_div_(acc, float(self.count))
+                self.opt.step(x, acc, self.server_lr)
+            else:
+                torch._foreach_add_(list(x.values()), acc, alpha=self.server_lr / self.count)
             torch._foreach_zero_(acc)  # keep the memory for the next buffer
         self.count = 0
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"count": self.count, "sum": self._sum if self.count else None}
+        return {"count": self.count, "sum": self._sum if self.count else None,
+                **self.opt.state_dict()}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
         self.count = int(d["count"])
         self._sum = _copy(d["sum"]) if self.count else None
+        self.opt.load_state_dict(d)
 
 
 class ASGD(Rule):
@@ -238,10 +297,11 @@ class ASGD(Rule):
     name = "asgd"
 
     def __init__(self, server_lr: float, delay_adaptive: bool = False,
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, momentum: float = 0.0, nesterov: bool = True) -> None:
         self.server_lr = _lr(server_lr)
         self.delay_adaptive = bool(delay_adaptive)
         self.concurrency = _count("concurrency", concurrency)
+        self.opt = ServerMomentum(momentum, nesterov)  # on every update (Liu et al.: hurts)
 
     def step_size(self, staleness: int) -> float:
         """gamma_t for an update of this staleness."""
@@ -251,12 +311,18 @@ class ASGD(Rule):
         return self.server_lr
 
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None) -> Applied:  # noqa: D102
+              base: Tensors | None = None,
+              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         gamma = self.step_size(staleness)
         us = _aligned(x, update, "update")
-        with torch.no_grad():
-            torch._foreach_add_(list(x.values()), us, alpha=gamma)
+        self.opt.step(x, us, gamma)
         return Applied(gamma, True)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return self.opt.state_dict()
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
+        self.opt.load_state_dict(d)
 
 
 class Shifted(Rule):
@@ -279,7 +345,8 @@ class Shifted(Rule):
         self._shifts: dict[int, State] = {}  # h_i of each node that has reported
 
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None) -> Applied:  # noqa: D102
+              base: Tensors | None = None,
+              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
         xs, gamma, alpha = list(x.values()), self.server_lr, self.shift_alpha
@@ -402,7 +469,8 @@ class SAGA(Rule):
         self._sum: State | None = None  # sum_i u_i
 
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None) -> Applied:  # noqa: D102
+              base: Tensors | None = None,
+              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
         old = self._table.get(node)
@@ -462,25 +530,36 @@ def fedavg_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> State:
     return dict(zip(ref, out))
 
 
-_REGISTRY: dict[str, type[Rule]] = {
-    "fedasync": FedAsync, "fedbuff": FedBuff, "asgd": ASGD, "shifted": Shifted,
-    "saga": SAGA,
-}
+class FedAvg(Rule):
+    """Synchronous FedAvg (the baseline): one step per round with the sample-weighted mean of
+    the round's updates, ``x <- x + server_lr * step(mean)``; ``momentum`` > 0 makes it
+    FedAvgM (heavy ball) or DiLoCo's Nesterov outer step. ``apply`` takes a round of one."""
 
+    name = "fedavg"
 
-def make_rule(name: str, **kwargs: Any) -> Rule:
-    """Build rule ``name`` (one of ``RULES``) from its constructor's keyword arguments.
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.0,
+                 nesterov: bool = True) -> None:
+        self.server_lr = _lr(server_lr)
+        self.opt = ServerMomentum(momentum, nesterov)
 
-    Raises ``ValueError`` for an unknown name (listing ``RULES``), unknown or missing
-    arguments (listing the accepted ones) or invalid values.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
-    cls = _REGISTRY[name]
-    params = inspect.signature(cls).parameters
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"rule {name!r}: {err}; accepted arguments: "
-                         f"{', '.join(params)}") from None
-    return cls(**kwargs)
+    def apply_round(self, x: State, updates: Sequence[Tensors],
+                    weights: Sequence[float]) -> list[float]:
+        """Step with the weighted mean of a round; returns each update's coefficient in it."""
+        aligned = [dict(zip(x, _aligned(x, u, f"updates[{i}]"))) for i, u in enumerate(updates)]
+        mean = fedavg_mean(aligned, weights)  # everything is validated before x is touched
+        self.opt.step(x, [mean[k] for k in x], self.server_lr)
+        total = float(sum(weights))
+        return [self.server_lr * w / total for w in weights]
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None,
+              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+        check_staleness(staleness)
+        _aligned(x, update, "update")
+        return Applied(self.apply_round(x, [update], [1.0])[0], True)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return self.opt.state_dict()
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
+        self.opt.load_state_dict(d)

@@ -14,6 +14,18 @@
   in (0, 1] keeps every ``q_i >= floor / m > 0``. With ``candidates = d >= 2`` it is
   power-of-choice (Cho, Wang, Joshi 2020): draw d distinct candidates by q, take the
   one with the highest loss.
+- ``time-aware`` (paper, sec. 2.1: choose q to minimise the expected wall-clock time
+  subject to convergence, sum q = 1, q_i > 0)::
+
+      q_i = floor / m + (1 - floor) * t_i^-power / sum_j t_j^-power      (m idle nodes)
+
+  where ``t_i`` is node i's measured task time (the shortest of its last three: what a task
+  costs it when nothing else gets in the way). The expected time per update,
+  ``sum_i q_i t_i``, falls as q moves to fast nodes; the floor is the convergence side of
+  the trade (every node's data keeps a share ``>= floor / m``; with IID data the skew costs
+  little). ``power = 1`` gives each node the share of tasks it would get if every node
+  worked without a cap; a node never timed gets the shortest known time (explored first).
+  Without a ``concurrency`` cap every idle node gets work anyway and q only orders them.
 
 Notes
 -----
@@ -33,7 +45,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-SELECTORS = ("same", "uniform", "loss-biased")
+SELECTORS = ("same", "uniform", "loss-biased", "time-aware")
 
 
 def _nodes(idle: Sequence[int]) -> list[int]:
@@ -52,6 +64,10 @@ class Selector(ABC):
 
     def observe(self, node: int, loss: float | None) -> bool:
         """Record ``node``'s latest training loss; unused by loss-blind selectors."""
+        return False
+
+    def observe_time(self, node: int, seconds: float | None) -> bool:
+        """Record how long ``node``'s latest task took; unused by time-blind selectors."""
         return False
 
     def forget(self, node: int) -> None:
@@ -158,6 +174,65 @@ class LossBiasedSelector(Selector):
         return max(drawn, key=self._loss)  # ties: the first drawn
 
 
+class TimeAwareSelector(Selector):
+    """Probabilities favouring nodes with short task times, with a uniform floor (paper,
+    sec. 2.1: minimise the expected wall-clock time per update with every q_i > 0).
+
+    Parameters
+    ----------
+    floor : float, default 0.2
+        Share of probability spread uniformly, in (0, 1]; guarantees ``q_i >= floor / m``.
+    power : float, default 1.0
+        Exponent >= 0 on the task rates 1 / t_i; 0 is uniform, larger favours fast nodes more.
+    """
+
+    name = "time-aware"
+
+    def __init__(self, floor: float = 0.2, power: float = 1.0) -> None:
+        self.floor = _number("floor", floor, 0.0, 1.0, open_low=True, open_high=False)
+        self.power = _number("power", power, 0.0, math.inf, open_low=False, open_high=True)
+        self.times: dict[int, list[float]] = {}  # last three task times per node
+
+    def observe_time(self, node: int, seconds: float | None) -> bool:
+        """Keep ``seconds`` among node's last three task times; False (ignored) if not > 0."""
+        if seconds is None or not isinstance(seconds, numbers.Real):
+            return False
+        if not math.isfinite(seconds) or seconds <= 0:
+            return False
+        self.times[node] = [*self.times.get(node, [])[-2:], float(seconds)]
+        return True
+
+    def forget(self, node: int) -> None:  # noqa: D102
+        self.times.pop(node, None)
+
+    def task_time(self, node: int) -> float | None:
+        """The node's shortest recent task time, or the shortest known one if never timed."""
+        own = self.times.get(node)
+        if own:
+            return min(own)
+        return min((min(t) for t in self.times.values() if t), default=None)
+
+    def probabilities(self, idle: Sequence[int]) -> dict[int, float]:
+        """q over ``idle``: sum 1, every q_i >= floor / m ({} if none idle)."""
+        nodes = _nodes(idle)
+        if not nodes:
+            return {}
+        times = [self.task_time(n) for n in nodes]
+        m = len(nodes)
+        if any(t is None for t in times):  # nothing timed yet: uniform
+            return {n: 1.0 / m for n in nodes}
+        rates = [t ** -self.power for t in times]  # type: ignore[operator]
+        total = sum(rates)
+        return {n: self.floor / m + (1 - self.floor) * r / total for n, r in zip(nodes, rates)}
+
+    def select(self, idle: Sequence[int], finished: int | None,
+               rng: random.Random) -> int | None:  # noqa: D102
+        q = self.probabilities(idle)
+        if not q:
+            return None
+        return rng.choices(list(q), weights=list(q.values()))[0]
+
+
 def _number(name: str, value: Any, low: float, high: float, *, open_low: bool,
             open_high: bool) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -166,12 +241,13 @@ def _number(name: str, value: Any, low: float, high: float, *, open_low: bool,
         ok = ok and (value < high if open_high else value <= high)
     if not ok:
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        raise ValueError(f"loss-biased `{name}` must be in {interval}, got {value!r}")
+        raise ValueError(f"selection `{name}` must be in {interval}, got {value!r}")
     return float(value)
 
 
 _REGISTRY: dict[str, type[Selector]] = {
     "same": SameSelector, "uniform": UniformSelector, "loss-biased": LossBiasedSelector,
+    "time-aware": TimeAwareSelector,
 }
 
 

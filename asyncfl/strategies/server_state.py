@@ -21,14 +21,15 @@ from asyncfl.config import AppConfig
 log = logging.getLogger("asyncfl")
 
 
-class StopWatch:
-    """Wall-clock seconds since start, with an offset so a resumed run keeps counting."""
+class Clock:
+    """Real time for the server loop: monotonic seconds and sleeping. The emulator
+    (`asyncfl.emulate`) passes a virtual clock with the same two methods instead."""
 
-    def __init__(self, offset: float = 0.0) -> None:
-        self.t0 = time.monotonic() - offset
+    def now(self) -> float:
+        return time.monotonic()
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class ServerState:
     rule: Any = None
     resume: dict[str, Any] | None = None  # checkpoint to restore once nodes are known
     final_reason: str = ""
-    _last_eval_at: int = -1
+    _last_eval_at: tuple[int, int] = (-1, -1)  # (version, updates) the last eval saw
 
     def prepare(self, num_clients: int) -> None:
         """Build the rule for `num_clients` and restore a checkpoint, if resuming."""
@@ -80,15 +81,42 @@ class ServerState:
 
     # ---- budget ------------------------------------------------------------------------------
     @property
-    def max_updates(self) -> int:
-        return self.cfg.max_updates or self.cfg.num_rounds * max(self.num_clients, 1)
+    def rounds_limit_applies(self) -> bool:
+        """`num-rounds` stops the run unless the user set a budget or a target: then those do
+        (a budget of 150 s must not end after 3 rounds because num-rounds kept its default)."""
+        return not (self.cfg.time_budget_s or self.cfg.target_ppl)
+
+    @property
+    def max_updates(self) -> float:
+        """Async: `max-updates`, else num-rounds x nodes when that applies, else unlimited."""
+        if self.cfg.max_updates:
+            return self.cfg.max_updates
+        if self.rounds_limit_applies:
+            return self.cfg.num_rounds * max(self.num_clients, 1)
+        return math.inf
+
+    def limits(self) -> str:
+        """The conditions that can stop this run, for the log."""
+        cfg, out = self.cfg, []
+        if cfg.mode == "sync" and self.rounds_limit_applies:
+            out.append(f"num-rounds {cfg.num_rounds}")
+        if cfg.mode == "async" and math.isfinite(self.max_updates):
+            source = "" if cfg.max_updates else f" (num-rounds {cfg.num_rounds} x {self.num_clients} nodes)"
+            out.append(f"max-updates {self.max_updates:.0f}{source}")
+        if cfg.time_budget_s:
+            out.append(f"time-budget-s {cfg.time_budget_s:g}")
+        if cfg.target_ppl:
+            out.append(f"target-ppl {cfg.target_ppl:g}")
+        if cfg.stop_rule != "none":
+            out.append(f"stop-rule {cfg.stop_rule}")
+        return ", ".join(out) or "none (Ctrl-C)"
 
     def stop_reason(self, elapsed: float) -> str | None:
         cfg = self.cfg
-        if cfg.mode == "sync" and self.rounds >= cfg.num_rounds:
+        if cfg.mode == "sync" and self.rounds_limit_applies and self.rounds >= cfg.num_rounds:
             return f"num-rounds {cfg.num_rounds} reached"
         if cfg.mode == "async" and self.updates >= self.max_updates:
-            return f"max-updates {self.max_updates} reached"
+            return f"max-updates {self.max_updates:.0f} reached"
         if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
             return f"time-budget-s {cfg.time_budget_s:g} reached"
         ppl = self.last_eval.get("ppl")
@@ -105,7 +133,7 @@ class ServerState:
     def evaluate_and_log(self, elapsed: float, round_: int) -> dict[str, float]:
         metrics = self.evaluate_fn()
         self.last_eval = metrics
-        self._last_eval_at = self.updates
+        self._last_eval_at = (self.version, self.updates)
         if self.initial_loss is None:
             self.initial_loss = metrics["loss"]
         if self.bound is None and self.cfg.stop_rule == "bound":
@@ -118,11 +146,14 @@ class ServerState:
     def evaluate_if_due(self, elapsed: float, per_round: bool = False) -> None:
         every = self.cfg.eval_every
         count = self.rounds if per_round else self.updates
-        if count % every == 0 and self._last_eval_at != self.updates:
+        if count % every == 0 and self._last_eval_at != (self.version, self.updates):
             self.evaluate_and_log(elapsed, round_=self.rounds)
 
     def ensure_final_eval(self, elapsed: float) -> dict[str, float]:
-        if self._last_eval_at != self.updates:
+        """Evaluate the model as it is now, unless the last evaluation saw this very state:
+        the final figures describe the saved model (a flushed FedBuff buffer is a new version
+        with no new update)."""
+        if self._last_eval_at != (self.version, self.updates):
             return self.evaluate_and_log(elapsed, round_=self.rounds)
         return self.last_eval
 
@@ -148,7 +179,8 @@ class ServerState:
             prefetched=reply.task.prefetched, client_s=m.get("client-s"),
         )
         log.info("asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
-                 self.updates, self.max_updates if self.cfg.mode == "async" else "-", self.version,
+                 self.updates, f"{self.max_updates:.0f}" if self.cfg.mode == "async" and
+                 math.isfinite(self.max_updates) else "-", self.version,
                  reply.node, m.get("partition-id"), staleness, weight,
                  float(m.get("train-loss", float("nan"))), float(m.get("bytes", 0)))
         if self.cfg.mode == "async":

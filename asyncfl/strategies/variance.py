@@ -1,0 +1,130 @@
+"""Variance-reduced rules over a table of each client's latest update (seed notes 2.3, 2.5).
+
+A client's *update* here is the decoded delta of one task (local training from the version it
+was sent), standing in for the notes' gradient ``-grad f_i(x^{pi})``; ``saga`` (Algorithm 5,
+``asyncfl.strategies.rules.SAGA``) steps with the mean of such a table.
+
+- ``saga-est`` -- Algorithm 4, the SAGA estimator: with ``u_i`` node i's previous update and
+  ``u_bar`` the mean of the table, an arrival ``d`` from node i steps with
+  ``x <- x + lr (d - u_i + u_bar)`` and then replaces ``u_i <- d``. The notes start every
+  table entry at the gradient of x^0; a delta at x^0 does not exist before a task ran, so a
+  node's first update finds its entry equal to the table mean (the correction cancels: it
+  steps with ``d``), and the table holds the nodes that have reported.
+- ``page`` -- Algorithm 6, PAGE over the SAGA table. With probability ``p`` (``page-p``) a
+  client runs a normal task (a *fresh* estimate); otherwise it trains twice from the same
+  batches and dropout -- from the version it was sent and from the one of its previous task --
+  and sends the *difference* of the two deltas, which the server adds to its table entry:
+  ``g_i <- g_i + (d(x^{pi}) - d(x^{prev}))``. Either way the server steps with the table mean,
+  ``x <- x + lr mean_i g_i``. The client half is ``asyncfl.worker`` (metric ``page-kind``).
+  A difference for a node without a table entry (its earlier update was dropped) is not
+  applied; that client's next fresh estimate starts its entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from asyncfl.strategies.rules import (
+    Applied,
+    Rule,
+    State,
+    Tensors,
+    _aligned,
+    _copy,
+    _lazy,
+    _lr,
+)
+from asyncfl.strategies.staleness import check_staleness
+
+
+class _Table(Rule):
+    """Latest entry per node plus their running sum (so a step is O(model size))."""
+
+    def __init__(self, server_lr: float) -> None:
+        self.server_lr = _lr(server_lr)
+        self._table: dict[int, State] = {}
+        self._sum: State | None = None
+
+    def forget(self, node: int) -> None:  # noqa: D102
+        old = self._table.pop(node, None)
+        if old is not None and self._sum is not None:
+            with torch.no_grad():
+                torch._foreach_sub_(list(self._sum.values()), list(old.values()))
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"table": dict(self._table)}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore the table and recompute the sum exactly."""
+        self._table = {int(i): _copy(t) for i, t in d["table"].items()}
+        self._sum = None
+        for t in self._table.values():
+            self._sum, sums = _lazy(self._sum, t, "table sum")
+            torch._foreach_add_(sums, list(t.values()))
+
+
+class SagaEstimator(_Table):
+    """SAGA estimator (seed notes, Algorithm 4): ``x += lr (d - u_i + mean_j u_j)``, then
+    ``u_i <- d``. Memory: reporting nodes + 1 models."""
+
+    name = "saga-est"
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None, info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+        check_staleness(staleness)
+        us = _aligned(x, update, "update")
+        xs, lr = list(x.values()), self.server_lr
+        old = self._table.get(node)
+        olds = None if old is None else _aligned(x, old, "saga-est table")
+        self._sum, sums = _lazy(self._sum, x, "saga-est sum")
+        with torch.no_grad():
+            torch._foreach_add_(xs, us, alpha=lr)
+            if olds is not None:  # a newcomer's entry is taken as the mean: no correction
+                torch._foreach_sub_(xs, olds, alpha=lr)
+                torch._foreach_add_(xs, sums, alpha=lr / len(self._table))
+                torch._foreach_sub_(sums, olds)
+                torch._foreach_copy_(olds, us)
+            else:
+                olds = [u.clone() for u in us]
+            torch._foreach_add_(sums, us)
+            self._table[node] = dict(zip(x, olds))
+        return Applied(lr, True)
+
+
+class Page(_Table):
+    """PAGE over the SAGA table (seed notes, Algorithm 6): a fresh update replaces node i's
+    entry, a difference (``info["page-kind"] == "diff"``) is added to it; then
+    ``x += lr mean_j g_j``."""
+
+    name = "page"
+
+    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
+              base: Tensors | None = None, info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+        check_staleness(staleness)
+        us = _aligned(x, update, "update")
+        kind = (info or {}).get("page-kind", "fresh")
+        if kind not in ("fresh", "diff"):
+            raise ValueError(f"page: `page-kind` must be 'fresh' or 'diff', got {kind!r}")
+        old = self._table.get(node)
+        if kind == "diff" and old is None:
+            return Applied(0.0, False)  # nothing to add it to (see the module notes)
+        olds = None if old is None else _aligned(x, old, "page table")
+        self._sum, sums = _lazy(self._sum, x, "page sum")
+        with torch.no_grad():
+            if olds is None:
+                olds = [u.clone() for u in us]
+                torch._foreach_add_(sums, us)
+            elif kind == "diff":
+                torch._foreach_add_(olds, us)
+                torch._foreach_add_(sums, us)
+            else:
+                torch._foreach_sub_(sums, olds)
+                torch._foreach_copy_(olds, us)
+                torch._foreach_add_(sums, us)
+            self._table[node] = dict(zip(x, olds))
+            weight = self.server_lr / len(self._table)
+            torch._foreach_add_(list(x.values()), sums, alpha=weight)
+        return Applied(weight, True)
