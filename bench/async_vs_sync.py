@@ -1,41 +1,42 @@
-"""Async vs sync: wall-clock to a target perplexity and perplexity at equal wall-clock.
+"""Async vs sync: wall-clock to the perplexity sync reaches, and perplexity at equal wall-clock.
 
-Same data, model, compressor, local work and target for both modes; 4 clients with speed
+Same data, model, compressor, local work and time budget for every run; 4 clients with speed
 factors 1,1,2,4 (`client-speeds`: a client with factor f sleeps (f - 1) x its compute time).
-Sync (FedAvg) waits for the slowest client every round; async applies every update on arrival
-and hands the client that just finished its next task at once (`selection=same`).
+Sync (FedAvg, optionally with server momentum) waits for the slowest client every round; async
+applies every update on arrival and hands the client that just finished its next task at once.
 
-Each run is a real Flower run: `flwr run .` in local simulation (default; a private FLWR_HOME,
-4 SuperNodes, `client-resources-num-cpus=1 init-args-num-cpus=4` so Ray starts all 4 actors at
-once whatever the real core count), or `scripts/local-deployment.sh 4 --run-config ...`
-(`--deployment`: a real SuperLink + 4 SuperNodes on 127.0.0.1, e.g. on a GPU machine).
+Protocol: every run gets the whole budget. The sync baseline is the sync configuration with
+the lowest mean perplexity at the budget over the seeds (give `--sync` several to tune it); per
+seed, the *target* is the baseline's perplexity at the budget (its last evaluation within it:
+a round that ends after the budget does not count), and each configuration's time to target
+is its first evaluation at or below it (the baseline's own is when it first got there).
+Speed-up = baseline time / configuration time; ppl at equal wall-clock compares the last
+evaluations within the budget. Mean and spread (std, min-max) over `--seeds`.
 
-    # CPU, tiny preset: calibrate the target with a sync run, then run both modes to it
-    python bench/async_vs_sync.py --preset tiny --device cpu
-    # fixed target, several async rules against one sync run
-    python bench/async_vs_sync.py --target-ppl 3300 --time-budget-s 150 --rules fedasync,fedbuff,asgd
-    # both modes for the whole budget (final ppl at equal wall-clock), an async rule variant
-    python bench/async_vs_sync.py --equal-budget --target-ppl 3300 --time-budget-s 150 \
-        --rules fedasync,fedbuff:buffer-size=4:server-lr=1.5
-    # GPU machine, real deployment (SuperNode i on GPU i % #gpus)
-    python bench/async_vs_sync.py --deployment --preset small --device cuda --gpus 0
+Backends (`--backend`):
+* `simulation`: `flwr run .` in local simulation (a private FLWR_HOME, 4 SuperNodes,
+  `client-resources-num-cpus=1 init-args-num-cpus=4` so Ray starts all 4 actors at once);
+* `deployment`: `scripts/local-deployment.sh 4 --run-config ...` (TLS SuperLink + 4 SuperNodes;
+  `--gpus 0` puts them on GPU 0);
+* `emulate`: `python -m asyncfl.emulate` -- the real loop and real training on a virtual clock
+  with a timing model (`--emulate-args "--task-s ... --overhead-s ... --poll-s 3"`): fast
+  and reproducible, for sweeping rules and hyperparameters; real claims need the other two.
 
-Target: `--target-ppl` if given, else calibrated: a sync run of `--calib-rounds` rounds, and
-the perplexity it reached after `--calib-frac` (2/3) of them becomes the target. Then each mode
-runs with `target-ppl` and `time-budget-s` (it stops at whichever comes first), or with
-`--equal-budget` for the whole budget (time to target then comes from the event log).
+    # CPU, tiny preset, flwr simulation, 3 seeds: FedAvg vs asgd
+    python bench/async_vs_sync.py --preset tiny --seeds 11,23,37 --time-budget-s 150 --rules asgd
+    # tune both sides in the emulator (GPU), 3 runs at a time
+    python bench/async_vs_sync.py --backend emulate --preset small --device cuda --jobs 3 \
+        --sync "sync,sync:server-lr=2.0" --rules "asgd:server-lr=0.25,dn:server-lr=0.7" \
+        --emulate-args "--task-s 1.2 --overhead-s 1.3 --poll-s 3 --jitter 0.15"
+    # GPU machine, real deployment
+    python bench/async_vs_sync.py --backend deployment --preset small --device cuda --gpus 0
 
-Times are the recorder's `t`: the ServerApp's own clock, started when its RunRecorder is built,
-so the SuperLink start, `flwr run`'s FAB build and Ray's start before the ServerApp are not in
-it. In simulation, though, Flower starts the ServerApp beside the Ray actor pool, so the first
-tasks also wait for the actors (ClientApp import, model build): 10-50 s on a 2-core machine,
-equally in both modes. The table therefore also gives the speed-up with that start-up removed
-(each run's clock restarted when its first client began its first task; see `startup_s`).
-
-Outputs in `--out`: one run folder per run under runs/ (events.jsonl, summary.json, results.md,
-plot.png), `comparison.md` / `comparison.png` per async rule (`asyncfl.results.compare`, i.e.
-`python -m asyncfl.results compare`), `results.json` (all metrics, configs, environment) and
-`table.md`.
+Times are the recorder's `t`: the ServerApp's own clock, restarted after the warm-up (every node
+has built its model and loaded its data), so start-up is not in it; `startup_s` (when the first
+task began on that clock) is reported too. Outputs in `--out`: runs/<name>-s<seed>/ (the run
+folders), `table.md`, `results.json` (every number, the configs, the environment), `plot.png`
+(perplexity vs wall-clock of the baseline and the best async configuration: each seed thin,
+their geometric mean bold) and `compare-<name>/` (`asyncfl.results compare` of seed 1).
 """
 
 from __future__ import annotations
@@ -72,13 +73,10 @@ PRESETS: dict[str, dict[str, Any]] = {
               "batch-size": 16, "local-steps": 16, "lr": 5e-4, "eval-max-blocks": 64,
               "eval-batch-size": 32},
 }
-# Per-mode defaults. Async: the finished client gets its next task at once; staleness-weighted.
-ASYNC_DEFAULTS = {"mode": "async", "selection": "same", "max-updates": 1_000_000,
-                  "staleness": "polynomial", "staleness-a": 0.5}
-RULE_DEFAULTS = {"fedasync": {"alpha": 0.6}, "fedbuff": {"buffer-size": 2, "server-lr": 1.0},
-                 "asgd": {"server-lr": 0.5}, "saga": {"server-lr": 1.0},
-                 "shifted": {"server-lr": 0.5}}
-SYNC_DEFAULTS = {"mode": "sync", "num-rounds": 1_000_000, "eval-every": 1, "server-lr": 1.0}
+# Per mode, only what tells the modes apart; everything else is the app's defaults (which are
+# what the benchmark is meant to measure) or a spec's own keys. Sync evaluates every round.
+ASYNC_DEFAULTS: dict[str, Any] = {"mode": "async"}
+SYNC_DEFAULTS: dict[str, Any] = {"mode": "sync", "eval-every": 1}
 
 
 def log(msg: str) -> None:
@@ -281,22 +279,45 @@ def run_deployment(cfg: dict[str, Any], work: Path, timeout_s: float, extra: lis
         return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
 
 
-def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> Path:
-    """Run one configuration to completion; returns its run folder (raises if it failed)."""
+def run_emulation(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list[str],
+                  threads: int = 0) -> str:
+    """One run of `python -m asyncfl.emulate` (4 nodes) in a subprocess of its own."""
+    cmd = [sys.executable, "-m", "asyncfl.emulate", "--nodes", str(NUM_CLIENTS),
+           "--run-config", run_config_str(cfg), *extra]
+    log("$ " + shlex.join(cmd))
+    env = {**os.environ, **thread_env(threads)}
+    try:
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+        return out.stdout + out.stderr
+    except subprocess.TimeoutExpired as exc:
+        return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
+
+
+def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int = 0) -> Path:
+    """Run one configuration to completion; returns its run folder (raises if it failed).
+    `slot` (0..jobs-1) keeps concurrent deployments on separate ports."""
     runs = args.out / "runs"
     run_dir = runs / name
+    if (run_dir / "summary.json").is_file() and args.reuse:
+        log(f"{name}: reusing the finished run in {run_dir}")
+        return run_dir
     cfg = {**cfg, "results-dir": str(runs.resolve()), "run-name": name}
     work = args.out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    if args.deployment:
-        text = run_deployment(cfg, work, args.timeout_s, shlex.split(args.deployment_args),
-                              args.threads)
+    if args.backend == "deployment":
+        extra = shlex.split(args.deployment_args)
+        if "--port" not in extra:
+            port = free_port_block(NUM_CLIENTS + 1, start=19100 + 200 * slot)
+            extra += ["--port", str(port), "--node-port", str(port + 1)]
+        text = run_deployment(cfg, work, args.timeout_s, extra, args.threads)
+    elif args.backend == "emulate":
+        text = run_emulation(cfg, work, args.timeout_s, shlex.split(args.emulate_args), args.threads)
     else:
         text = run_simulation(cfg, work, args.timeout_s, run_dir, args.threads)
     (work / "output.log").write_text(text)
     if not (run_dir / "summary.json").is_file():
-        raise SystemExit(f"error: run {name!r} wrote no summary.json; output tail:\n{text[-5000:]}")
+        raise RuntimeError(f"run {name!r} wrote no summary.json; output tail:\n{text[-5000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     log(f"{name}: {summary['stop_reason']}; {summary['updates_applied']} updates, ppl "
         f"{summary['initial_eval_ppl']:.1f} -> {summary['final_eval_ppl']:.1f} in "
@@ -307,11 +328,11 @@ def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Configurations
 # ---------------------------------------------------------------------------------------------
-def base_config(args: argparse.Namespace) -> dict[str, Any]:
+def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     cfg: dict[str, Any] = dict(PRESETS[args.preset])
     cfg.update({"device": args.device, "compressor": args.compressor, "rank": args.rank,
                 "client-speeds": SPEEDS, "min-nodes": NUM_CLIENTS, "save-model": False,
-                "seed": args.seed})
+                "seed": seed, "time-budget-s": args.time_budget_s})
     if args.tokenizer:
         cfg["tokenizer"] = args.tokenizer
     if args.data_dir:
@@ -320,141 +341,164 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def sync_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {**base_config(args), **SYNC_DEFAULTS, **parse_kv(args.sync_set)}
-
-
-def parse_rule(spec: str) -> tuple[str, dict[str, Any]]:
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """"asgd:server-lr=1.0:delay-adaptive=true" -> ("asgd", {"server-lr": 1.0, ...})."""
     name, *kvs = spec.split(":")
     return name, parse_kv(kvs)
 
 
-def run_name(spec: str) -> str:
-    return "async-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.replace(":", "_"))
+def spec_name(spec: str) -> str:
+    """A folder-safe name for a spec: "dn:server-lr=0.7" -> "dn_server-lr=0.7"."""
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in spec.replace(":", "_"))
 
 
-def async_config(args: argparse.Namespace, spec: str) -> dict[str, Any]:
-    """Async run config for a rule spec: defaults, the rule's defaults, --async-set, the spec."""
-    rule, overrides = parse_rule(spec)
-    cfg = {**base_config(args), **ASYNC_DEFAULTS, "rule": rule, "eval-every": args.eval_every,
-           **RULE_DEFAULTS.get(rule, {})}
+def config_for(args: argparse.Namespace, spec: str, seed: int) -> dict[str, Any]:
+    """Run config of a spec: "sync[:k=v...]" (FedAvg) or "<rule>[:k=v...]" (async)."""
+    name, overrides = parse_spec(spec)
+    if name == "sync":
+        return {**base_config(args, seed), **SYNC_DEFAULTS, **parse_kv(args.sync_set), **overrides}
+    cfg = {**base_config(args, seed), **ASYNC_DEFAULTS, "rule": name, "eval-every": args.eval_every}
     return {**cfg, **parse_kv(args.async_set), **overrides}
-
-
-def stop_keys(args: argparse.Namespace, target: float, budget: float) -> dict[str, Any]:
-    keys: dict[str, Any] = {"time-budget-s": budget}
-    if not args.equal_budget:
-        keys["target-ppl"] = target
-    return keys
 
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
-def tt_target(summary: dict, events: list[dict], target: float) -> float | None:
-    """Time to target: summary's `time_to_target_s` (same target), else from the events."""
-    if summary.get("target_ppl") == target and summary.get("time_to_target_s") is not None:
-        return summary["time_to_target_s"]
-    return time_to_ppl(events, target)
-
-
 def startup_s(events: list[dict]) -> float:
-    """When the first client began its first task, on the recorder's clock.
-
-    The recorder's clock starts in the ServerApp, which Flower's simulation runs beside the Ray
-    start-up (actor pool, ClientApp import, model build in each actor), so the first tasks wait
-    for it. Per applied update, `t - client_s` is when that task's work began (client_s: the
-    client's own time for the task, sleep included); the minimum over the updates is the first
-    start. In sync mode updates are logged at the round's end, so this is the start of the last
-    client to reply in round 1 -- never earlier than the true start (conservative for async).
-    """
+    """When the first task began, on the run clock: per applied update, `t - client_s` is when
+    its task's work began (client_s: the client's own time, emulated slowness included); the
+    minimum over the updates is the first start. The clock starts after the warm-up, so this
+    is the initial evaluation and the first dispatch. In sync mode updates are logged at the
+    round's end, so this is never earlier than the true start (conservative for async)."""
     starts = [e["t"] - e["client_s"] for e in events
               if e.get("event") == "update" and e.get("client_s") is not None]
     return max(0.0, min(starts, default=0.0))
 
 
-def shifted(events: list[dict], offset: float) -> list[dict]:
-    """Events with `t` measured from `offset` (earlier evaluations clamped to 0)."""
-    return [{**e, "t": max(0.0, e["t"] - offset)} if e.get("t") is not None else e for e in events]
+def evals_of(events: list[dict]) -> list[tuple[float, float]]:
+    return [(float(e["t"]), float(e["ppl"])) for e in events
+            if e.get("event") == "eval" and e.get("ppl") is not None]
 
 
-def pair_metrics(sync_dir: Path, async_dir: Path, target: float) -> dict[str, Any]:
-    (s_sum, s_ev), (a_sum, a_ev) = load_run(sync_dir), load_run(async_dir)
-    s_up, a_up = startup_s(s_ev), startup_s(a_ev)
-    s_t0, a_t0 = time_to_ppl(shifted(s_ev, s_up), target), time_to_ppl(shifted(a_ev, a_up), target)
-    t_equal = min(s_sum["wall_clock_s"], a_sum["wall_clock_s"])
-    s_t, a_t = tt_target(s_sum, s_ev, target), tt_target(a_sum, a_ev, target)
-    s_eq, a_eq = ppl_at(s_ev, t_equal), ppl_at(a_ev, t_equal)
-    speedup = s_t / a_t if s_t and a_t else None
-    # sync never reached the target: its budget is a lower bound on its time to target
-    speedup_lb = s_sum["wall_clock_s"] / a_t if s_t is None and a_t else None
-    gap = 100 * (a_eq / s_eq - 1) if a_eq and s_eq else None
-    final_gap = (100 * (a_sum["final_eval_ppl"] / s_sum["final_eval_ppl"] - 1)
-                 if a_sum["final_eval_ppl"] and s_sum["final_eval_ppl"] else None)
-    return {
-        "rule": a_sum["rule"], "target_ppl": target, "t_equal_s": t_equal,
-        "startup_s": {"sync": s_up, "async": a_up},
-        "time_to_target_excl_startup_s": {"sync": s_t0, "async": a_t0},
-        "speedup_excl_startup": s_t0 / a_t0 if s_t0 and a_t0 else None,
-        "sync": _side(s_sum, s_t, s_eq), "async": _side(a_sum, a_t, a_eq),
-        "speedup": speedup, "speedup_lower_bound": speedup_lb,
-        "ppl_gap_at_equal_pct": gap, "final_ppl_gap_pct": final_gap,
-    }
+def run_metrics(run_dir: Path, target: float, t_equal: float) -> dict[str, Any]:
+    summary, events = load_run(run_dir)
+    return {"dir": str(run_dir), "time_to_target_s": time_to_ppl(events, target),
+            "ppl_at_equal": ppl_at(events, t_equal), "final_ppl": summary["final_eval_ppl"],
+            "best_ppl": summary["best_eval_ppl"], "initial_ppl": summary["initial_eval_ppl"],
+            "wall_clock_s": summary["wall_clock_s"], "updates": summary["updates_applied"],
+            "rounds": summary["extra"].get("rounds"), "mean_staleness": summary["mean_staleness"],
+            "startup_s": startup_s(events), "bytes_uploaded": summary["bytes_uploaded"],
+            "mean_decode_apply_ms": summary["mean_decode_apply_ms"],
+            "stop_reason": summary["stop_reason"]}
 
 
-def _side(summary: dict, t_target: float | None, ppl_equal: float | None) -> dict[str, Any]:
-    return {"time_to_target_s": t_target, "wall_clock_s": summary["wall_clock_s"],
-            "updates": summary["updates_applied"], "rounds": summary["extra"].get("rounds"),
-            "initial_ppl": summary["initial_eval_ppl"], "final_ppl": summary["final_eval_ppl"],
-            "best_ppl": summary["best_eval_ppl"], "ppl_at_equal": ppl_equal,
-            "mean_staleness": summary["mean_staleness"], "stop_reason": summary["stop_reason"],
-            "bytes_uploaded": summary["bytes_uploaded"],
-            "mean_decode_apply_ms": summary["mean_decode_apply_ms"]}
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """mean, std (sample), min, max of the values that exist, and how many exist."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "of": len(values)}
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": len(xs), "of": len(values)}
+
+
+def analyse(dirs: dict[str, dict[int, Path]], sync_specs: list[str], seeds: list[int],
+            budget: float) -> dict[str, Any]:
+    """Pick the baseline, then per seed each configuration's time to its target and ppl at
+    equal wall-clock; aggregate over seeds."""
+    finals = {spec: spread([ppl_at(load_run(dirs[spec][s])[1], budget) for s in seeds])["mean"]
+              for spec in sync_specs}
+    baseline = min(sync_specs, key=lambda spec: finals[spec] if finals[spec] is not None else math.inf)
+    per_seed: dict[str, list[dict[str, Any]]] = {spec: [] for spec in dirs}
+    for seed in seeds:
+        # the budget is the equal wall-clock: a sync round that started before it and ended
+        # after it is not counted (an async run stops at the budget itself)
+        _, base_events = load_run(dirs[baseline][seed])
+        t_equal = budget
+        target = float(ppl_at(base_events, t_equal))
+        base = run_metrics(dirs[baseline][seed], target, t_equal)
+        for spec in dirs:
+            m = run_metrics(dirs[spec][seed], target, t_equal)
+            t_base, t_cfg = base["time_to_target_s"], m["time_to_target_s"]
+            m.update(seed=seed, target_ppl=target, t_equal_s=t_equal,
+                     speedup=t_base / t_cfg if t_base and t_cfg else None,
+                     speedup_excl_startup=((t_base - base["startup_s"]) / (t_cfg - m["startup_s"])
+                                           if t_base and t_cfg and t_cfg > m["startup_s"] else None),
+                     ppl_gap_at_equal_pct=(100 * (m["ppl_at_equal"] / base["ppl_at_equal"] - 1)
+                                           if m["ppl_at_equal"] and base["ppl_at_equal"] else None))
+            per_seed[spec].append(m)
+    rows = []
+    for spec, ms in per_seed.items():
+        rows.append({"spec": spec, "mode": "sync" if spec.split(":")[0] == "sync" else "async",
+                     "baseline": spec == baseline, "per_seed": ms,
+                     **{k: spread([m[k] for m in ms]) for k in (
+                         "speedup", "speedup_excl_startup", "time_to_target_s", "ppl_at_equal",
+                         "ppl_gap_at_equal_pct", "final_ppl", "updates", "mean_staleness")}})
+    best_async = max((r for r in rows if r["mode"] == "async"),
+                     key=lambda r: (r["speedup"]["n"], r["speedup"]["mean"] or 0.0), default=None)
+    return {"baseline": baseline, "best_async": best_async["spec"] if best_async else None,
+            "rows": rows}
 
 
 def _f(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ["rule", "target ppl", "sync time to target s", "async time to target s",
-            "speed-up", "speed-up, start-up excluded", "T (equal wall-clock) s", "sync ppl @ T", "async ppl @ T",
-            "ppl gap @ T", "sync final ppl", "async final ppl", "final ppl gap",
-            "sync updates / rounds", "async updates", "async mean staleness"]
+def _ms(s: dict[str, Any], spec: str = ".2f", unit: str = "") -> str:
+    """"mean ± std (min-max)" of a spread, with how many seeds had a value if not all."""
+    if s["mean"] is None:
+        return f"- (0/{s['of']})"
+    out = f"{format(s['mean'], spec)}{unit} ± {format(s['std'], spec)}"
+    if s["of"] > 1:
+        out += f" ({format(s['min'], spec)}-{format(s['max'], spec)})"
+    return out + (f" [{s['n']}/{s['of']}]" if s["n"] < s["of"] else "")
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    head = ["configuration", "speed-up to target", "speed-up, start-up excl.", "time to target s",
+            "ppl @ equal wall-clock", "gap vs baseline", "final ppl", "updates", "mean staleness"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-    for r in rows:
-        s, a = r["sync"], r["async"]
-        speed = (f"{r['speedup']:.2f}x" if r["speedup"] is not None else
-                 f">= {r['speedup_lower_bound']:.2f}x (sync missed)"
-                 if r["speedup_lower_bound"] is not None else "-")
-        cells = [r["rule"], f"{r['target_ppl']:.1f}", _f(s["time_to_target_s"]),
-                 _f(a["time_to_target_s"]), speed,
-                 _f(r["speedup_excl_startup"], ".2f") + ("x" if r["speedup_excl_startup"] else ""),
-                 _f(r["t_equal_s"]), _f(s["ppl_at_equal"], ".2f"),
-                 _f(a["ppl_at_equal"], ".2f"), _f(r["ppl_gap_at_equal_pct"], "+.1f") + "%",
-                 _f(s["final_ppl"], ".2f"), _f(a["final_ppl"], ".2f"),
-                 _f(r["final_ppl_gap_pct"], "+.1f") + "%", f"{s['updates']} / {s['rounds']}",
-                 str(a["updates"]), _f(a["mean_staleness"], ".2f")]
+    for r in sorted(result["rows"], key=lambda r: (r["mode"] != "sync", -(r["speedup"]["mean"] or 0))):
+        name = f"**{r['spec']}** (baseline)" if r["baseline"] else r["spec"]
+        cells = [name, _ms(r["speedup"], unit="x"), _ms(r["speedup_excl_startup"], unit="x"),
+                 _ms(r["time_to_target_s"], ".1f"), _ms(r["ppl_at_equal"], ".1f"),
+                 _ms(r["ppl_gap_at_equal_pct"], "+.1f", "%"), _ms(r["final_ppl"], ".1f"),
+                 _ms(r["updates"], ".0f"), _ms(r["mean_staleness"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def calibrate(args: argparse.Namespace) -> tuple[float, float, Path]:
-    """Sync run of `calib-rounds` rounds; target = ppl after `calib-frac` of them."""
-    cfg = {**sync_config(args), "num-rounds": args.calib_rounds}
-    if args.time_budget_s:
-        cfg["time-budget-s"] = args.time_budget_s
-    run_dir = run_one("sync-calibration", cfg, args)
-    summary, events = load_run(run_dir)
-    evals = [e for e in events if e["event"] == "eval" and e.get("ppl") is not None]
-    want = max(1, round(args.calib_frac * args.calib_rounds))
-    at = [e for e in evals if (e.get("round") or 0) >= want] or evals[-1:]
-    target = float(at[0]["ppl"]) * (1 + args.calib_margin)
-    log(f"calibration: sync ppl after round {at[0].get('round')} of {args.calib_rounds} is "
-        f"{at[0]['ppl']:.2f} at t={at[0]['t']:.1f} s (target {target:.2f} with the "
-        f"{100 * args.calib_margin:g}% margin); run took {summary['wall_clock_s']:.1f} s")
-    return target, float(summary["wall_clock_s"]), run_dir
+def plot_seeds(path: Path, curves: dict[str, list[list[tuple[float, float]]]], title: str,
+               target: float | None = None) -> None:
+    """Perplexity vs wall-clock: each seed a thin line, the geometric mean over seeds bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (label, runs), color in zip(curves.items(), ("tab:blue", "tab:red", "tab:green", "tab:purple")):
+        for pts in runs:
+            ax.step([t for t, _ in pts], [p for _, p in pts], where="post", color=color, lw=0.6, alpha=0.45)
+        end = min(pts[-1][0] for pts in runs if pts)
+        grid = [end * i / 200 for i in range(201)]
+        mean = []
+        for t in grid:
+            vals = [next((p for tt, p in reversed(pts) if tt <= t), None) for pts in runs]
+            vals = [v for v in vals if v]
+            mean.append(math.exp(sum(math.log(v) for v in vals) / len(vals)) if len(vals) == len(runs) else math.nan)
+        ax.plot(grid, mean, color=color, lw=2.4, label=f"{label} (mean of {len(runs)})")
+    if target:
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label="baseline's final ppl (mean)")
+    ax.set_yscale("log")
+    ax.set_xlabel("wall-clock s (run clock, after the warm-up)")
+    ax.set_ylabel("eval perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def environment() -> dict[str, Any]:
@@ -464,8 +508,8 @@ def environment() -> dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
-    import torch
     import flwr
+    import torch
 
     return {"git_sha": sha, "python": platform.python_version(), "torch": torch.__version__,
             "flwr": flwr.__version__, "cpu_count": os.cpu_count(), "loadavg_end": load,
@@ -475,94 +519,113 @@ def environment() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="simulation", choices=["simulation", "deployment", "emulate"])
+    p.add_argument("--deployment", action="store_true", help="same as --backend deployment")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--target-ppl", type=float, default=0.0,
-                   help="target perplexity (0: calibrate with a sync run, see --calib-rounds)")
-    p.add_argument("--calib-rounds", type=int, default=12, help="sync rounds of the calibration run")
-    p.add_argument("--calib-frac", type=float, default=2 / 3,
-                   help="target = sync ppl after this fraction of the calibration rounds")
-    p.add_argument("--calib-margin", type=float, default=0.01,
-                   help="target = that ppl x (1 + margin), so run-to-run noise (threads, "
-                        "randomized sketches) does not push sync one round past it")
-    p.add_argument("--time-budget-s", type=float, default=0.0,
-                   help="time budget of each run (0: 1.25 x the calibration run's wall-clock, or 600)")
-    p.add_argument("--equal-budget", action="store_true",
-                   help="do not stop at the target: both modes run the whole budget")
-    p.add_argument("--rule", default="fedasync", help="async rule (fedasync|fedbuff|asgd|...)")
-    p.add_argument("--rules", default="",
-                   help="comma list of async rule specs (overrides --rule); a spec may carry "
-                        "run-config keys: fedasync:alpha=0.9,asgd:server-lr=1.0")
+    p.add_argument("--seeds", default="42", help="comma list of seeds; every configuration runs each")
+    p.add_argument("--time-budget-s", type=float, default=150.0, help="wall-clock budget of every run")
+    p.add_argument("--sync", default="sync",
+                   help="comma list of sync specs, the baseline candidates: sync[:key=value...], "
+                        "e.g. sync,sync:server-lr=2.0,sync:server-lr=0.7:server-momentum=0.9")
+    p.add_argument("--rules", default="asgd",
+                   help="comma list of async specs: <rule>[:key=value...], e.g. "
+                        "asgd:server-lr=0.25,fedbuff:buffer-size=4")
     p.add_argument("--compressor", default="pca", choices=["none", "pca", "qrcp", "cur"])
     p.add_argument("--rank", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=6, help="async: evaluate every N updates")
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/MKL threads per process of the run (0: leave the environment alone; "
                         "default 1 with --device cpu, else 0)")
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2") if SHARED.is_dir() else "")
     p.add_argument("--data-dir", default=str(SHARED / "wikitext-2-raw") if SHARED.is_dir() else "")
     p.add_argument("--set", action="append", default=[], metavar='"k=v ..."',
-                   help="run-config overrides for both modes (repeatable)")
+                   help="run-config overrides for every run (repeatable)")
     p.add_argument("--async-set", action="append", default=[], metavar='"k=v ..."',
                    help="run-config overrides for the async runs only")
     p.add_argument("--sync-set", action="append", default=[], metavar='"k=v ..."',
                    help="run-config overrides for the sync runs only")
-    p.add_argument("--skip-sync", default="", metavar="RUN_DIR",
-                   help="reuse a finished sync run (same target and budget) instead of running one")
-    p.add_argument("--deployment", action="store_true",
-                   help="run through scripts/local-deployment.sh instead of simulation")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (emulate; deployments on separate ports share the machine)")
+    p.add_argument("--reuse", action="store_true", help="keep runs already finished in --out/runs")
     p.add_argument("--deployment-args", default="",
                    help='extra arguments for local-deployment.sh, e.g. "--insecure --gpus 0,1"')
     p.add_argument("--gpus", default="", help="deployment: GPU ids for the SuperNodes")
+    p.add_argument("--emulate-args", default="",
+                   help='arguments for python -m asyncfl.emulate, e.g. "--task-s 1.2 --overhead-s 1.3 --poll-s 3"')
     p.add_argument("--timeout-s", type=float, default=0.0,
                    help="kill a run after this long (default: budget + 600)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "async_vs_sync")
     args = p.parse_args(argv)
+    if args.deployment:
+        args.backend = "deployment"
     if args.gpus:
         args.deployment_args += f" --gpus {args.gpus}"
     args.out = args.out.resolve()
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
+    args.timeout_s = args.timeout_s or args.time_budget_s + 600
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rules = [r for r in (args.rules or args.rule).split(",") if r]
-    args.timeout_s = args.timeout_s or (args.time_budget_s or 600) + 600
-    calib_dir = None
-    if args.target_ppl > 0:
-        target, budget = args.target_ppl, args.time_budget_s or 600.0
-    else:
-        target, calib_wall, calib_dir = calibrate(args)
-        budget = args.time_budget_s or math.ceil(1.25 * calib_wall)
-    args.timeout_s = max(args.timeout_s, budget + 600)
-    log(f"target ppl {target:.2f}, time budget {budget:.0f} s per run, rules {rules}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    sync_specs = [s for s in args.sync.split(",") if s]
+    async_specs = [r for r in args.rules.split(",") if r]
+    if any(parse_spec(s)[0] != "sync" for s in sync_specs):
+        raise SystemExit(f"error: --sync specs must start with 'sync', got {sync_specs}")
+    specs = sync_specs + async_specs
+    log(f"{len(specs)} configurations x {len(seeds)} seeds, budget {args.time_budget_s:g} s, "
+        f"backend {args.backend}, {args.jobs} at a time")
+    jobs = [(spec, seed) for seed in seeds for spec in specs]
+    dirs: dict[str, dict[int, Path]] = {spec: {} for spec in specs}
+    slots = list(range(max(args.jobs, 1)))
 
-    stop = stop_keys(args, target, budget)
-    async_dirs = {rule: run_one(run_name(rule), {**async_config(args, rule), **stop}, args)
-                  for rule in rules}
-    sync_dir = Path(args.skip_sync) if args.skip_sync else run_one("sync", {**sync_config(args), **stop}, args)
-    rows = [{**pair_metrics(sync_dir, async_dirs[r], target), "rule": r} for r in rules]
-    table = markdown_table(rows)
-    for rule in rules:
-        compare([sync_dir, async_dirs[rule]], args.out / f"compare-{run_name(rule)[6:]}")
-    if calib_dir is not None:
-        compare([calib_dir, sync_dir, *async_dirs.values()], args.out / "compare-all")
+    def work(job: tuple[str, int]) -> tuple[str, int, Path]:
+        spec, seed = job
+        slot = slots.pop()
+        try:
+            return spec, seed, run_one(f"{spec_name(spec)}-s{seed}", config_for(args, spec, seed), args, slot)
+        finally:
+            slots.append(slot)
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        for future in [pool.submit(work, j) for j in jobs]:
+            try:
+                spec, seed, run_dir = future.result()
+                dirs[spec][seed] = run_dir
+            except RuntimeError as exc:
+                failed.append(str(exc)[:300])
+                log(f"error: {exc}")
+    complete = [spec for spec in specs if len(dirs[spec]) == len(seeds)]
+    if not any(s in complete for s in sync_specs):
+        raise SystemExit("error: no sync configuration finished every seed; see the errors above")
+    dirs = {spec: dirs[spec] for spec in complete}
+    result = analyse(dirs, [s for s in sync_specs if s in complete], seeds, args.time_budget_s)
+    table = markdown_table(result)
     (args.out / "table.md").write_text(table)
-    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "target_ppl": target, "time_budget_s": budget, "rows": rows,
-              "sync_config": {**sync_config(args), **stop},
-              "async_configs": {r: {**async_config(args, r), **stop} for r in rules},
-              "runs": {"sync": str(sync_dir), **{run_name(r): str(d) for r, d in async_dirs.items()},
-                       **({"calibration": str(calib_dir)} if calib_dir else {})},
-              "env": environment()}
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    baseline, best = result["baseline"], result["best_async"]
+    curves = {f"sync: {baseline}": [evals_of(load_run(dirs[baseline][s])[1]) for s in seeds]}
+    if best:
+        curves[f"async: {best}"] = [evals_of(load_run(dirs[best][s])[1]) for s in seeds]
+        compare([dirs[baseline][seeds[0]], dirs[best][seeds[0]]], args.out / f"compare-{spec_name(best)}")
+    targets = [m["target_ppl"] for r in result["rows"] if r["baseline"] for m in r["per_seed"]]
+    plot_seeds(args.out / "plot.png", curves,
+               f"{args.preset}, {args.backend}, {len(seeds)} seed(s), budget {args.time_budget_s:g} s",
+               target=math.exp(sum(map(math.log, targets)) / len(targets)) if targets else None)
+    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           **result, "failed": failed,
+           "configs": {spec: config_for(args, spec, seeds[0]) for spec in specs},
+           "env": environment()}
+    (args.out / "results.json").write_text(json.dumps(out, indent=2, default=str))
     print(table, end="")
-    print(f"\noutputs: {args.out} (table.md, results.json, compare-*/comparison.md)")
-    return 0
+    print(f"\nbaseline: {baseline}; best async: {best}; outputs in {args.out}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
