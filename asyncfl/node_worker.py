@@ -202,7 +202,8 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     cfg = AppConfig.from_run_config(req["run_config"])
     pid, n = partition_of(req["node_config"])
     if req["task"].get("warmup"):
-        return {"out_index": [], "metrics": get_worker(cfg).warm_up(cfg, pid, n)}
+        metrics = get_worker(cfg).warm_up(cfg, pid, n)
+        return {"out_index": write_arrays(Path(req["out"]), {}), "metrics": metrics}
     # a copy-on-write map of the task file: the model reads the weights straight from it
     arrays = read_arrays(Path(req["in"]), req["in_index"], copy=False)
     task = req["task"]

@@ -115,9 +115,9 @@ class Worker:
         self.held = (run_key, version, received)  # never written: the log's next base
         # 2. local training; 3. delta = local - received (page: maybe a difference of two)
         stats, delta = self._train_delta(cfg, blocks, received, seed)
-        page_kind = None
+        page_diff = None
         if cfg.rule == "page":
-            page_kind, delta = self._page_estimate(cfg, blocks, run_key, partition_id, received, seed, delta)
+            page_diff, delta = self._page_estimate(cfg, blocks, run_key, partition_id, received, seed, delta)
         shift = self._load_shift(cfg, run_key, partition_id) if cfg.rule == "shifted" else None
         to_send = shift.residual(delta) if shift is not None else delta
         record, cm = self.compressor.encode_state(to_send, return_metrics=True)
@@ -141,8 +141,8 @@ class Worker:
             "rec-error": cm["mean_rel_error"], "fro-error": cm["mean_fro_error"],
             "sleep-s": sleep_s, "client-s": time.perf_counter() - t_start,
         }
-        if page_kind is not None:
-            metrics["page-kind"] = page_kind
+        if page_diff is not None:
+            metrics["page-diff"] = page_diff
         return TaskResult(record=record, metrics=metrics)
 
     def _train_delta(self, cfg: AppConfig, blocks: torch.Tensor, start: dict[str, torch.Tensor],
@@ -160,20 +160,21 @@ class Worker:
 
     def _page_estimate(self, cfg: AppConfig, blocks: torch.Tensor, run_key: str, partition_id: int,
                        received: dict[str, torch.Tensor], seed: int,
-                       delta: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+                       delta: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
         """The client half of `page` (seed notes, Algorithm 6): with probability `page-p`, or
         when this worker does not hold the point of the node's previous task, the task's delta
         as it is ("fresh"); otherwise the difference between it and a delta trained from that
         previous point with the same batches and dropout masks ("diff"), which the server adds
-        to its table entry. Either way this task's start point is kept for the next one."""
+        to its table entry. Returns (1 for a difference else 0, what to send); either way this
+        task's start point is kept for the next one."""
         key = (run_key, partition_id)
         prev = self._page_prev.get(key)
         fresh = prev is None or random.Random(seed).random() < cfg.page_p
         self._page_prev[key] = received
         if fresh:
-            return "fresh", delta
+            return 0, delta
         _, old = self._train_delta(cfg, blocks, prev, seed)
-        return "diff", {k: delta[k] - old[k] for k in delta}
+        return 1, {k: delta[k] - old[k] for k in delta}
 
     def _received(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The received weights as new tensors in the model's dtype, on its device."""

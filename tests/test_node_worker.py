@@ -88,6 +88,27 @@ def test_remote_task_matches_in_process_and_reuses_one_warm_worker(remote):
         np.testing.assert_array_equal(out[k], out2[k])
 
 
+def test_warm_up_builds_the_worker_and_leaves_the_next_task_unchanged(remote):
+    run_config, node = remote
+    from asyncfl.config import AppConfig
+
+    out, metrics = run_remote(run_config, node, {"warmup": True}, {})
+    assert out == {} and metrics["partition-id"] == 1 and metrics["warmup-s"] > 0
+    pid = control(socket_path(run_config, node), "ping")["pid"]
+    cfg = AppConfig.from_run_config(run_config)
+    start = {k: v.clone() for k, v in trainable_state(build_model(cfg)).items()}
+    task = {"run-key": "w", "version": 0}
+    got, _ = run_remote(run_config, node, task, {k: v.numpy() for k, v in start.items()})
+    assert control(socket_path(run_config, node), "ping")["pid"] == pid  # the warmed worker ran it
+
+    from flwr.app import Array, ArrayRecord
+
+    cold = Worker(cfg).run_task(cfg, {k: v.clone() for k, v in start.items()}, 1, 2, run_key="w", version=0)
+    warm_update = decode_state(ArrayRecord({k: Array(v) for k, v in got.items()}))
+    for k, v in decode_state(cold.record).items():  # the warm-up's training step left no trace
+        torch.testing.assert_close(warm_update[k], v, atol=1e-5, rtol=1e-4)
+
+
 def test_remote_update_log_task_matches_in_process(remote):
     """Deployment path: the log's payloads travel in the task file, prefixed, and are regrouped."""
     from flwr.app import Array, ArrayRecord

@@ -648,11 +648,11 @@ def test_page_fresh_replaces_and_diff_adds_to_the_table_entry():
     x, rule = state(w=t(0)), Page(server_lr=1.0)
     for node, kind, d, expect in [(0, "fresh", 2, 2), (1, "fresh", 4, 5), (0, "diff", 1, 8.5),
                                   (0, "fresh", 0, 10.5)]:
-        rule.apply(x, {"w": t(d)}, staleness=0, node=node, info={"page-kind": kind})
+        rule.apply(x, {"w": t(d)}, staleness=0, node=node, info={"page-diff": int(kind == "diff")})
         assert_state(x, w=t(expect))
     # a difference for a node with no entry is not applied
-    assert rule.apply(x, {"w": t(9)}, staleness=0, node=5, info={"page-kind": "diff"}) == Applied(0.0, False)
+    assert rule.apply(x, {"w": t(9)}, staleness=0, node=5, info={"page-diff": 1}) == Applied(0.0, False)
     assert_state(x, w=t(10.5))
-    with pytest.raises(ValueError, match="page-kind"):
-        rule.apply(x, {"w": t(1)}, staleness=0, node=0, info={"page-kind": "stale"})
+    with pytest.raises(ValueError, match="page-diff"):
+        rule.apply(x, {"w": t(1)}, staleness=0, node=0, info={"page-diff": 2})
     assert_state(x, w=t(10.5))

@@ -15,9 +15,10 @@ was sent), standing in for the notes' gradient ``-grad f_i(x^{pi})``; ``saga`` (
   batches and dropout -- from the version it was sent and from the one of its previous task --
   and sends the *difference* of the two deltas, which the server adds to its table entry:
   ``g_i <- g_i + (d(x^{pi}) - d(x^{prev}))``. Either way the server steps with the table mean,
-  ``x <- x + lr mean_i g_i``. The client half is ``asyncfl.worker`` (metric ``page-kind``).
-  A difference for a node without a table entry (its earlier update was dropped) is not
-  applied; that client's next fresh estimate starts its entry.
+  ``x <- x + lr mean_i g_i``. The client half is ``asyncfl.worker``.
+  The reply metric ``page-diff`` (1 or 0) says which kind an update is. A difference for a
+  node without a table entry (its earlier update was dropped) is not applied; that client's
+  next fresh estimate starts its entry.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class SagaEstimator(_Table):
 
 class Page(_Table):
     """PAGE over the SAGA table (seed notes, Algorithm 6): a fresh update replaces node i's
-    entry, a difference (``info["page-kind"] == "diff"``) is added to it; then
+    entry, a difference (``info["page-diff"] == 1``) is added to it; then
     ``x += lr mean_j g_j``."""
 
     name = "page"
@@ -105,9 +106,10 @@ class Page(_Table):
               base: Tensors | None = None, info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
-        kind = (info or {}).get("page-kind", "fresh")
-        if kind not in ("fresh", "diff"):
-            raise ValueError(f"page: `page-kind` must be 'fresh' or 'diff', got {kind!r}")
+        flag = (info or {}).get("page-diff", 0)
+        if flag not in (0, 1):
+            raise ValueError(f"page: metric `page-diff` must be 0 or 1, got {flag!r}")
+        kind = "diff" if flag else "fresh"
         old = self._table.get(node)
         if kind == "diff" and old is None:
             return Applied(0.0, False)  # nothing to add it to (see the module notes)
