@@ -61,15 +61,18 @@ FLWR_VERSION = os.environ.get("FLWR_VERSION", "1.42.0")
 TORCH_VERSION = os.environ.get("ASYNCFL_TORCH_VERSION", "2.13.0")
 FAULTS = ("missing-cert", "wrong-secret", "unregistered-key")
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_DOCKER = 1, 2, 3
-# What a failed container's log usually means, for the error message.
+# What a failed container's log (or its peer's) usually means, for the error message.
 HINTS = (
     ("Failed to activate SuperNode",
-     "its key is not registered with the SuperLink (flwr supernode register keys/node-I.pub ...)"),
-    ("No such file or directory", "a file it was given is missing (certificates: make-certs.sh)"),
-    ("FileNotFoundError", "a file it was given is missing (certificates: make-certs.sh)"),
-    ("UNAUTHENTICATED", "it was refused: SuperExec secret or node key do not match"),
-    ("PERMISSION_DENIED", "it was refused: SuperExec secret or node key do not match"),
-    ("Permission denied", "a mounted file is not readable by uid 49999"),
+     "its key is not registered with the SuperLink (flwr supernode register keys/node-I.pub "
+     "<connection>; the SuperLink logs 'No SuperNode found with the given public key')"),
+    ("does not point to a file",
+     "a certificate or key file is missing from the certificates folder (scripts/make-certs.sh)"),
+    ("No such file or directory", "a file it was given is missing from its mounts"),
+    ("SuperExec authentication failed",
+     "its --superexec-auth-secret-file does not hold the secret its SuperNode/SuperLink was "
+     "started with"),
+    ("Permission denied", "a mounted file is not readable by uid 49999 (chown the certificates)"),
 )
 
 T0 = time.monotonic()
@@ -327,6 +330,18 @@ class Demo:
                 f"      - {json.dumps(str(wrong) + ':/certs/superexec.secret:ro')}\n")
             self.files.append(override)
             log("FAULT wrong-secret: superexec-clientapp-1 mounts a different superexec.secret")
+        # Torch threads per SuperExec container (each runs its own training or evaluation):
+        # the cores shared out, so that the containers do not oversubscribe a small machine.
+        threads = self.args.threads or max(1, (os.cpu_count() or 1) // (self.n + 1))
+        override = self.work / "threads.yml"
+        lines = ["services:"]
+        for svc in self.services():
+            if svc.startswith("superexec-"):
+                lines += [f"  {svc}:", "    environment:",
+                          *(f'      {var}: "{threads}"' for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))]
+        override.write_text("\n".join(lines) + "\n")
+        self.files.append(override)
+        log(f"{threads} torch thread(s) per SuperExec container ({os.cpu_count()} cores)")
         # The containers run as uid 49999: hand them the certificates and the results folder.
         # Through a container, so that this works without root on the host too.
         paths = [self.certs, self.results] + ([self.work / "wrong.secret"] if fault == "wrong-secret" else [])
@@ -342,7 +357,8 @@ class Demo:
 
     # -- containers ------------------------------------------------------------------------------
     def container_states(self) -> list[dict]:
-        ids = self.compose("ps", "-a", "-q").stdout.split()
+        # The docker CLI, not `compose ps`: this runs every few seconds during the run.
+        ids = self.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.split()
         if not ids:
             return []
         data = json.loads(self.docker("inspect", *ids).stdout)
@@ -358,12 +374,19 @@ class Demo:
             return
         parts = []
         for c in bad:
-            logs = self.compose("logs", "--no-color", "--no-log-prefix", "--tail", "25", c["service"],
-                                check=False).stdout
-            hint = next((h for key, h in HINTS if key in logs), None)
-            parts.append(f"{c['service']} {c['status']} (exit code {c['exit_code']}, restarted "
-                         f"{c['restarts']} times){': ' + hint if hint else ''}\n"
-                         f"----- {c['service']} log (last 25 lines) -----\n{logs.rstrip()}")
+            svc = c["service"]
+            # A SuperExec's failure is often logged by the side that refused it.
+            peer = ("superlink" if svc == "superexec-serverapp"
+                    else svc.replace("superexec-clientapp-", "supernode-") if svc.startswith("superexec-")
+                    else None)
+            logs = {s: self.compose("logs", "--no-color", "--no-log-prefix", "--tail", "25", s,
+                                    check=False).stdout.rstrip()
+                    for s in (svc, peer) if s}
+            hint = next((h for key, h in HINTS for text in logs.values() if key in text), None)
+            state = (f"exited with code {c['exit_code']}" if c["status"] == "exited"
+                     else f"{c['status']}, restarted {c['restarts']} time(s) by its restart policy")
+            parts.append(f"{svc} {state}" + (f": {hint}" if hint else "") + "".join(
+                f"\n----- {s} log (last 25 lines) -----\n{text}" for s, text in logs.items()))
         raise DemoError("container failed: " + "\n".join(parts))
 
     def list_nodes(self) -> list[dict] | None:
@@ -427,7 +450,7 @@ class Demo:
 
     def watch_during_run(self, stop: threading.Event) -> None:
         """While `flwr run` streams: a container that fails ends the run at once."""
-        while not stop.wait(3.0):
+        while not stop.wait(5.0):
             try:
                 self.check_containers()
             except DemoError as err:
@@ -529,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more run-config overrides (TOML values)")
     p.add_argument("--run-name", default="", help="run-name (default compose-demo-<time>)")
     p.add_argument("--port", type=int, help="host port for the SuperLink (default: a free one)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP/MKL threads per SuperExec container (default: cores / (SuperNodes + 1))")
     p.add_argument("--timeout", type=float, default=900, help="seconds the run may take (default 900)")
     p.add_argument("--install", action="store_true",
                    help="install what is missing first: docker.io and debootstrap (apt-get, root), "
