@@ -564,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data root of a dockerd this script starts: images and build cache stay "
                         "there between runs (env ASYNCFL_DOCKER_ROOT; default ~/.cache/asyncfl/docker)")
     p.add_argument("--rebuild-base", action="store_true", help="with --base local: rebuild local/flwr")
+    p.add_argument("--build-only", action="store_true",
+                   help="build the images (with --base local: the local base first) and stop")
     p.add_argument("--fault", choices=FAULTS,
                    help="inject a bad input (tests): the demo must fail with a clear error")
     return p
@@ -614,11 +616,14 @@ def main(argv: list[str] | None = None) -> int:
         demo.compose_cmd = cmd
         log(f"compose: {' '.join(cmd)} {run([*cmd, 'version', '--short']).stdout.strip()}")
         demo.build()
-        demo.make_certs()
-        up = True
-        demo.up()
-        run_dir = demo.run_app()
-        print(f"RUN_DIR={run_dir}", flush=True)
+        if args.build_only:
+            log("images built (--build-only); nothing started")
+        else:
+            demo.make_certs()
+            up = True
+            demo.up()
+            run_dir = demo.run_app()
+            print(f"RUN_DIR={run_dir}", flush=True)
         rc = 0
     except NoDocker as err:
         log(f"NO DOCKER: {err}")
