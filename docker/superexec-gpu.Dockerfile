@@ -4,8 +4,10 @@
 #
 # Build from the repository root:
 #   docker build -f docker/superexec-gpu.Dockerfile -t asyncfl-superexec:gpu .
+# BASE_IMAGE as in superexec.Dockerfile: Flower's image (default) or the local stand-in.
 ARG FLWR_VERSION=1.42.0
-FROM flwr/superexec:${FLWR_VERSION}
+ARG BASE_IMAGE=flwr/superexec:${FLWR_VERSION}
+FROM ${BASE_IMAGE}
 
 # PyPI's Linux x86_64 torch wheels are CUDA 12 builds; pin the index to pick another CUDA.
 ARG TORCH_VERSION=2.13.0

