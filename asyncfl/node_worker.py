@@ -92,10 +92,13 @@ def _scratch_dir() -> Path:
 # Client side (inside the short-lived ClientApp process)
 # ------------------------------------------------------------------------------------------
 def socket_path(run_config: dict[str, Any], node_config: dict[str, Any]) -> Path:
+    """The node worker's socket: one worker per model, partition, GPU set, app folder and
+    owner (the process that starts this node's ClientApp processes, whose exit the worker
+    follows), so two SuperNodes on one machine never share a worker, even with equal configs."""
     app_dir = str(Path(__file__).resolve().parent)
     key = json.dumps([[run_config.get(k) for k in _MODEL_KEYS], node_config.get("partition-id"),
                       node_config.get("num-partitions"), os.environ.get("CUDA_VISIBLE_DEVICES"),
-                      app_dir], sort_keys=True, default=str)
+                      app_dir, os.getppid()], sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     # AF_UNIX paths are limited to ~100 bytes: keep the socket in a short folder
     return Path(tempfile.gettempdir()) / f"asyncfl-{os.getuid()}-{digest}.sock"
