@@ -12,7 +12,7 @@ case "$regime" in a) steps=16 ;; b) steps=64 ;; *) echo "regime a or b" >&2; exi
 sync=$(echo "$specs" | tr ',' '\n' | grep '^sync' | paste -sd, -)
 rules=$(echo "$specs" | tr ',' '\n' | grep -v '^sync' | paste -sd, -)
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/smi-$regime.csv" &
-timeout 545 python3 bench/async_vs_sync.py --backend deployment --gpus 0 --preset small --device cuda \
+timeout "${CALL_S:-545}" python3 bench/async_vs_sync.py --backend deployment --gpus 0 --preset small --device cuda \
   --tokenizer "$PWD/.data/gpt2" --data-dir "$PWD/.data/wikitext-2-raw" --seeds "$seeds" \
   --time-budget-s "$budget" --timeout-s $((budget + 150)) --set "local-steps=$steps" \
   --sync "$sync" --rules "$rules" --out "$OUT/dep-$regime" > "$OUT/dep-$regime.log" 2>&1
