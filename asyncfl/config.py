@@ -90,7 +90,9 @@ KEYS: tuple[Key, ...] = (
     Key("partitioner", "iid", "\"iid\" | \"articles\" (whole articles per client, non-IID) | \"size-skew\" (Dirichlet-imbalanced sizes)", one_of("iid", "articles", "size-skew"), "data"),
     Key("partition-alpha", 0.5, "Dirichlet concentration for \"size-skew\" (smaller = more imbalanced)", above(0), "data"),
     Key("max-train-blocks", 0, "cap on blocks per client (0 = all)", _NONNEG, "data"),
-    Key("eval-max-blocks", 64, "cap on eval blocks (0 = all)", _NONNEG, "data"),
+    Key("eval-max-blocks", 64, "cap on eval blocks (0 = all); with `eval-stride` the first eval-max-blocks x block-size tokens (0 = the whole stream)", _NONNEG, "data"),
+    Key("eval-stride", 0, "eval protocol: 0 = non-overlapping blocks of `block-size`; S in [1, block-size] = Hugging Face's strided sliding window (windows of `block-size` tokens every S tokens, each scoring only the tokens past the previous window); see README, \"Evaluation\"", _NONNEG, "data"),
+    Key("eval-stream", "articles", "eval token stream: \"articles\" (as training: articles tokenized one by one, an eos after each) | \"joined\" (rows joined with blank lines, tokenized as one text: Hugging Face's perplexity guide)", one_of("articles", "joined"), "data"),
     # --- local training ------------------------------------------------------------------------
     Key("local-epochs", 1, "local epochs per task (used when `local-steps` is 0)", at_least(1), "train"),
     Key("local-steps", 0, "local optimizer steps per task (0 = use `local-epochs`)", _NONNEG, "train"),
@@ -225,6 +227,11 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
                 f"run config key `prefetch` = \"on\" keeps each working node busy, which defeats "
                 f"`selection` = \"{self.selection}\" under a `concurrency` cap of {self.concurrency}: "
                 "use selection \"same\", concurrency 0, or prefetch \"off\" / \"auto\""
+            )
+        if self.eval_stride > self.block_size:
+            raise ConfigError(
+                f"run config key `eval-stride` must be 0 or in [1, block-size = {self.block_size}] "
+                f"(a longer stride would skip tokens), got {self.eval_stride}"
             )
         if self.error_feedback == "ef21" and (self.mode, self.rule, self.shift_alpha) != ("async", "shifted", 1.0):
             raise ConfigError(
