@@ -96,16 +96,17 @@ def marker_path(run_key: str, partition_id: int) -> Path:
 
 
 def _norm(tensors: Mapping[str, Tensor]) -> float:
-    total = 0.0
-    for t in tensors.values():
-        total += float(t.detach().double().square().sum())
-    return math.sqrt(total)
+    """||.||_F over all tensors, with one host sync."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm([t.detach().float() for t in tensors.values()])
+    return math.sqrt(float(torch.stack([n.double().to(norms[0].device) for n in norms]).square().sum()))
 
 
 class ErrorFeedback:
     """One client's residual e: `add` it to what would be sent, `keep` what was dropped.
 
-    Pure bookkeeping, no I/O (`open_error_feedback` / `ErrorFeedback.close` do the storing).
+    Pure bookkeeping, no I/O (`open_error_feedback` and `StoredErrorFeedback.close` store it).
     `e` is None while it is zero; it is kept in at least fp32.
     """
 

@@ -4,6 +4,8 @@ the worker's two-task round trip on disk (simulation) and in the node worker's m
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -192,7 +194,8 @@ def test_no_state_without_error_feedback_or_with_a_lossless_compressor(make_cfg,
         assert not residual_path("n", 0).exists()
 
 
-def test_a_residual_not_older_than_the_task_or_unreadable_is_dropped_not_fatal(make_cfg, node_dir, caplog):
+def test_a_residual_not_older_than_the_task_or_unreadable_is_dropped_not_fatal(make_cfg, node_dir, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("asyncfl"), "propagate", True)  # setup_logging turns it off
     cfg = make_cfg(local_steps=1, compressor="qrcp", rank=2, error_feedback="ef")
     worker, g = Worker(cfg), fresh_global(cfg)
     worker.run_task(cfg, g, 0, 2, run_key="r", version=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,17 +77,40 @@ def test_stride_equal_to_the_window_is_the_block_protocol(make_cfg):
         assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9)
 
 
-def test_more_context_scores_better_on_text_the_model_learnt(make_cfg):
-    """A model that memorised a sequence predicts it better with overlapping windows: the
-    overlap gives each scored token more of the context it learnt."""
-    cfg = make_cfg(local_steps=60, batch_size=1, lr=3e-3, block_size=32)
-    model = M.build_model(cfg)
-    stream = torch.randint(0, 200, (64,), generator=torch.Generator().manual_seed(0))
-    T.train_local(model, stream[None], cfg, "cpu", generator_seed=0)  # one 64-token block
-    disjoint = T.evaluate_strided(model, stream, window=32, stride=32, batch_size=4, device="cpu")
-    sliding = T.evaluate_strided(model, stream, window=32, stride=4, batch_size=4, device="cpu")
-    assert sliding["tokens"] == 63 and disjoint["tokens"] == 62
-    assert sliding["loss"] < disjoint["loss"]
+class ContextOracle(torch.nn.Module):
+    """A stand-in LM whose logit for the true next token is the number of tokens of context
+    before it in the window (all other logits 0): its loss says which tokens were scored with
+    how much context."""
+
+    vocab = 50
+
+    def forward(self, input_ids, use_cache=False):
+        b, n = input_ids.shape
+        logits = torch.zeros(b, n, self.vocab)
+        context = torch.arange(1, n, dtype=torch.float32).expand(b, n - 1)[..., None]
+        logits[:, :-1].scatter_(2, input_ids[:, 1:, None], context)
+        return SimpleNamespace(logits=logits)
+
+
+def oracle_nll(context: int) -> float:
+    """-log softmax of the true token with logit `context` among 49 zeros."""
+    return math.log(ContextOracle.vocab - 1 + math.exp(context)) - context
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_each_scored_token_gets_the_context_of_the_guide_hand_computed(batch):
+    ids = torch.randint(0, ContextOracle.vocab, (10,), generator=torch.Generator().manual_seed(0))
+    got = T.evaluate_strided(ContextOracle(), ids, window=4, stride=2, batch_size=batch, device="cpu")
+    # windows (0,4) (2,6) (4,8) (6,10): tokens 1, 2, 3 with 1, 2, 3 tokens of context, then
+    # each later window scores its last two tokens with 2 and 3 tokens of context
+    want = (oracle_nll(1) + oracle_nll(2) + oracle_nll(3) + 3 * (oracle_nll(2) + oracle_nll(3))) / 9
+    assert got["tokens"] == 9 and got["windows"] == 4
+    assert got["loss"] == pytest.approx(want, rel=1e-6)
+    assert got["top1"] == 1.0  # the true token always has the largest logit
+    disjoint = T.evaluate_strided(ContextOracle(), ids, window=4, stride=4, batch_size=batch, device="cpu")
+    # (0,4) (4,8) (8,10): contexts 1, 2, 3 | 1, 2, 3 | 1
+    want = (2 * (oracle_nll(1) + oracle_nll(2) + oracle_nll(3)) + oracle_nll(1)) / 7
+    assert disjoint["tokens"] == 7 and disjoint["loss"] == pytest.approx(want, rel=1e-6)
 
 
 def test_eval_stream_cap_is_the_block_tokens_and_the_joined_stream_is_the_guides_text(make_cfg):
