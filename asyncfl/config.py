@@ -93,7 +93,9 @@ KEYS: tuple[Key, ...] = (
     Key("partitioner", "iid", "\"iid\" | \"articles\" (whole articles per client, non-IID) | \"size-skew\" (Dirichlet-imbalanced sizes)", one_of("iid", "articles", "size-skew"), "data"),
     Key("partition-alpha", 0.5, "Dirichlet concentration for \"size-skew\" (smaller = more imbalanced)", above(0), "data"),
     Key("max-train-blocks", 0, "cap on blocks per client (0 = all)", _NONNEG, "data"),
-    Key("eval-max-blocks", 64, "cap on eval blocks (0 = all)", _NONNEG, "data"),
+    Key("eval-max-blocks", 64, "cap on eval blocks (0 = all); with `eval-stride` the first eval-max-blocks x block-size tokens (0 = the whole stream)", _NONNEG, "data"),
+    Key("eval-stride", 0, "eval protocol: 0 = non-overlapping blocks of `block-size`; S in [1, block-size] = Hugging Face's strided sliding window (windows of `block-size` tokens every S tokens, each scoring only the tokens past the previous window); see README, \"Evaluation\"", _NONNEG, "data"),
+    Key("eval-stream", "articles", "eval token stream: \"articles\" (as training: articles tokenized one by one, an eos after each) | \"joined\" (rows joined with blank lines, tokenized as one text: Hugging Face's perplexity guide)", one_of("articles", "joined"), "data"),
     # --- local training ------------------------------------------------------------------------
     Key("local-epochs", 1, "local epochs per task (used when `local-steps` is 0)", at_least(1), "train"),
     Key("local-steps", 0, "local optimizer steps per task (0 = use `local-epochs`)", _NONNEG, "train"),
@@ -110,6 +112,7 @@ KEYS: tuple[Key, ...] = (
     Key("download-dtype", "fp32", "dtype of the global weights sent to clients: \"fp32\" (exact) | \"fp16\" (half the downlink; the client trains from the rounded weights and its delta is taken against them, the server keeps fp32; a tensor beyond fp16 range goes as fp32)", one_of("fp32", "fp16"), "compress"),
     Key("downlink", "auto", "how tasks carry the global weights: \"full\" (every task) | \"log\" (the low-rank payloads applied since the node's last task, with their weights, while under half the size of the full weights; rules asgd, fedbuff and sync only) | \"auto\" (log in deployment when it applies)", one_of("auto", "full", "log"), "compress"),
     Key("energy", 0.0, "adaptive rank: smallest k <= `rank` capturing this energy fraction (0 = fixed rank)", in_range(0.0, 1.0), "compress"),
+    Key("error-feedback", "none", "what a client does with the part of its delta the compressor dropped: \"none\" (lost) | \"ef\" (classic error feedback: kept on the client and added to its next delta; every rule, both modes) | \"ef21\" (EF21's client recursion g_i += decoded: rule \"shifted\" with shift-alpha 1.0, async only); see README, \"Error feedback\"", one_of("none", "ef", "ef21"), "compress"),
     Key("row-select", "greedy", "CUR row selection: \"greedy\" (most energy per row, on a sketch; best measured) | \"pivoted\" (QRCP pivots) | \"uniform\" (paper) | \"leverage\"", one_of("greedy", "pivoted", "uniform", "leverage"), "compress"),
     # --- server loop ---------------------------------------------------------------------------
     Key("mode", "async", "\"async\" (apply each update on arrival) | \"sync\" (FedAvg barrier per round)", one_of("async", "sync"), "server"),
@@ -243,6 +246,18 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
                 f"run config key `prefetch` = \"on\" keeps each working node busy, which defeats "
                 f"`selection` = \"{self.selection}\" under a `concurrency` cap of {self.concurrency}: "
                 "use selection \"same\", concurrency 0, or prefetch \"off\" / \"auto\""
+            )
+        if self.eval_stride > self.block_size:
+            raise ConfigError(
+                f"run config key `eval-stride` must be 0 or in [1, block-size = {self.block_size}] "
+                f"(a longer stride would skip tokens), got {self.eval_stride}"
+            )
+        if self.error_feedback == "ef21" and (self.mode, self.rule, self.shift_alpha) != ("async", "shifted", 1.0):
+            raise ConfigError(
+                "run config key `error-feedback` = \"ef21\" is EF21's client recursion g_i += decoded, "
+                "whose server steps with the running mean of the g_i: that is mode \"async\" with rule "
+                f"\"shifted\" and shift-alpha 1.0, got mode \"{self.mode}\", rule \"{self.rule}\", "
+                f"shift-alpha {self.shift_alpha}; use error-feedback \"ef\" (any rule, both modes) or set those"
             )
         if self.stop_rule == "bound":
             try:  # lambda must lie in (0, 1) for the bound to mean anything

@@ -294,10 +294,41 @@ def load_partition(cfg: Any, partition_id: int, num_partitions: int) -> torch.Te
     return part[: cfg.max_train_blocks] if cfg.max_train_blocks > 0 else part
 
 
+def joined_split(cfg: Any, split: str) -> np.ndarray:
+    """Token ids of `"\\n\\n".join(rows)` tokenized as one text: the stream of Hugging Face's
+    "Perplexity of fixed-length models" guide (no eos tokens), cached in memory."""
+    key = (cfg.tokenizer or cfg.model, split, _source(cfg), "joined")
+    if key not in _SPLITS:
+        text = "\n\n".join(read_lines(cfg, split))
+        ids = np.asarray(_tokenizer(cfg)(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
+        _SPLITS[key] = TokenizedSplit(ids, np.asarray([0, len(ids)], dtype=np.int64))
+    return _SPLITS[key].ids
+
+
+def eval_token_stream(cfg: Any) -> np.ndarray:
+    """The whole `eval-split` as one token stream, built as `eval-stream` says: "articles" (the
+    training stream: articles tokenized one by one, an eos after each) or "joined" (rows joined
+    with blank lines and tokenized as one text, as Hugging Face's perplexity guide does)."""
+    if getattr(cfg, "eval_stream", "articles") == "joined":
+        return joined_split(cfg, cfg.eval_split)
+    return tokenized_split(cfg, cfg.eval_split).ids
+
+
 def load_eval_blocks(cfg: Any) -> torch.Tensor:
     """The first `eval-max-blocks` blocks (0 = all) of `eval-split`: int64 (n, block_size)."""
-    tokens = tokenized_split(cfg, cfg.eval_split)
-    blocks = pack_blocks(tokens.ids, cfg.block_size)
+    blocks = pack_blocks(eval_token_stream(cfg), cfg.block_size)
     if len(blocks) == 0:
         raise ValueError(f"`eval-split` \"{cfg.eval_split}\" has fewer than `block-size` = {cfg.block_size} tokens")
     return blocks[: cfg.eval_max_blocks] if cfg.eval_max_blocks > 0 else blocks
+
+
+def load_eval_stream(cfg: Any) -> torch.Tensor:
+    """The eval tokens of the sliding-window protocol (`eval-stride` > 0): int64 (n,), the first
+    `eval-max-blocks` x `block-size` tokens of the stream (the same tokens as the blocks), or
+    with `eval-max-blocks` = 0 the whole stream, its tail shorter than a block included."""
+    ids = torch.as_tensor(eval_token_stream(cfg), dtype=torch.int64)
+    cap = cfg.eval_max_blocks * cfg.block_size
+    ids = ids[:cap] if cap > 0 else ids
+    if len(ids) < 2:
+        raise ValueError(f"`eval-split` \"{cfg.eval_split}\" has fewer than 2 tokens to evaluate on")
+    return ids.clone()

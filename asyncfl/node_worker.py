@@ -44,6 +44,9 @@ _MODEL_KEYS = ("model", "pretrained", "model-preset", "lora-rank", "lora-alpha",
                "device", "seed", "block-size", "compile")
 
 
+SERVING = False  # True in the persistent worker process (`serve`): it owns one partition
+
+
 def node_state_dir() -> Path:
     return Path(os.environ.get("ASYNCFL_NODE_DIR", Path.home() / ".cache" / "asyncfl" / "node-state"))
 
@@ -247,6 +250,9 @@ def serve(path: Path, owner: int | None = None) -> None:
     from asyncfl.logs import setup_logging
 
     setup_logging()
+    import asyncfl.node_worker as importable  # under `python -m` this module is `__main__`
+
+    importable.SERVING = True  # client state (error feedback) stays in this process's memory
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the `finally` below
     path.unlink(missing_ok=True)
     with _Server(str(path), _Handler) as server:

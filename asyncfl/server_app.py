@@ -10,14 +10,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from asyncfl.config import AppConfig, ConfigError
-from asyncfl.data import load_eval_blocks, resolve_train_split
+from asyncfl.data import load_eval_blocks, load_eval_stream, resolve_train_split
 from asyncfl.logs import setup_logging
 from asyncfl.model import build_model, build_tokenizer, resolve_device, save_model, trainable_state
 from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
 from asyncfl.strategies.loop import AsyncFLStrategy
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState, load_checkpoint
-from asyncfl.train import evaluate
+from asyncfl.train import evaluate, evaluate_strided
 
 app = ServerApp()
 log = logging.getLogger("asyncfl")
@@ -51,6 +51,12 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
     model = build_model(cfg).to(device).eval()
     tokenizer = build_tokenizer(cfg)
     eval_blocks, eval_split = load_eval_blocks(cfg), cfg.eval_split
+    if cfg.eval_stride:  # sliding windows over the eval token stream (README, "Evaluation")
+        stream = load_eval_stream(cfg)
+        evaluate_fn = lambda: evaluate_strided(model, stream, cfg.block_size, cfg.eval_stride,  # noqa: E731
+                                               cfg.eval_batch_size, device)
+    else:
+        evaluate_fn = lambda: evaluate(model, eval_blocks, cfg.eval_batch_size, device)  # noqa: E731
     run_dir = run_dir_for(cfg)
     ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
     recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor=cfg.compressor,
@@ -62,7 +68,7 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
     state = ServerState(
         cfg=cfg, x=trainable_state(model), device=device, rule_factory=lambda n: build_rule(cfg, n),
         selector=build_selector(cfg), recorder=recorder,
-        evaluate_fn=lambda: evaluate(model, eval_blocks, cfg.eval_batch_size, device),
+        evaluate_fn=evaluate_fn,
         run_key=run_dir.name, run_dir=run_dir, resume=ckpt,
     )
     strategy = AsyncFLStrategy(state, clock=clock)

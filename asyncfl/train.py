@@ -161,3 +161,86 @@ def evaluate(
     n = blocks.shape[0] * (blocks.shape[1] - 1)
     loss, top1, top5 = (totals / n).tolist()
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "top1": top1, "top5": top5, "tokens": n}
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of Hugging Face's strided sliding-window perplexity over `n_tokens` tokens.
+
+    Window i starts at `i * stride` and ends at `min(start + window, n_tokens)`; the loop stops
+    at the first window that reaches the end. Each window scores the tokens that the previous
+    window did not reach, from the previous window's end to its own; the first token of a
+    window has no prediction in it, so scoring starts at in-window position >= 1.
+
+    Returns
+    -------
+    list of (begin, end, first)
+        Stream slice `[begin, end)` and the first scored in-window position: the scored tokens
+        are `ids[begin + first:end]`, each predicted from the window's tokens before it.
+    """
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window = {window}], got {stride}")
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens, got {n_tokens}")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        out.append((begin, end, max(1, prev_end - begin)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def evaluate_strided(
+    model: torch.nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int,
+    device: torch.device | str,
+) -> dict[str, float | int]:
+    """Next-token metrics with Hugging Face's strided sliding window ("Perplexity of
+    fixed-length models") over the 1-D token stream `ids`.
+
+    Windows of `window` tokens start every `stride` tokens (`sliding_windows`); each scores
+    only the tokens past the previous window's end, so every such token is scored once, with
+    at least `window - stride` tokens of context (fewer near the start). With `stride = window`
+    and a stream of whole windows this is exactly `evaluate` on the consecutive blocks. Windows of one length are batched
+    (`batch_size` at a time); the metrics are means over all scored tokens.
+
+    Returns
+    -------
+    dict
+        As `evaluate` (`loss`, `ppl`, `top1`, `top5`, `tokens` scored), plus `windows`.
+    """
+    device = torch.device(device)
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
+    wins = [w for w in sliding_windows(len(ids), window, stride) if w[1] - w[0] > w[2]]
+    was_training = model.training
+    model.to(device).eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top1 hits, top5 hits
+    n = 0
+    batches: list[list[tuple[int, int, int]]] = []
+    for w in wins:  # consecutive windows of one length share a batch
+        if batches and len(batches[-1]) < batch_size and batches[-1][0][1] - batches[-1][0][0] == w[1] - w[0]:
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device, non_blocking=True)
+            first = torch.tensor([f for _, _, f in batch], device=device)
+            # label position j + 1 is predicted by logits at position j
+            scored = torch.arange(1, x.shape[1], device=device)[None] >= first[:, None]  # (B, L-1)
+            with _autocast(device):
+                logits = model(input_ids=x, use_cache=False).logits
+            logits = logits[:, :-1][scored].float()  # (scored tokens, V)
+            target = x[:, 1:][scored]
+            top5 = logits.topk(5, dim=-1).indices
+            totals += torch.stack([
+                F.cross_entropy(logits, target, reduction="sum").double(),
+                (top5[:, 0] == target).sum().double(),
+                (top5 == target[:, None]).any(-1).sum().double(),
+            ])
+            n += sum(e - b - f for b, e, f in batch)  # = scored.sum(), without a host sync
+    model.train(was_training)
+    loss, top1, top5 = (totals / n).tolist()
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "top1": top1, "top5": top5,
+            "tokens": n, "windows": len(wins)}

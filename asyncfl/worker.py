@@ -10,6 +10,8 @@ Notes
 * With the `shifted` rule the client compresses `delta - h_i` and keeps its shift `h_i` on
   node-local disk (`ASYNCFL_NODE_DIR`, default `~/.cache/asyncfl/node-state`), not in
   `context.state`, which would travel with every message.
+* With `error-feedback` = "ef" the client adds the residual its earlier payloads dropped to the
+  delta before encoding and keeps what this one drops (`asyncfl.client_state`).
 * Heterogeneity emulation sleeps after the real work: a client with speed factor f sleeps
   (f - 1) x its measured compute time, and `uplink-mbps` adds bytes x 8 / rate.
 """
@@ -27,6 +29,7 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord
 
+from asyncfl.client_state import open_error_feedback
 from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.data import load_partition
@@ -120,9 +123,18 @@ class Worker:
             page_diff, delta = self._page_estimate(cfg, blocks, run_key, partition_id, received, seed, delta)
         shift = self._load_shift(cfg, run_key, partition_id) if cfg.rule == "shifted" else None
         to_send = shift.residual(delta) if shift is not None else delta
+        # -- error feedback (asyncfl/client_state.py): add what earlier payloads dropped --------
+        ef = open_error_feedback(cfg, run_key, partition_id, version, repeat, self.device)
+        to_send = ef.add(to_send) if ef is not None else to_send
+        # ---------------------------------------------------------------------------------------
         record, cm = self.compressor.encode_state(to_send, return_metrics=True)
+        decoded = (self.compressor.decode_state(record, device=self.device)
+                   if shift is not None or ef is not None else None)  # what the server will apply
+        # -- error feedback: keep what this payload dropped (reply metrics ef-norm, ef-reset) ----
+        ef_metrics = ef.close(to_send, decoded, delta) if ef is not None else {}
+        # ---------------------------------------------------------------------------------------
         if shift is not None:  # both sides update h_i with the *decoded* residual
-            shift.update(self.compressor.decode_state(record, device=self.device))
+            shift.update(decoded)
             path = self._shift_path(run_key, partition_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             shift.save(path)
@@ -139,7 +151,7 @@ class Worker:
             "train-s": stats.seconds,
             "encode-s": cm["encode_s"], "bytes": cm["bytes"], "dense-bytes": cm["dense_bytes"],
             "rec-error": cm["mean_rel_error"], "fro-error": cm["mean_fro_error"],
-            "sleep-s": sleep_s, "client-s": time.perf_counter() - t_start,
+            "sleep-s": sleep_s, "client-s": time.perf_counter() - t_start, **ef_metrics,
         }
         if page_diff is not None:
             metrics["page-diff"] = page_diff

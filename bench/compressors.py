@@ -8,6 +8,10 @@ optimal rank-k error (exact SVD of each matrix) and bytes against dense fp32.
     python bench/compressors.py --preset tiny                       # quick CPU run
     python bench/compressors.py --device cuda --out results.json    # 124M on a GPU
 
+Data: `--data-dir` (a folder with `wiki.valid.raw`) and `--tokenizer` (a GPT-2 tokenizer
+folder), by default `../shared/data/wikitext-2-raw` and `../shared/data/gpt2` beside the
+repository; `--tokens FILE.npy` (once written) replaces both.
+
 Needs torch, transformers, numpy, scipy; flwr only to build the real ArrayRecord (without it
 the exact byte count is computed by `codec.record_nbytes`, which the tests tie to flwr's).
 """
@@ -31,8 +35,7 @@ from asyncfl.compressors import codec, get_compressor, should_compress  # noqa: 
 from asyncfl.compressors.base import _metrics  # noqa: E402  (errors from the timed encode)
 import timing  # noqa: E402  (bench/timing.py)
 
-DATA = "/work/shared/data/wikitext-2-raw/wiki.valid.raw"
-TOKENIZER = "/work/shared/data/gpt2"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the repo
 PRESETS = {"small": dict(n_layer=12, n_embd=768, n_head=12), "tiny": dict(n_layer=2, n_embd=128, n_head=2)}
 METHODS = "none,pca,qrcp,cur,cur:pivoted,cur:leverage,cur:uniform"
 
@@ -51,11 +54,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--exact-repeats", type=int, default=1, help="repeats of the exact paths")
     p.add_argument("--skip-exact-on-cpu", action="store_true")
+    p.add_argument("--data-dir", default=str(SHARED_DATA / "wikitext-2-raw"),
+                   help="folder with wiki.valid.raw (default: ../shared/data beside the repository)")
+    p.add_argument("--tokenizer", default=str(SHARED_DATA / "gpt2"),
+                   help="GPT-2 tokenizer folder (default: ../shared/data beside the repository)")
     p.add_argument("--tokens", default="", help=".npy of token ids (skips the tokenizer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-delta", default="", help="also torch.save the delta here")
     p.add_argument("--out", default="")
-    return p.parse_args()
+    args = p.parse_args()
+    if not (args.tokens and Path(args.tokens).exists()):  # the text and tokenizer are needed
+        for what, path, need in (("--data-dir", args.data_dir, "wiki.valid.raw"),
+                                 ("--tokenizer", args.tokenizer, "vocab.json")):
+            if not (Path(path) / need).is_file():
+                p.error(f"{what} {path!r} has no {need}: pass the folder, or --tokens with a "
+                        "cached .npy of token ids")
+    return args
 
 
 def load_tokens(args: argparse.Namespace, n_tokens: int) -> torch.Tensor:
@@ -64,8 +78,8 @@ def load_tokens(args: argparse.Namespace, n_tokens: int) -> torch.Tensor:
         return torch.from_numpy(np.load(args.tokens)[:n_tokens].astype(np.int64))
     from transformers import GPT2TokenizerFast
 
-    tok = GPT2TokenizerFast.from_pretrained(TOKENIZER)
-    text = Path(DATA).read_text(encoding="utf-8")[: n_tokens * 8]
+    tok = GPT2TokenizerFast.from_pretrained(args.tokenizer)
+    text = (Path(args.data_dir) / "wiki.valid.raw").read_text(encoding="utf-8")[: n_tokens * 8]
     ids = np.asarray(tok(text)["input_ids"][:n_tokens], dtype=np.int64)
     if args.tokens:
         np.save(args.tokens, ids)

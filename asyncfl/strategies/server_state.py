@@ -177,6 +177,7 @@ class ServerState:
             service_s=elapsed - (reply.task.started_at if reply.task.started_at is not None
                                  else reply.task.sent_at),
             prefetched=reply.task.prefetched, client_s=m.get("client-s"),
+            **({"ef_norm": m["ef-norm"], "ef_reset": m.get("ef-reset")} if "ef-norm" in m else {}),
         )
         log.info("asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
                  self.updates, f"{self.max_updates:.0f}" if self.cfg.mode == "async" and
