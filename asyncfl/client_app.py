@@ -99,17 +99,24 @@ def _torch_views(arrays: dict) -> dict:
 
 def handle_warmup(msg: Message, context: Context) -> Message:
     """Build the model, load the partition and run one training step (compiled graphs,
-    allocator, caches), so the first real task costs what every later one does."""
+    allocator, caches), so the first real task costs what every later one does; keep the
+    weights the message carries (update-log downlink) as the base of the first task's log."""
     setup_logging()
     cfg = AppConfig.from_run_config(context.run_config)
     pid, num_partitions = partition_of(context.node_config)
+    task_cfg = msg.content["config"] if "config" in msg.content.config_records else {}
+    task = {"warmup": True, "run-key": str(task_cfg.get("run-key", context.run_id)),
+            "version": int(task_cfg.get("version", 0))}
+    # with the update-log downlink the weights come along: the worker keeps them as its base
+    arrays = arrays_of(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}
     if use_persistent_worker(cfg):
         node = {"partition-id": pid, "num-partitions": num_partitions}
-        _, metrics = run_remote(dict(context.run_config), node, {"warmup": True}, {})
+        _, metrics = run_remote(dict(context.run_config), node, task, arrays)
     else:
         from asyncfl.worker import get_worker
 
-        metrics = get_worker(cfg).warm_up(cfg, pid, num_partitions)
+        metrics = get_worker(cfg).warm_up(cfg, pid, num_partitions, _torch_views(arrays) or None,
+                                          run_key=task["run-key"], version=task["version"])
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

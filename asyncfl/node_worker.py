@@ -208,7 +208,11 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     cfg = AppConfig.from_run_config(req["run_config"])
     pid, n = partition_of(req["node_config"])
     if req["task"].get("warmup"):
-        metrics = get_worker(cfg).warm_up(cfg, pid, n)
+        task = req["task"]
+        arrays = read_arrays(Path(req["in"]), req["in_index"], copy=False)
+        state = {k: torch.from_numpy(a) for k, a in arrays.items()} or None
+        metrics = get_worker(cfg).warm_up(cfg, pid, n, state, run_key=str(task.get("run-key", "")),
+                                          version=int(task.get("version", 0)))
         return {"out_index": write_arrays(Path(req["out"]), {}), "metrics": metrics}
     # a copy-on-write map of the task file: the model reads the weights straight from it
     arrays = read_arrays(Path(req["in"]), req["in_index"], copy=False)

@@ -77,17 +77,25 @@ class Worker:
         self.held: tuple[str, int, dict[str, torch.Tensor]] | None = None  # (run, version, weights)
         self._page_prev: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # page: last start point
 
-    def warm_up(self, cfg: AppConfig, partition_id: int, num_partitions: int) -> dict[str, Any]:
+    def warm_up(self, cfg: AppConfig, partition_id: int, num_partitions: int,
+                global_state: dict[str, torch.Tensor] | None = None, run_key: str = "",
+                version: int = 0) -> dict[str, Any]:
         """Load the partition and run one training step, so data caches, compiled graphs and
         the allocator are ready before the first task. Safe: every task first loads the
-        received weights into the model, and each task builds its own optimizer."""
+        received weights into the model, and each task builds its own optimizer. Weights sent
+        along (`global_state`, of `version`) are kept as the base of the next update log."""
         t0 = time.perf_counter()
         blocks = load_partition(cfg, partition_id, num_partitions)
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             train_local(self.model, blocks, dataclasses.replace(cfg, local_steps=1), self.device,
                         generator_seed=0)
-        return {"partition-id": partition_id, "warmup-s": time.perf_counter() - t0}
+        metrics: dict[str, Any] = {"partition-id": partition_id}
+        if global_state is not None:
+            self.held = (run_key, version, self._received(global_state))
+            metrics["holds-version"] = version
+        metrics["warmup-s"] = time.perf_counter() - t0
+        return metrics
 
     def matches(self, cfg: AppConfig) -> bool:
         return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)

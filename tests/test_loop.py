@@ -62,6 +62,7 @@ class FakeGrid:
         self.packed_records = 0  # task records that came as one packed Array
         self.unpacked_records = 0  # ... and as one Array per tensor
         self.warmups: list[int] = []  # nodes sent a warm-up message
+        self.cold_warmup = False  # True: warm-ups do not keep the weights they carry
 
     def queued(self, node: int) -> int:
         return sum(1 for _, m in self.pending.values() if m.metadata.dst_node_id == node)
@@ -105,7 +106,13 @@ class FakeGrid:
     def _reply(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         if msg.metadata.message_type == WARMUP_MESSAGE_TYPE:
-            return Message(RecordDict({"metrics": MetricRecord({"warmup-s": 0.0})}), reply_to=msg)
+            metrics = {"warmup-s": 0.0}
+            if "arrays" in msg.content.array_records and not self.cold_warmup:  # keep them, as the worker does
+                version = int(msg.content["config"]["version"])
+                self.held[node] = (version, {k: torch.from_numpy(a.copy())
+                                             for k, a in self._arrays(msg.content["arrays"]).items()})
+                metrics["holds-version"] = version
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         self.calls[node] += 1
         how = self.behaviour.get(node, "ok")
         if how == "crash" or (how == "crash-once" and self.calls[node] == 1):
@@ -426,7 +433,15 @@ def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, 
     grid = FakeGrid({1: 1, 2: 3})
     strategy = AsyncFLStrategy(state)
     strategy.start(grid)
-    assert grid.log_tasks >= 6 and strategy.log_tasks == len(grid.sent) - 2  # all but the first per node
+    # the warm-up carried the weights, so every task, each node's first too, was an update log
+    assert strategy.log_tasks == len(grid.sent) >= 10 and grid.log_tasks == sum(grid.calls.values())
+    cold = make_state(tmp_path / "cold", rule=rule, downlink="log",
+                      **{"server-lr": 0.5, "max-updates": 10, "buffer-size": 2})
+    cold_grid = FakeGrid({1: 1, 2: 3})
+    cold_grid.cold_warmup = True
+    cold_strategy = AsyncFLStrategy(cold)
+    cold_strategy.start(cold_grid)
+    assert cold_strategy.log_tasks == len(cold_grid.sent) - 2  # a warm-up that kept nothing: all but the first
     ups = events(tmp_path, "update")
     if rule == "asgd":  # every delta was taken at the exact global weights of its version
         expected = replay_asgd(grid, ups, 0.5)
@@ -449,7 +464,7 @@ def test_sync_rounds_go_out_as_update_logs(tmp_path, log_always):
         x = {k: x[k] + (1 * d1[k] + 2 * d2[k]) / 3 for k in x}
     for k in X0:
         torch.testing.assert_close(state.x[k], x[k])
-    assert grid.log_tasks == 4  # rounds 2 and 3, both nodes
+    assert grid.log_tasks == 6  # every round, both nodes: the warm-up left them the weights
 
 
 def test_a_node_that_lost_its_copy_gets_the_full_weights(tmp_path, log_always):
