@@ -152,6 +152,7 @@ class Deployment:
         superlink_port: int | None = None,
         node_port: int | None = None,
         gpus: list[str] | None = None,
+        server_gpu: str | None = None,
         extra_keys: int = 0,
         sans: tuple[str, ...] = ("localhost", HOST),
         executor: str = "asyncfl",
@@ -166,6 +167,7 @@ class Deployment:
         env_node_port = os.environ.get("ASYNCFL_SUPERNODE_PORT")
         self.node_port = node_port or int(env_node_port or self.port + 1)
         self.gpus = gpus or []
+        self.server_gpu = server_gpu  # the SuperLink (and the ServerApp it starts) sees only this GPU
         self.extra_keys = extra_keys  # key pairs made but never registered (auth tests)
         self.sans = sans  # names in the server certificate
         self.executor = executor
@@ -257,8 +259,13 @@ class Deployment:
                       "--ssl-keyfile", str(self.certs / "server.key"),
                       "--enable-supernode-auth"]
 
+    def superlink_env(self) -> dict[str, str]:
+        """The SuperLink starts the ServerApp as its subprocess: the GPU it may see goes here."""
+        return {} if self.server_gpu is None else {"CUDA_VISIBLE_DEVICES": self.server_gpu}
+
     def start_superlink(self, timeout: float = 60) -> Proc:
-        proc = self.spawn("superlink", self.superlink_cmd(), self.work / "flwr-home" / "superlink")
+        proc = self.spawn("superlink", self.superlink_cmd(), self.work / "flwr-home" / "superlink",
+                          **self.superlink_env())
         self.wait_superlink_ready(proc, timeout)
         return proc
 
@@ -319,12 +326,16 @@ class Deployment:
         return cmd + ["--root-certificates", str(self.certs / "ca.crt"),
                       "--superexec-auth-secret-file", str(self.certs / "superexec.secret")]
 
+    def node_env(self, index: int) -> dict[str, str]:
+        """SuperNode `index` (1-based) and its SuperExec see GPU gpus[(index - 1) % len(gpus)]."""
+        if not self.gpus:
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": self.gpus[(index - 1) % len(self.gpus)]}
+
     def start_supernode(self, index: int, partition_id: int, *, name: str | None = None) -> Proc:
         """Start SuperNode `index` (1-based key/port index) serving partition `partition_id`."""
         cmd = self.supernode_cmd(index, partition_id)
-        extra: dict[str, str] = {}
-        if self.gpus:
-            extra["CUDA_VISIBLE_DEVICES"] = self.gpus[(index - 1) % len(self.gpus)]
+        extra = self.node_env(index)
         name = name or f"supernode-{index}"
         home = self.work / "flwr-home" / name
         proc = self.spawn(name, cmd, home, **extra)
@@ -556,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=os.environ.get("ASYNCFL_NODE_GPUS", ""),
                    help="comma list of GPU ids; SuperNode i gets CUDA_VISIBLE_DEVICES=gpus[i %% len] "
                         "(env ASYNCFL_NODE_GPUS; default: leave CUDA_VISIBLE_DEVICES alone)")
+    p.add_argument("--server-gpu", default=os.environ.get("ASYNCFL_SERVER_GPU"),
+                   help="GPU id the ServerApp may use (CUDA_VISIBLE_DEVICES of the SuperLink, which "
+                        "starts it; env ASYNCFL_SERVER_GPU; default: all, i.e. it works on GPU 0, "
+                        "next to SuperNode 1 when --gpus gives the nodes one GPU each)")
     p.add_argument("--executor", choices=EXECUTORS, default=os.environ.get("ASYNCFL_EXECUTOR", "asyncfl"),
                    help="how SuperNodes run ClientApps: asyncfl = process isolation with "
                         "asyncfl-superexec (ClientApp processes forked from a warm zygote; default), "
@@ -618,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     dep = Deployment(
         work, args.num_nodes, insecure=args.insecure, superlink_port=args.port,
         node_port=args.node_port, gpus=[g for g in args.gpus.split(",") if g.strip()],
-        executor=args.executor,
+        server_gpu=args.server_gpu, executor=args.executor,
     )
 
     def on_signal(signum, _frame):

@@ -193,3 +193,14 @@ def test_killed_supernode_is_retired_and_the_others_finish_the_run(tmp_path):
     assert str(summary.get("stop_reason")).startswith("time-budget-s"), summary
     # prefetch (on by default in deployment) kept the surviving node's next task queued
     assert summary["extra"]["prefetched_tasks"] > 0 and any(e["prefetched"] for e in after), summary
+
+
+def test_gpu_placement_one_gpu_per_node_and_the_server_on_its_own(tmp_path):
+    """Issue 15's layout, checked without GPUs: 8 SuperNodes on GPUs 0-7 round robin, 2 per GPU
+    with 4 GPUs, and the ServerApp (started by the SuperLink) on the GPU given to it alone."""
+    eight = ld.Deployment(tmp_path / "a", 8, gpus=[str(i) for i in range(8)], server_gpu="7")
+    assert [eight.node_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(1, 9)] == [str(i) for i in range(8)]
+    assert eight.superlink_env() == {"CUDA_VISIBLE_DEVICES": "7"}
+    four = ld.Deployment(tmp_path / "b", 8, gpus=["0", "1", "2", "3"])
+    assert [four.node_env(i)["CUDA_VISIBLE_DEVICES"] for i in range(1, 9)] == ["0", "1", "2", "3"] * 2
+    assert four.superlink_env() == {} and ld.Deployment(tmp_path / "c", 2).node_env(1) == {}
