@@ -116,7 +116,7 @@ KEYS: tuple[Key, ...] = (
     Key("row-select", "greedy", "CUR row selection: \"greedy\" (most energy per row, on a sketch; best measured) | \"pivoted\" (QRCP pivots) | \"uniform\" (paper) | \"leverage\"", one_of("greedy", "pivoted", "uniform", "leverage"), "compress"),
     # --- server loop ---------------------------------------------------------------------------
     Key("mode", "async", "\"async\" (apply each update on arrival) | \"sync\" (FedAvg barrier per round)", one_of("async", "sync"), "server"),
-    Key("rule", "fedbuff", "async rule: \"fedasync\" | \"fedbuff\" | \"asgd\" | \"dn\" (Delayed Nesterov) | \"fadas\" | \"shifted\" | \"saga\" | \"saga-est\" | \"page\"", one_of(*RULE_NAMES), "server"),
+    Key("rule", "asgd", "async rule: \"fedasync\" | \"fedbuff\" | \"asgd\" | \"dn\" (Delayed Nesterov) | \"fadas\" | \"shifted\" | \"saga\" | \"saga-est\" | \"page\"", one_of(*RULE_NAMES), "server"),
     Key("alpha", 0.6, "fedasync mixing weight a (x <- (1-a s(tau)) x + a s(tau) x_client)", in_range(0.0, 1.0), "server"),
     Key("staleness", "polynomial", "staleness weight s(tau): \"constant\" | \"polynomial\" | \"hinge\"", one_of("constant", "polynomial", "hinge"), "server"),
     Key("staleness-a", 0.5, "exponent (polynomial) or slope (hinge) of s(tau)", _NONNEG, "server"),

@@ -489,7 +489,7 @@ def plot_seeds(path: Path, curves: dict[str, list[list[tuple[float, float]]]], t
             mean.append(math.exp(sum(math.log(v) for v in vals) / len(vals)) if len(vals) == len(runs) else math.nan)
         ax.plot(grid, mean, color=color, lw=2.4, label=f"{label} (mean of {len(runs)})")
     if target:
-        ax.axhline(target, color="grey", ls="--", lw=0.8, label="baseline's final ppl (mean)")
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label="target: the baseline's ppl at the budget (mean)")
     ax.set_yscale("log")
     ax.set_xlabel("wall-clock s (run clock, after the warm-up)")
     ax.set_ylabel("eval perplexity")

@@ -298,7 +298,7 @@ def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from
 # Config
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, named", [
-    ({"error-feedback": "ef21"}, 'rule "fedbuff"'),
+    ({"error-feedback": "ef21"}, 'rule "asgd"'),
     ({"error-feedback": "ef21", "rule": "shifted"}, "shift-alpha 0.5"),
     ({"error-feedback": "ef21", "rule": "shifted", "shift-alpha": 1.0, "mode": "sync"}, 'mode "sync"'),
 ])
