@@ -32,6 +32,17 @@ def partition_of(node_config) -> tuple[int, int]:
     return pid, n
 
 
+def node_report(node_config) -> dict[str, float]:
+    """What the node tells the server about itself: `idle-poll-s`, how soon its SuperNode
+    notices a new message when idle (set by `asyncfl-supernode`; absent: unknown, e.g.
+    Flower's flower-supernode, which waits 3 s)."""
+    value = node_config.get("idle-poll-s")
+    try:
+        return {"idle-poll-s": float(value)} if value is not None else {}
+    except (TypeError, ValueError):
+        return {}
+
+
 def use_persistent_worker(cfg: AppConfig) -> bool:
     if cfg.persistent_worker == "auto":
         return in_deployment_process()
@@ -72,6 +83,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         record, metrics = result.record, result.metrics
         if packed:
             record = pack(arrays_of(record))
+    metrics = {**metrics, **node_report(context.node_config)}
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
@@ -117,6 +129,7 @@ def handle_warmup(msg: Message, context: Context) -> Message:
 
         metrics = get_worker(cfg).warm_up(cfg, pid, num_partitions, _torch_views(arrays) or None,
                                           run_key=task["run-key"], version=task["version"])
+    metrics = {**metrics, **node_report(context.node_config)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

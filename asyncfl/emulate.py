@@ -21,7 +21,11 @@ run-to-run variation of real task times, which decides whether prefetch finds it
 transfers, process start: ~1.3 s for the 124M shape in deployment, bench/README.md). A queued
 task (prefetch) starts right after the previous one, with no poll. The server's own work
 (decoding, applying, evaluating) advances the virtual clock by its real duration; client work
-does not (it is accounted by the model above).
+does not (it is accounted by the model above). With `poll_s` > 0 the grid counts as a
+deployment for `prefetch = "auto"` (the update-log downlink stays off: the emulated nodes
+share one in-process worker, which cannot hold a base per node); a poll shorter than
+Flower's 3 s stands for `asyncfl-supernode`, whose nodes report it (`idle-poll-s`), so
+`prefetch = "auto"` queues nothing ahead for them, as in a real deployment.
 
     python -m asyncfl.emulate --run-config configs/offline-tiny.toml --nodes 4 --speeds 1,1,2,4
 """
@@ -132,6 +136,10 @@ class EmulatedGrid:
                                   "persistent-worker": "off"}
         self.clock = clock
         self.task_s, self.overhead_s, self.poll_s, self.jitter = task_s, overhead_s, poll_s, jitter
+        # an idle poll is a deployment's: `prefetch = "auto"` takes its deployment behaviour
+        self.emulates_deployment = poll_s > 0
+        # a poll shorter than Flower's 3 s is asyncfl-supernode's, which its nodes report
+        self.node_report = {"idle-poll-s": poll_s} if 0 < poll_s < 3 else {}
         self.rng = random.Random(self.cfg.seed)
         self.nodes = {i + 1: _Node(i + 1, i, self.cfg.speed_of(i)) for i in range(num_nodes)}
         self._pending: list[_Pending] = []
@@ -169,7 +177,8 @@ class EmulatedGrid:
     # ---- one task ----------------------------------------------------------------------------
     def _context(self, node: _Node) -> Context:
         return Context(run_id=1, node_id=node.node_id, state=RecordDict(),
-                       node_config={"partition-id": node.partition, "num-partitions": len(self.nodes)},
+                       node_config={"partition-id": node.partition, "num-partitions": len(self.nodes),
+                                    **self.node_report},
                        run_config=self.client_run_config)
 
     def _run(self, node: _Node, msg: Message) -> tuple[Message, float]:

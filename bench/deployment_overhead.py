@@ -70,22 +70,27 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import local_deployment as ld  # noqa: E402
 
 _POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}
-# name -> (environment, run-config overrides, how SuperNodes run ClientApps); each isolates one
+# name -> (environment, run-config overrides, how SuperNodes run ClientApps, the SuperNode's idle
+# poll: 0 = Flower's flower-supernode, 3 s; else asyncfl-supernode's); each isolates one
 # mechanism. Executors (scripts/local_deployment.py): "subprocess" = Flower's default isolation,
 # "flower" = process isolation with flower-superexec, "asyncfl" = process isolation with
 # asyncfl-superexec (ClientApp processes forked from a warm zygote).
 PROFILES = {
-    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"', "subprocess"),
-    "tuned": (_POLL, 'prefetch="off" downlink="full" pack="off"', "subprocess"),
-    "prefetch": (_POLL, 'prefetch="on" downlink="full" pack="off"', "subprocess"),
-    "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="off"', "subprocess"),
-    "prefetch-log": (_POLL, 'prefetch="on" downlink="log" pack="off"', "subprocess"),  # needs rule asgd or fedbuff
-    "packed": (_POLL, 'prefetch="on" downlink="full" pack="on"', "subprocess"),
-    "packed-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="on"', "subprocess"),
-    "packed-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "subprocess"),
-    "process-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "flower"),
-    "forked-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "asyncfl"),  # the deployment default (asgd)
-    "forked": (_POLL, 'prefetch="on" downlink="full" pack="on"', "asyncfl"),
+    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"', "subprocess", 0.0),
+    "tuned": (_POLL, 'prefetch="off" downlink="full" pack="off"', "subprocess", 0.0),
+    "prefetch": (_POLL, 'prefetch="on" downlink="full" pack="off"', "subprocess", 0.0),
+    "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="off"', "subprocess", 0.0),
+    "prefetch-log": (_POLL, 'prefetch="on" downlink="log" pack="off"', "subprocess", 0.0),  # needs rule asgd or fedbuff
+    "packed": (_POLL, 'prefetch="on" downlink="full" pack="on"', "subprocess", 0.0),
+    "packed-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="on"', "subprocess", 0.0),
+    "packed-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "subprocess", 0.0),
+    "process-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "flower", 0.0),
+    "forked-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "asyncfl", 0.0),  # the deployment default (asgd)
+    "forked": (_POLL, 'prefetch="on" downlink="full" pack="on"', "asyncfl", 0.0),
+    # asyncfl-supernode: the SuperNode's idle poll 0.1 s instead of Flower's 3 s
+    "forked-log-noqueue": (_POLL, 'prefetch="off" downlink="log" pack="on"', "asyncfl", 0.0),
+    "shortpoll-log": (_POLL, 'prefetch="on" downlink="log" pack="on"', "asyncfl", 0.1),
+    "shortpoll-noqueue": (_POLL, 'prefetch="off" downlink="log" pack="on"', "asyncfl", 0.1),
 }
 
 
@@ -117,7 +122,7 @@ def stats(xs: list[float]) -> dict[str, float | int | None]:
 
 
 def run_profile(name: str, args, debug: bool = False) -> dict:
-    env, profile_config, executor = PROFILES[name]
+    env, profile_config, executor, idle_poll_s = PROFILES[name]
     work = Path(tempfile.mkdtemp(prefix=f"asyncfl-bench-{name}-"))
     results = work / "results"
     base = free_ports(args.nodes + 1)
@@ -126,7 +131,8 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
     if debug:
         os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
     dep = ld.Deployment(work / "work", args.nodes, superlink_port=base, node_port=base + 1,
-                        gpus=[g for g in args.gpus.split(",") if g], executor=executor)
+                        gpus=[g for g in args.gpus.split(",") if g], executor=executor,
+                        idle_poll_s=idle_poll_s)
     gpu_mem = GpuMemory() if args.device == "cuda" else None
     t0 = time.monotonic()
     try:
@@ -165,6 +171,7 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
 
     out = {
         "profile": name, "env": env, "run_config": profile_config, "executor": executor,
+        "idle_poll_s": idle_poll_s,
         "prefetched": sum(1 for u in updates if u.get("prefetched")),
         "updates": len(updates), "total_s": round(total_s, 1),
         "overhead_s": stats(overhead(steady)), "first_update_overhead_s": stats(overhead(first)),

@@ -54,6 +54,7 @@ MAKE_CERTS = REPO / "scripts" / "make-certs.sh"
 CONNECTION = "asyncfl-local"
 HOST = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 9100
+DEFAULT_IDLE_POLL_S = 0.1  # asyncfl-supernode's idle poll (Flower's flower-supernode: 3 s)
 DEFAULT_TASK_POLL_INTERVAL = "0.1"  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1.0 s)
 # How SuperNodes run ClientApps: our forking SuperExec, Flower's SuperExec (both in process
 # isolation), or Flower's subprocess isolation (the SuperNode starts its own SuperExec).
@@ -156,6 +157,7 @@ class Deployment:
         extra_keys: int = 0,
         sans: tuple[str, ...] = ("localhost", HOST),
         executor: str = "asyncfl",
+        idle_poll_s: float = DEFAULT_IDLE_POLL_S,
     ) -> None:
         if executor not in EXECUTORS:
             raise DeploymentError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -171,6 +173,10 @@ class Deployment:
         self.extra_keys = extra_keys  # key pairs made but never registered (auth tests)
         self.sans = sans  # names in the server certificate
         self.executor = executor
+        if idle_poll_s and not 0.01 <= idle_poll_s <= 60:
+            raise DeploymentError(f"idle poll must be 0 (Flower's flower-supernode, 3 s) or in "
+                                  f"[0.01, 60] s, got {idle_poll_s!r}")
+        self.idle_poll_s = idle_poll_s  # 0: Flower's flower-supernode (idle poll 3 s)
         self.certs = self.work / "certs"
         self.logs = self.work / "logs"
         self.cli_home = self.work / "flwr-home" / "cli"
@@ -301,7 +307,11 @@ class Deployment:
         return self.executor != "subprocess"
 
     def supernode_cmd(self, index: int, partition_id: int) -> list[str]:
-        cmd = ["flower-supernode", "--superlink", f"{HOST}:{self.port}",
+        if self.idle_poll_s:  # flower-supernode with short polls (asyncfl/supernode.py)
+            cmd = ["asyncfl-supernode", "--idle-poll-s", f"{self.idle_poll_s:g}"]
+        else:
+            cmd = ["flower-supernode"]
+        cmd += ["--superlink", f"{HOST}:{self.port}",
                "--host", HOST, "--port", str(self.node_port + index - 1),
                "--node-config", f"partition-id={partition_id} num-partitions={self.n}"]
         if self.process_isolation:
@@ -576,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "asyncfl-superexec (ClientApp processes forked from a warm zygote; default), "
                         "flower = process isolation with flower-superexec, subprocess = Flower's "
                         "default isolation (env ASYNCFL_EXECUTOR)")
+    p.add_argument("--idle-poll-s", type=float,
+                   default=float(os.environ.get("ASYNCFL_IDLE_POLL_S", DEFAULT_IDLE_POLL_S)),
+                   help="seconds an idle SuperNode waits before asking the SuperLink again "
+                        f"(asyncfl-supernode; default {DEFAULT_IDLE_POLL_S:g}); 0 = Flower's own "
+                        "flower-supernode, which waits 3 s (env ASYNCFL_IDLE_POLL_S)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds the run may take (default 1800)")
     p.add_argument("--kill-node", type=int, metavar="I",
                    help="kill SuperNode I (1..N) mid-run, to exercise node failure handling")
@@ -633,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     dep = Deployment(
         work, args.num_nodes, insecure=args.insecure, superlink_port=args.port,
         node_port=args.node_port, gpus=[g for g in args.gpus.split(",") if g.strip()],
-        server_gpu=args.server_gpu, executor=args.executor,
+        server_gpu=args.server_gpu, executor=args.executor, idle_poll_s=args.idle_poll_s,
     )
 
     def on_signal(signum, _frame):

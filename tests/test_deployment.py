@@ -141,6 +141,12 @@ def test_local_deployment_completes_and_cleans_up(tmp_path):
         assert "zygote ready" in log and "zygote unavailable" not in log and "fork failed" not in log
         forked += int(re.search(r"stopping: (\d+) ClientApp task\(s\) ran in forked processes", log).group(1))
     assert forked >= len(updates)  # (a task queued ahead may still have started at the end)
+    # The SuperNodes were asyncfl-supernode (idle poll 0.1 s, announced to the ClientApps), so
+    # prefetch "auto" queued no task ahead: each node's next task went out when it replied.
+    for i in (1, 2):
+        log = (tmp_path / "work" / "logs" / f"supernode-{i}.log").read_text()
+        assert "[asyncfl-supernode] idle poll 0.1 s" in log
+    assert not any(u["prefetched"] for u in updates)
 
 
 @pytest.mark.slow

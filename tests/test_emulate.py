@@ -71,6 +71,20 @@ def test_without_poll_the_next_task_starts_at_once_and_prefetch_hides_the_poll(t
     assert later and all(u["service_s"] < 2.6 for u in later)
 
 
+def test_prefetch_auto_queues_ahead_only_for_nodes_with_flowers_slow_poll(tmp_path):
+    # a 3 s idle poll (Flower's flower-supernode, which reports nothing): tasks are queued ahead;
+    # a 0.1 s poll (asyncfl-supernode, whose nodes report it): none are, and no poll is paid
+    kw = dict(task_s=1.0, overhead_s=0.5, run_config={"prefetch": "auto", "prefetch-lead-s": 0.5,
+                                                      "max-updates": 6})
+    _, slow = emulate(tmp_path, "slow", poll_s=3.0, **kw)
+    _, quick = emulate(tmp_path, "quick", poll_s=0.1, **kw)
+    assert any(u["prefetched"] for u in slow)
+    assert not any(u["prefetched"] for u in quick)
+    # p0 (speed 1) without queuing: 1.5 s per task plus at most one 0.1 s poll between tasks
+    p0 = [u["t"] for u in quick if u["partition"] == 0]
+    assert len(p0) >= 3 and all(1.5 <= b - a <= 1.5 + 0.1 + 0.06 for a, b in zip(p0, p0[1:]))
+
+
 def test_emulated_runs_are_reproducible(tmp_path):
     kw = dict(task_s=1.0, overhead_s=0.2, poll_s=3.0, jitter=0.3,
               run_config={"prefetch": "on", "max-updates": 6, "eval-every": 3})

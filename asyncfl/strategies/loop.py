@@ -211,6 +211,7 @@ class AsyncFLStrategy(Strategy):
                     continue
                 answered += 1
                 metrics = msg.content["metrics"] if "metrics" in msg.content.metric_records else {}
+                self.nodes.setdefault(node, NodeInfo()).observe_poll(metrics.get("idle-poll-s"))
                 if self.downlink is not None and metrics.get("holds-version") == self.s.version:
                     self.downlink.sent(node, self.s.version)  # it keeps them: send it logs
             if pending:
@@ -301,14 +302,20 @@ class AsyncFLStrategy(Strategy):
         if c.prefetch == "auto":
             # in simulation a second message per node would run concurrently on another actor
             # (flower-notes), so auto stays off there
-            if not _in_deployment(grid):
+            if not (_in_deployment(grid) or getattr(grid, "emulates_deployment", False)):
                 return False
             if c.selection != "same" and c.concurrency:
                 log.info("asyncfl: prefetch off: it would pin the working nodes under "
                          "selection=%s with concurrency=%d", c.selection, c.concurrency)
                 return False
-        log.info("asyncfl: prefetch on: each node's next task is queued %.1f s (+ the time a push "
-                 "takes) before its expected finish", c.prefetch_lead_s)
+        if c.prefetch == "auto":
+            log.info("asyncfl: prefetch auto: the next task of a node whose SuperNode polls "
+                     "slowly (Flower's flower-supernode: 3 s; nodes of asyncfl-supernode report "
+                     "theirs) is queued %.1f s (+ the time a push takes) before its expected "
+                     "finish", c.prefetch_lead_s)
+        else:
+            log.info("asyncfl: prefetch on: each node's next task is queued %.1f s (+ the time a "
+                     "push takes) before its expected finish", c.prefetch_lead_s)
         return True
 
     def _downlink_wanted(self, grid: Grid) -> DownlinkLog | None:
@@ -342,6 +349,8 @@ class AsyncFLStrategy(Strategy):
         for n, info in sorted(self.nodes.items()):
             if info.retired or info.inflight != 1 or budget <= 0:
                 continue
+            if self.cfg.prefetch == "auto" and info.polls_quickly():
+                continue  # it notices the next task as soon as it is pushed
             running = next(t for t in self.inflight.values() if t.node == n)
             if info.next_task_due(running, now, lead, peer_first):
                 if self._dispatch(grid, n, prefetched=True):
@@ -495,6 +504,7 @@ class AsyncFLStrategy(Strategy):
             return None
         node.failures = 0
         node.observe_steps(metrics.get("steps"), metrics.get("client-s"))
+        node.observe_poll(metrics.get("idle-poll-s"))
         self.packed_replies += is_packed(record)
         node.partition = int(metrics.get("partition-id", -1))
         node.last_loss = float(metrics.get("train-loss", float("nan")))

@@ -23,6 +23,9 @@ class Task:
     started_at: float | None = None  # when the node could start it (set when the reply arrives)
 
 
+SHORT_POLL_S = 0.5  # an idle poll at most this long is not worth queuing ahead for
+
+
 @dataclass
 class NodeInfo:
     partition: int | None = None
@@ -36,6 +39,17 @@ class NodeInfo:
     repeat: int = 0  # tasks of that same version pushed before it
     last_loss: float | None = None
     step_s: float | None = None  # seconds per local step of its last task (DyLU)
+    idle_poll_s: float | None = None  # how soon its SuperNode notices a task when idle (None: unknown)
+
+    def observe_poll(self, value: Any) -> None:
+        """The `idle-poll-s` a reply reports (asyncfl-supernode), if sane."""
+        if isinstance(value, (int, float)) and 0 <= value < 3600:
+            self.idle_poll_s = float(value)
+
+    def polls_quickly(self) -> bool:
+        """Its SuperNode notices a new task within a fraction of a second when idle, so queuing
+        its tasks ahead (prefetch) would buy staleness and save nothing."""
+        return self.idle_poll_s is not None and self.idle_poll_s <= SHORT_POLL_S
 
     def observe_steps(self, steps: Any, client_s: Any) -> None:
         """Seconds per local step from a reply's `steps` and `client-s` metrics, if both are sane."""
