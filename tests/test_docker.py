@@ -347,7 +347,7 @@ def docs_commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             tokens = shlex.split(line, comments=True)
             starts = [k for k, t in enumerate(tokens)
-                      if t in ("flwr", "asyncfl-superexec") or t.startswith("flower-")]
+                      if t in ("flwr", "asyncfl-superexec", "asyncfl-supernode") or t.startswith("flower-")]
             if starts:
                 out.append(tokens[starts[0]:])
     return out
@@ -366,7 +366,7 @@ def test_every_flag_in_the_local_deployment_script_exists(tmp_path):
 def test_every_flag_in_the_deployment_docs_exists():
     commands = docs_commands()
     programs = {c[0] for c in commands}
-    assert {"flower-superlink", "flower-supernode", "asyncfl-superexec", "flwr"} <= programs, programs
+    assert {"flower-superlink", "asyncfl-supernode", "asyncfl-superexec", "flwr"} <= programs, programs
     for command in commands:
         assert_flags_exist(command)
 
