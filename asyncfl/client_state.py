@@ -21,10 +21,11 @@ client's bookkeeping exactly as it is without EF: the residual assumes delivery.
 
 Where the residual lives, per (run key, partition):
 
-* In the node's persistent worker (deployment, `asyncfl.node_worker`): in that process's memory, on the model's device. It is never written to
-  disk (a 124M residual is 500 MB). A small marker file under `ASYNCFL_NODE_DIR` records that
-  one was held; a restarted worker finds the marker without the residual, starts again from
-  e = 0, logs a warning and reports `ef-reset` = 1.
+* In the node's persistent worker (deployment, `asyncfl.node_worker`): in that process's
+  memory, on the model's device. It is never written to disk (a 124M residual is 500 MB). A
+  small marker file under `ASYNCFL_NODE_DIR` records that one was held; a restarted worker
+  finds the marker without the residual, starts again from e = 0, logs a warning and reports
+  `ef-reset` = 1.
 * Anywhere else (simulation: Ray actors are not pinned to partitions; or a ClientApp process
   per message): a file under `ASYNCFL_NODE_DIR`, replaced atomically after every task.
 
@@ -43,8 +44,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

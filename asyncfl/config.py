@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -205,7 +206,7 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
     """Typed, validated run config. Attribute names are the keys in snake_case."""
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
         unknown = sorted(set(run_config) - set(KEYS_BY_NAME))
         if unknown:
             raise ConfigError(

@@ -40,7 +40,7 @@ HEADING = re.compile(r"^ = [^=].* = $")  # top-level heading; sub-headings are "
 DISK_CACHE_DIR: Path | None = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "asyncfl"
 
 _TOKENIZERS: dict[str, Any] = {}
-_SPLITS: dict[tuple[str, str, str], "TokenizedSplit"] = {}
+_SPLITS: dict[tuple[str, str, str], TokenizedSplit] = {}
 _BLOCKS: dict[tuple, list[torch.Tensor]] = {}
 _WARNED: set[str] = set()
 
@@ -114,7 +114,8 @@ def read_lines(cfg: Any, split: str) -> list[str]:
         path = Path(cfg.data_dir).expanduser() / SPLIT_FILES[split]
         if not path.is_file():
             have = sorted(p.name for p in path.parent.glob("*")) if path.parent.is_dir() else "no such folder"
-            raise FileNotFoundError(f"`data-dir` = \"{cfg.data_dir}\": no {path.name} for split \"{split}\" (found: {have})")
+            raise FileNotFoundError(f"`data-dir` = \"{cfg.data_dir}\": no {path.name} for split "
+                                    f"\"{split}\" (found: {have})")
         with open(path, encoding="utf-8") as f:  # text mode: CRLF -> "\n"
             return ["" if not line.strip() else line for line in f]
     import datasets

@@ -17,7 +17,8 @@ Timing model of one task on node i (speed factor f_i, `client-speeds`):
 `compute` is the task's measured handler time (`task_s` = 0), or `task_s` scaled by the
 task's local steps (DyLU) when set -- e.g. the per-task compute measured in a deployment, where
 clients share a GPU. `jitter` is exp(N(0, sigma)) per task (seeded by the run's `seed`), the
-run-to-run variation of real task times, which decides whether prefetch finds its estimate. `overhead_s` stands for what a task costs beyond its compute (message
+run-to-run variation of real task times, which decides whether prefetch finds its estimate.
+`overhead_s` stands for what a task costs beyond its compute (message
 transfers, process start: ~1.3 s for the 124M shape in deployment, bench/README.md). A queued
 task (prefetch) starts right after the previous one, with no poll. The server's own work
 (decoding, applying, evaluating) advances the virtual clock by its real duration; client work

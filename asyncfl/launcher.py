@@ -59,11 +59,10 @@ def _log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------
 def warm_imports() -> None:
     """What every `flwr-clientapp` process imports before it runs an app, plus numpy."""
-    import numpy  # noqa: F401  (the app's transport uses it)
-
     import flwr.app  # noqa: F401
     import flwr.clientapp  # noqa: F401
     import flwr.supernode.runtime.run_clientapp  # noqa: F401  (the bulk: ~1 s)
+    import numpy  # noqa: F401  (the app's transport uses it)
     from flwr.supercore.tls import validate_and_resolve_root_certificates  # noqa: F401
 
 

@@ -24,9 +24,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 EVENTS_FILE, SUMMARY_FILE = "events.jsonl", "summary.json"
 RESULTS_FILE, PLOT_FILE = "results.md", "plot.png"
@@ -204,7 +205,7 @@ class RunRecorder:
             self.log_event("start", **self.meta, config=self.config)
 
     @classmethod
-    def resume(cls, run_dir: Path | str, **kwargs: Any) -> "RunRecorder":
+    def resume(cls, run_dir: Path | str, **kwargs: Any) -> RunRecorder:
         """Reopen a run's log after a restart; same keyword arguments as the constructor."""
         return cls(run_dir, resume=True, **kwargs)
 

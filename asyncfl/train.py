@@ -201,8 +201,8 @@ def evaluate_strided(
     Windows of `window` tokens start every `stride` tokens (`sliding_windows`); each scores
     only the tokens past the previous window's end, so every such token is scored once, with
     at least `window - stride` tokens of context (fewer near the start). With `stride = window`
-    and a stream of whole windows this is exactly `evaluate` on the consecutive blocks. Windows of one length are batched
-    (`batch_size` at a time); the metrics are means over all scored tokens.
+    and a stream of whole windows this is exactly `evaluate` on the consecutive blocks. Windows
+    of one length are batched (`batch_size` at a time); the metrics are means over all scored tokens.
 
     Returns
     -------

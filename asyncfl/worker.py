@@ -22,9 +22,10 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timing  # noqa: E402  (bench/timing.py)
+
 from asyncfl.compressors import codec, get_compressor, should_compress  # noqa: E402
 from asyncfl.compressors.base import _metrics  # noqa: E402  (errors from the timed encode)
-import timing  # noqa: E402  (bench/timing.py)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the repo
 PRESETS = {"small": dict(n_layer=12, n_embd=768, n_head=12), "tiny": dict(n_layer=2, n_embd=128, n_head=2)}

@@ -13,8 +13,8 @@ per settings profile and reads the server's events.jsonl:
 per applied update, where `service_s` is the server's wall time from the moment the node could
 start the task (its dispatch, or the node's previous reply when the task was queued behind
 that one) to its reply -- the time each update costs that node -- and `client_s` the time the
-ClientApp's train handler reported for itself (data, training, encoding). The first update of each node also pays FAB install, first imports and data caches;
-it is reported apart, the rest are the steady state.
+ClientApp's train handler reported for itself (data, training, encoding). The first update of
+each node also pays FAB install, first imports and data caches; it is reported apart, the rest are the steady state.
 
 Profiles: settings Flower exposes, and asyncfl's own SuperExec (`forked-log`, `forked`:
 `asyncfl-superexec` runs Flower's SuperExec code with its executor swapped for one that forks
@@ -76,7 +76,8 @@ _POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}
 # "flower" = process isolation with flower-superexec, "asyncfl" = process isolation with
 # asyncfl-superexec (ClientApp processes forked from a warm zygote).
 PROFILES = {
-    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"', "subprocess", 0.0),
+    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"',
+                "subprocess", 0.0),
     "tuned": (_POLL, 'prefetch="off" downlink="full" pack="off"', "subprocess", 0.0),
     "prefetch": (_POLL, 'prefetch="on" downlink="full" pack="off"', "subprocess", 0.0),
     "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="off"', "subprocess", 0.0),
@@ -158,7 +159,7 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
             else:
                 os.environ[k] = v
     total_s = time.monotonic() - t0
-    events = [json.loads(l) for l in (results / "bench" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (results / "bench" / "events.jsonl").read_text().splitlines()]
     updates = [e for e in events if e.get("event") == "update"]
     seen, first, steady = set(), [], []
     for u in updates:
@@ -333,7 +334,8 @@ def markdown(result: dict) -> str:
         for g in r.get("gpu_mem_mib", []):
             rows.append(f"{r['profile']}: GPU memory peak {g['peak_mib']} MiB, pid {g['pid']} ({g['kind']})")
     if result.get("breakdown"):
-        rows += ["", f"| SuperNode cycle phase ({result.get('breakdown_profile', 'tuned')}, DEBUG logs) | median | mean | n |",
+        phase = f"SuperNode cycle phase ({result.get('breakdown_profile', 'tuned')}, DEBUG logs)"
+        rows += ["", f"| {phase} | median | mean | n |",
                  "|---|---|---|---|"]
         for k, v in result["breakdown"].items():
             rows.append(f"| {k} | {v['median']} s | {v['mean']} s | {v['n']} |")

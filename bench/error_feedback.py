@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -65,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=str(SHARED_DATA / "gpt2"))
     p.add_argument("--out", default="", help="write all figures as JSON here")
     args = p.parse_args(argv)
-    for what, path, need in (("--data-dir", args.data_dir, "wiki.test.raw"), ("--tokenizer", args.tokenizer, "vocab.json")):
+    for what, path, need in (("--data-dir", args.data_dir, "wiki.test.raw"),
+                             ("--tokenizer", args.tokenizer, "vocab.json")):
         if not (Path(path) / need).is_file():
             p.error(f"{what} {path!r} has no {need}; pass the folder (default: ../shared/data beside the repository)")
     return args

@@ -38,13 +38,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from timing import sync, timed  # noqa: E402  (bench/timing.py)
+
 from asyncfl.compressors import decode_state, get_compressor  # noqa: E402
-from asyncfl.transport import arrays_of  # noqa: E402
 from asyncfl.config import AppConfig  # noqa: E402
 from asyncfl.model import build_model, trainable_state  # noqa: E402
 from asyncfl.strategies.build import build_rule  # noqa: E402
 from asyncfl.strategies.rules import fedavg_mean  # noqa: E402
-from timing import sync, timed  # noqa: E402  (bench/timing.py)
+from asyncfl.transport import arrays_of  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 RULES = "fedasync,fedbuff,asgd,shifted,saga,fedavg"

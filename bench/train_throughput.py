@@ -107,7 +107,7 @@ def fl_handler(args: argparse.Namespace):
     except ImportError as exc:
         print(f"client_app not available ({exc})")
         return None
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MessageType, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
     global_state = {k: v.clone() for k, v in trainable_state(
         build_model(AppConfig.from_run_config(run_config(args, args.steps)))).items()}

@@ -505,7 +505,7 @@ class Deployment:
         for path in sorted(self.logs.glob("*.log")):
             print(f"----- {path} (last {lines} lines) -----\n{tail(path, lines)}", file=sys.stderr)
 
-    def __enter__(self) -> "Deployment":
+    def __enter__(self) -> Deployment:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -188,7 +188,8 @@ def test_shifted_residual_first_then_error_feedback(make_cfg, node_dir):
 
 
 def test_no_state_without_error_feedback_or_with_a_lossless_compressor(make_cfg, node_dir):
-    for cfg in (make_cfg(local_steps=1, compressor="pca", rank=2), make_cfg(local_steps=1, compressor="none", error_feedback="ef")):
+    for cfg in (make_cfg(local_steps=1, compressor="pca", rank=2),
+                make_cfg(local_steps=1, compressor="none", error_feedback="ef")):
         result = Worker(cfg).run_task(cfg, fresh_global(cfg), 0, 2, run_key="n", version=0)
         assert "ef-norm" not in result.metrics
         assert not residual_path("n", 0).exists()
@@ -250,7 +251,8 @@ def remote_ef(node_dir, shared_dir):
     control(socket_path(run_config, node), "shutdown")
 
 
-def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from_zero(remote_ef, node_dir, tmp_path, monkeypatch):
+def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from_zero(remote_ef, node_dir, tmp_path,
+                                                                                       monkeypatch):
     from flwr.app import Array, ArrayRecord
 
     from asyncfl.node_worker import control, run_remote, socket_path

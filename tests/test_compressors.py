@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from asyncfl.compressors import (
-    COMPRESSORS, PayloadError, decode_state, get_compressor, should_compress,
+    COMPRESSORS,
+    PayloadError,
+    decode_state,
+    get_compressor,
+    should_compress,
 )
 
 # (compressor, row_select) pairs: every method and every CUR row rule

@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -191,7 +190,7 @@ def test_gpu_override_gives_each_clientapp_its_own_gpu(compose):
     assert set(gpu) <= set(compose["services"])
     assert {n for n in gpu} == {n for n in compose["services"] if n.startswith("superexec-clientapp-")}
     devices = []
-    for name, svc in gpu.items():
+    for _name, svc in gpu.items():
         assert (ROOT / svc["build"]["dockerfile"]).is_file()
         (res,) = svc["deploy"]["resources"]["reservations"]["devices"]
         assert res["driver"] == "nvidia" and "gpu" in res["capabilities"]
@@ -526,7 +525,7 @@ def test_compose_topology_runs_as_processes(tmp_path, compose):
             raise
     summary = results / "compose" / "summary.json"
     assert summary.is_file()
-    events = [json.loads(l) for l in (results / "compose" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (results / "compose" / "events.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "update" for e in events) >= len(nodes)
 
 

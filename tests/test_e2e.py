@@ -58,7 +58,7 @@ def read_run(results: Path, log: str) -> tuple[dict, list[dict]]:
     run_dir = results / "run"
     assert (run_dir / "summary.json").exists(), f"no summary.json; flwr output:\n{log[-6000:]}"
     summary = json.loads((run_dir / "summary.json").read_text())
-    events = [json.loads(l) for l in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     return summary, events
 
 

@@ -185,7 +185,7 @@ def make_state(tmp_path, **overrides) -> ServerState:
 
 
 def events(tmp_path, kind=None):
-    lines = [json.loads(l) for l in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     return [e for e in lines if kind is None or e["event"] == kind]
 
 
@@ -408,7 +408,8 @@ def test_fp16_download_sends_rounded_weights_and_keeps_out_of_range_tensors_fp32
     assert w.dtype == np.float16 and b.dtype == np.float32
     np.testing.assert_array_equal(w, state.x["w"].numpy().astype(np.float16))
     np.testing.assert_array_equal(b, state.x["b"].numpy())
-    assert record.count_bytes() < AsyncFLStrategy(make_state(tmp_path / "fp32", rule="asgd"))._global_record().count_bytes()
+    fp32 = AsyncFLStrategy(make_state(tmp_path / "fp32", rule="asgd"))._global_record()
+    assert record.count_bytes() < fp32.count_bytes()
     strategy.start(FakeGrid({1: 1, 2: 2}))  # clients train from the fp16 copy; the run completes
     assert len(events(tmp_path, "update")) == 2 and state.x["w"].dtype == torch.float32
 

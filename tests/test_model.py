@@ -23,7 +23,7 @@ def perturb_lora(model: torch.nn.Module, seed: int = 0) -> None:
     """LoRA B starts at zero (adapter = identity); give it values so tests see the adapter."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, t in M.trainable_state(model).items():
+        for t in M.trainable_state(model).values():
             t.add_(0.05 * torch.randn(t.shape, generator=g))
 
 
@@ -39,7 +39,8 @@ def test_tiny_builds_are_bit_identical_and_leave_global_rng_alone(make_cfg):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["transformer.h.0.attn.c_attn.weight"], other.state_dict()["transformer.h.0.attn.c_attn.weight"])
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(sa[key], other.state_dict()[key])
     assert a.config.n_layer == 2 and a.config.n_embd == 128 and a.config.vocab_size == 50257
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array
 
 from asyncfl.compressors import decode_state
 from asyncfl.model import build_model, trainable_state
-from flwr.app import Array
-
 from asyncfl.node_worker import control, read_arrays, run_remote, socket_path, write_arrays
 from asyncfl.transport import array_view
 from asyncfl.worker import Worker

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from asyncfl.results import (
-    RunDataError, RunRecorder, main, ppl_at, read_events, time_to_ppl,
+    RunDataError,
+    RunRecorder,
+    main,
+    ppl_at,
+    read_events,
+    time_to_ppl,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

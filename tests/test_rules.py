@@ -15,9 +15,9 @@ import torch
 from asyncfl.strategies import (
     ASGD,
     FADAS,
-    Applied,
     RULES,
     SAGA,
+    Applied,
     ClientShift,
     DelayedNesterov,
     FedAsync,

@@ -8,7 +8,7 @@ Usage: ``c = get_compressor("pca", rank=10); record = c.encode_state(delta)`` on
 
 from __future__ import annotations
 
-from .base import Compressor, CompressorOptions, OPTION_NAMES, should_compress
+from .base import OPTION_NAMES, Compressor, CompressorOptions, should_compress
 from .codec import COMPRESSORS, Payload, PayloadError, decode_state
 from .cur import CURCompressor
 from .identity import IdentityCompressor

@@ -15,7 +15,6 @@ from asyncfl.strategies.rules import (
     Shifted,
     fedavg_mean,
 )
-from asyncfl.strategies.variance import Page, SagaEstimator
 from asyncfl.strategies.selection import (
     SELECTORS,
     LossBiasedSelector,
@@ -34,6 +33,7 @@ from asyncfl.strategies.staleness import (
     make_staleness_fn,
 )
 from asyncfl.strategies.stopping import BoundStopRule, StopConditions
+from asyncfl.strategies.variance import Page, SagaEstimator
 
 __all__ = [
     "ASGD", "FADAS", "RULES", "SAGA", "Applied", "ClientShift", "DelayedNesterov", "FedAsync",

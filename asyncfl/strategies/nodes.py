@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+
 @dataclass
 class Task:
     node: int

@@ -38,7 +38,6 @@ Notes
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -181,14 +180,14 @@ class Rule(ABC):
         """Apply whatever is still buffered (end of training); no-op by default."""
         return Applied(0.0, False)
 
-    def forget(self, node: int) -> None:
+    def forget(self, node: int) -> None:  # noqa: B027 (an optional hook)
         """Drop the per-node state of a retired ``node``; no-op by default."""
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state: tensors and plain Python values only."""
         return {}
 
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: B027 (an optional hook)
         """Restore ``state_dict()`` output."""
 
 

@@ -70,7 +70,7 @@ class Selector(ABC):
         """Record how long ``node``'s latest task took; unused by time-blind selectors."""
         return False
 
-    def forget(self, node: int) -> None:
+    def forget(self, node: int) -> None:  # noqa: B027 (an optional hook)
         """Drop what is known about a retired ``node``."""
 
 
