@@ -186,7 +186,7 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def run_simulation(cfg: dict[str, Any], work: Path, timeout_s: float, run_dir: Path,
-                   threads: int = 1) -> str:
+                   threads: int = 1, num_clients: int = NUM_CLIENTS) -> str:
     """`flwr run .` in local simulation with a private FLWR_HOME; returns its output.
 
     `flwr run --stream` can return before the run ends (a log stream that breaks off on a busy
@@ -196,8 +196,8 @@ def run_simulation(cfg: dict[str, Any], work: Path, timeout_s: float, run_dir: P
     home = work / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "RAY_DEDUP_LOGS": "0", **thread_env(threads)}
-    fed = (f"num-supernodes={NUM_CLIENTS} client-resources-num-cpus=1 "
-           f"init-args-num-cpus={NUM_CLIENTS}")
+    fed = (f"num-supernodes={num_clients} client-resources-num-cpus=1 "
+           f"init-args-num-cpus={num_clients}")
     cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config_str(cfg),
            "--federation-config", fed]
     log("$ " + shlex.join(cmd))
@@ -249,26 +249,26 @@ def free_port_block(n: int, start: int = 19100, stop: int = 29000) -> int:
 
 
 def deployment_command(cfg: dict[str, Any], work: Path, timeout_s: float,
-                       extra: list[str]) -> list[str]:
+                       extra: list[str], num_clients: int = NUM_CLIENTS) -> list[str]:
     """The `scripts/local-deployment.sh` call for one run (SuperLink + 4 SuperNodes).
 
     Shape: `scripts/local-deployment.sh 4 --run-config "k=v ..." --work-dir DIR --timeout S
     --port P --node-port P+1 [extra...]`; it prints `RUN_DIR=...` and exits 0 only when the run
     finished with a summary.json. Free ports are picked unless `extra` names --port.
     """
-    cmd = [str(ROOT / "scripts" / "local-deployment.sh"), str(NUM_CLIENTS),
+    cmd = [str(ROOT / "scripts" / "local-deployment.sh"), str(num_clients),
            "--run-config", run_config_str(cfg), "--work-dir", str(work / "deployment"),
            "--timeout", str(int(timeout_s))]
     if "--port" not in extra:
-        port = free_port_block(NUM_CLIENTS + 1)
+        port = free_port_block(num_clients + 1)
         cmd += ["--port", str(port), "--node-port", str(port + 1)]
     return cmd + extra
 
 
 def run_deployment(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list[str],
-                   threads: int = 1) -> str:
+                   threads: int = 1, num_clients: int = NUM_CLIENTS) -> str:
     """One run through scripts/local-deployment.sh (which stops its own processes)."""
-    cmd = deployment_command(cfg, work, timeout_s, extra)
+    cmd = deployment_command(cfg, work, timeout_s, extra, num_clients)
     log("$ " + shlex.join(cmd))
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable), **thread_env(threads)}
     try:
@@ -280,9 +280,9 @@ def run_deployment(cfg: dict[str, Any], work: Path, timeout_s: float, extra: lis
 
 
 def run_emulation(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list[str],
-                  threads: int = 0) -> str:
-    """One run of `python -m asyncfl.emulate` (4 nodes) in a subprocess of its own."""
-    cmd = [sys.executable, "-m", "asyncfl.emulate", "--nodes", str(NUM_CLIENTS),
+                  threads: int = 0, num_clients: int = NUM_CLIENTS) -> str:
+    """One run of `python -m asyncfl.emulate` (`num_clients` nodes, default 4) in a subprocess of its own."""
+    cmd = [sys.executable, "-m", "asyncfl.emulate", "--nodes", str(num_clients),
            "--run-config", run_config_str(cfg), *extra]
     log("$ " + shlex.join(cmd))
     env = {**os.environ, **thread_env(threads)}
@@ -293,7 +293,8 @@ def run_emulation(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list
         return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
 
 
-def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int = 0) -> Path:
+def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int = 0,
+            num_clients: int = NUM_CLIENTS) -> Path:
     """Run one configuration to completion; returns its run folder (raises if it failed).
     `slot` (0..jobs-1) keeps concurrent deployments on separate ports."""
     runs = args.out / "runs"
@@ -308,13 +309,14 @@ def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int 
     if args.backend == "deployment":
         extra = shlex.split(args.deployment_args)
         if "--port" not in extra:
-            port = free_port_block(NUM_CLIENTS + 1, start=19100 + 200 * slot)
+            port = free_port_block(num_clients + 1, start=19100 + 200 * slot)
             extra += ["--port", str(port), "--node-port", str(port + 1)]
-        text = run_deployment(cfg, work, args.timeout_s, extra, args.threads)
+        text = run_deployment(cfg, work, args.timeout_s, extra, args.threads, num_clients)
     elif args.backend == "emulate":
-        text = run_emulation(cfg, work, args.timeout_s, shlex.split(args.emulate_args), args.threads)
+        text = run_emulation(cfg, work, args.timeout_s, shlex.split(args.emulate_args), args.threads,
+                             num_clients)
     else:
-        text = run_simulation(cfg, work, args.timeout_s, run_dir, args.threads)
+        text = run_simulation(cfg, work, args.timeout_s, run_dir, args.threads, num_clients)
     (work / "output.log").write_text(text)
     if not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"run {name!r} wrote no summary.json; output tail:\n{text[-5000:]}")
