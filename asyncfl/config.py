@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -314,11 +315,34 @@ def toml_block() -> str:
     return "\n".join(f"{k.name} = {_toml_value(k.default)}" for k in KEYS)
 
 
+# One item of a `key=value ...` string: runs of non-blank characters and quoted strings (TOML
+# basic "..." with backslash escapes, literal '...'), so a quoted value may hold blanks; an
+# unclosed quote runs to the end of the string (and the item then fails to parse, by name).
+_OVERRIDE_ITEM = re.compile(r"""(?:"(?:[^"\\]|\\.)*(?:"|\\?$)|'[^']*(?:'|$)|[^\s"'])+""")
+
+
+def parse_overrides(spec: str) -> dict[str, Any]:
+    """`key=value key2="text" ...` -> dict, values read as TOML (as `flwr run --run-config`
+    takes them: strings in double quotes, numbers, true/false); later items win. Items are
+    separated by blanks outside quotes. Raises `ConfigError` naming the first item that is
+    not `key=value` with a TOML value. Keys are not checked here (`AppConfig` does that)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for match in _OVERRIDE_ITEM.finditer(spec):
+        item = match.group()
+        try:
+            out.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"run-config item {item!r} is not key=value with a TOML value "
+                              f'(strings in double quotes, e.g. mode="sync"): {exc}') from None
+    return out
+
+
 def merged_toml(base: str, overrides: str) -> str:
     """A run-config TOML: the keys of the TOML file `base`, then the `k=v ...` `overrides`
-    (TOML values, as `flwr run --run-config` takes them), checked against the key table.
+    (`parse_overrides`), checked against the key table.
     `flwr run` takes either a TOML file or key-value pairs, not both; this makes one file."""
-    import shlex
     import tomllib
 
     try:
@@ -326,12 +350,7 @@ def merged_toml(base: str, overrides: str) -> str:
             values = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read run-config file {base}: {exc}") from None
-    for item in shlex.split(overrides, posix=False):
-        try:
-            values.update(tomllib.loads(item))
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"override {item!r} is not key=value with a TOML value "
-                              '(strings in double quotes, e.g. mode="sync")') from None
+    values.update(parse_overrides(overrides))
     AppConfig.from_run_config(values)  # unknown keys and bad values fail here, by name
     return "\n".join(f"{k} = {_toml_value(v)}" for k, v in values.items()) + "\n"
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from asyncfl.config import AppConfig, ConfigError
+from asyncfl.config import AppConfig, ConfigError, parse_overrides
 
 log = logging.getLogger("asyncfl")
 
@@ -247,21 +247,12 @@ def run_emulated(run_config: Mapping[str, Any], num_nodes: int, *, task_s: float
 # Command line
 # ------------------------------------------------------------------------------------------
 def parse_run_config(spec: str) -> dict[str, Any]:
-    """A TOML file, or `key=value ...` pairs with TOML values (as `flwr run --run-config`)."""
+    """A TOML file, or `key=value ...` pairs with TOML values (`config.parse_overrides`)."""
     path = Path(spec)
     if spec.endswith(".toml") and path.is_file():
         with open(path, "rb") as f:
             return tomllib.load(f)
-    out: dict[str, Any] = {}
-    import shlex
-
-    for item in shlex.split(spec, posix=False):
-        try:
-            out.update(tomllib.loads(item))
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"run-config item {item!r} is not key=value with a TOML value "
-                              '(strings in double quotes, e.g. mode="sync")') from None
-    return out
+    return parse_overrides(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,6 +90,56 @@ def test_merge_gives_one_run_config_file_with_the_overrides(tmp_path):
         merged_toml(str(tmp_path / "missing.toml"), "")
 
 
+
+@pytest.mark.parametrize(("spec", "want"), [
+    ("", {}),
+    ('mode="sync"', {"mode": "sync"}),
+    ("num-rounds=6 max-updates=0", {"num-rounds": 6, "max-updates": 0}),
+    ("lr=5e-4 alpha=0.6 staleness-b=-4", {"lr": 0.0005, "alpha": 0.6, "staleness-b": -4}),
+    ("pretrained=false save-model=true", {"pretrained": False, "save-model": True}),
+    ('run-name="two words"  data-dir=\'/tmp/a b\' ', {"run-name": "two words", "data-dir": "/tmp/a b"}),
+    ('client-speeds="1,1,2,4" tokenizer="x=y #z"', {"client-speeds": "1,1,2,4", "tokenizer": "x=y #z"}),
+    ('run-name="say \\"hi there\\""', {"run-name": 'say "hi there"'}),
+    ('lr=1 mode="sync" lr=2.5', {"lr": 2.5, "mode": "sync"}),  # later items win
+])
+def test_parse_overrides_reads_toml_values(spec, want):
+    from asyncfl.config import parse_overrides
+
+    got = parse_overrides(spec)
+    assert got == want
+    assert [type(v) for v in got.values()] == [type(v) for v in want.values()]  # 1 stays int, not 1.0
+
+
+@pytest.mark.parametrize(("spec", "item"), [
+    ("lr=1e-3 mode=sync", "'mode=sync'"),  # a bare word is no TOML value
+    ("num-rounds = 6", "'num-rounds'"),  # blanks around '=' split the item
+    ('run-name="unclosed quote', "'run-name=\"unclosed quote'"),
+    ("lr=", "'lr='"),
+    ("lr=0.5 rank=1e", "'rank=1e'"),
+])
+def test_parse_overrides_names_the_malformed_item(spec, item):
+    from asyncfl.config import parse_overrides
+
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(spec)
+    assert f"run-config item {item} is not key=value with a TOML value" in str(err.value)
+
+
+def test_emulator_and_merge_share_the_override_parser(tmp_path):
+    from asyncfl.config import merged_toml
+    from asyncfl.emulate import parse_run_config
+
+    spec = 'run-name="a b" num-rounds=2 pretrained=false'
+    assert parse_run_config(spec) == {"run-name": "a b", "num-rounds": 2, "pretrained": False}
+    base = tmp_path / "base.toml"
+    base.write_text('mode = "sync"\nnum-rounds = 9\n')
+    assert tomllib.loads(merged_toml(str(base), spec)) == {"mode": "sync", "num-rounds": 2, "run-name": "a b",
+                                                           "pretrained": False}
+    assert parse_run_config(str(base)) == {"mode": "sync", "num-rounds": 9}  # a TOML file is read as such
+    for parse in (parse_run_config, lambda s: merged_toml(str(base), s)):
+        with pytest.raises(ConfigError, match="'lr=x'"):
+            parse("lr=x")
+
 def test_rule_choices_are_the_registry_s_rules():
     from asyncfl.config import KEYS_BY_NAME, RULE_NAMES
     from asyncfl.strategies import RULES

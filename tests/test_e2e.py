@@ -1,14 +1,17 @@
 """End to end: `flwr run .` in local simulation, offline, tiny preset.
 
 Each test uses a private FLWR_HOME, so the background SuperLink that `flwr run` starts is
-its own; it is stopped (by the database path in its command line) when the test ends.
+its own; when the test ends it and whatever it spawned (found in /proc by that FLWR_HOME) are
+terminated, and the test waits until they are gone.
 `flwr run` exits 0 even when the ServerApp fails, so success is judged by the files written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -38,6 +41,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_time(pid: int) -> str | None:
+    """The start time of process `pid` (tells it from a later one given the same id), or None
+    once it has exited (a zombie counts as exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def processes_of(home: Path) -> dict[int, str]:
+    """pid -> start time of the live processes started with FLWR_HOME=`home` or naming it on
+    their command line: the local SuperLink `flwr run` leaves behind and everything it spawned."""
+    marker, path = f"FLWR_HOME={home}".encode(), str(home).encode()
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if marker in environ or path in cmdline:
+            start = _start_time(int(proc.name))
+            if start is not None:
+                found[int(proc.name)] = start
+    return found
+
+
+def stop_processes_of(home: Path, grace_s: float = 30.0) -> None:
+    """SIGTERM every process of `home`, wait until each has exited; SIGKILL what is left after
+    `grace_s`; fail if anything survives that."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        procs = processes_of(home)
+        if not procs:
+            return
+        for pid, start in procs.items():
+            if _start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while any(_start_time(pid) == start for pid, start in procs.items()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    left = processes_of(home)
+    assert not left, f"processes of FLWR_HOME={home} survived SIGKILL: {sorted(left)}"
+
+
 def flwr_run(tmp_path: Path, run_config: str, supernodes: int, timeout: int = 420) -> str:
     home = tmp_path / "flwr-home"
     # private FLWR_HOME and ports: never touch ~/.flwr or another run's local SuperLink
@@ -50,8 +101,7 @@ def flwr_run(tmp_path: Path, run_config: str, supernodes: int, timeout: int = 42
         out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         return out.stdout + out.stderr
     finally:
-        subprocess.run(["pkill", "-f", str(home / "local-superlink")], check=False)
-        time.sleep(1)
+        stop_processes_of(home)  # no SuperLink (or app process) of this run outlives the test
 
 
 def read_run(results: Path, log: str) -> tuple[dict, list[dict]]:
@@ -72,7 +122,10 @@ def test_sync_fedavg_two_clients_two_rounds(tmp_path):
     assert summary["mode"] == "sync" and summary["updates_applied"] == 4
     assert summary["final_eval_ppl"] < summary["initial_eval_ppl"]
     assert summary["train_split"] == "validation" and summary["eval_split"] == "test"
-    assert "train on 'validation'" in log or "validation" in log
+    # the ServerApp says which splits it used, and the data loader why it trains on validation
+    assert f"asyncfl: run dir {run_dir}; training on split 'validation', evaluating on 'test' (48 blocks)" in log
+    assert (f'`data-dir` = "{SHARED / "wikitext-2-raw"}" has no wiki.train.raw: offline runs TRAIN ON '
+            '"validation" and evaluate on `eval-split` = "test"') in log
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")

@@ -1,4 +1,4 @@
-"""The paper's bound stopping rule (sec. 3.4) and the budget stop conditions."""
+"""The paper's bound stopping rule (sec. 3.4)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from asyncfl.strategies import BoundStopRule, StopConditions
+from asyncfl.strategies import BoundStopRule
 
 # n = 1, mu = 0.5, rho_bar = 0  -> lambda = 1 - 0.5 = 0.5
 # L = 1, eta = 1, C = 0, D = 0.5 -> x = 4 * 1 * 0.5 / (0.5 * 8) = 0.5
@@ -72,23 +72,3 @@ def test_bad_constants_raise(changes, message):
 def test_threshold_rejects_a_non_finite_delta_g():
     with pytest.raises(ValueError, match="delta_g"):
         BoundStopRule(**HALF).threshold(math.nan)
-
-
-def test_stop_conditions_each_limit_and_all_off():
-    assert StopConditions().check(10**6, 10**6, 1.0) is None
-    limits = StopConditions(max_updates=100, time_budget_s=60.0, target_ppl=30.0)
-    assert limits.check(99, 59.0, 31.0) is None
-    assert limits.check(99, 59.0, None) is None
-    assert "max-updates" in limits.check(100, 0.0)
-    assert "time budget" in limits.check(0, 60.0)
-    assert "perplexity" in limits.check(0, 0.0, 29.9)
-    assert limits.check(0, 0.0, math.nan) is None
-
-
-def test_stop_conditions_validate():
-    with pytest.raises(ValueError, match="max_updates"):
-        StopConditions(max_updates=-1)
-    with pytest.raises(ValueError, match="time_budget_s"):
-        StopConditions(time_budget_s=-5.0)
-    with pytest.raises(ValueError, match="target_ppl"):
-        StopConditions(target_ppl=math.inf)

@@ -32,7 +32,7 @@ from asyncfl.strategies.staleness import (
     check_staleness,
     make_staleness_fn,
 )
-from asyncfl.strategies.stopping import BoundStopRule, StopConditions
+from asyncfl.strategies.stopping import BoundStopRule
 from asyncfl.strategies.variance import Page, SagaEstimator
 
 __all__ = [
@@ -43,5 +43,5 @@ __all__ = [
     "make_selector",
     "STALENESS_KINDS", "ConstantStaleness", "HingeStaleness", "PolynomialStaleness",
     "StalenessFn", "check_staleness", "make_staleness_fn",
-    "BoundStopRule", "StopConditions",
+    "BoundStopRule",
 ]

@@ -1,4 +1,4 @@
-"""Stopping rules: the paper's convergence-bound threshold and plain budget limits.
+"""Stopping rule: the paper's convergence-bound threshold.
 
 Paper (sec. 2.3 and 3.4, eq. near "we obtain the equation for time"): with constants n
 (clients), mu, rho_bar (selection skew), L (smoothness), A1 = F(w^0) - F*, C, D and the
@@ -36,7 +36,6 @@ Reading (what we implement and why)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 
 def _require(ok: bool, message: str) -> None:
@@ -114,50 +113,3 @@ class BoundStopRule:
     def __repr__(self) -> str:
         return (f"BoundStopRule(lambda={self.lam:.6g}, x={self.x:.6g}, "
                 f"initial={self.initial:.6g})")
-
-
-@dataclass(frozen=True)
-class StopConditions:
-    """Budget limits; each 0 means off.
-
-    Parameters
-    ----------
-    max_updates : int
-        Stop once this many global updates were applied.
-    time_budget_s : float
-        Stop once this much wall-clock time (seconds) has elapsed.
-    target_ppl : float
-        Stop once the evaluated perplexity is <= this.
-    """
-
-    max_updates: int = 0
-    time_budget_s: float = 0.0
-    target_ppl: float = 0.0
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.max_updates, int) and self.max_updates >= 0,
-                 f"`max_updates` must be an int >= 0, got {self.max_updates!r}")
-        for name in ("time_budget_s", "target_ppl"):
-            _require(_finite(name, getattr(self, name)) >= 0,
-                     f"`{name}` must be >= 0, got {getattr(self, name)}")
-
-    def check(self, updates: int, elapsed_s: float,
-              ppl: float | None = None) -> str | None:
-        """Return why training should stop, or None to continue.
-
-        Parameters
-        ----------
-        updates : int
-            Global updates applied so far.
-        elapsed_s : float
-            Wall-clock seconds since training started.
-        ppl : float, optional
-            Latest evaluated perplexity (None when not evaluated yet).
-        """
-        if self.max_updates and updates >= self.max_updates:
-            return f"max-updates reached ({updates} >= {self.max_updates})"
-        if self.time_budget_s and elapsed_s >= self.time_budget_s:
-            return f"time budget spent ({elapsed_s:.1f} s >= {self.time_budget_s:g} s)"
-        if self.target_ppl and ppl is not None and ppl <= self.target_ppl:
-            return f"target perplexity reached ({ppl:.4g} <= {self.target_ppl:g})"
-        return None
