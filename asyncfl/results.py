@@ -122,6 +122,9 @@ class Totals:
     drop_reasons: dict[str, int] = field(default_factory=dict)
     bytes_uploaded: int = 0
     bytes_dense: int = 0
+    bytes_down: int = 0  # bytes of the task messages whose replies were applied
+    encode_sum_s: float = 0.0  # client encode time, over the updates that report it
+    encode_n: int = 0
     staleness_sum: float = 0.0
     staleness_n: int = 0
     staleness_max: float | None = None
@@ -139,6 +142,10 @@ class Totals:
             self.updates += 1
             self.bytes_uploaded += event.get("bytes") or 0
             self.bytes_dense += event.get("dense_bytes") or 0
+            self.bytes_down += event.get("bytes_down") or 0
+            if (enc := event.get("encode_s")) is not None:
+                self.encode_n += 1
+                self.encode_sum_s += enc
             if (s := event.get("staleness")) is not None:
                 self.staleness_n += 1
                 self.staleness_sum += s
@@ -301,6 +308,8 @@ class RunRecorder:
             "bytes_uploaded": tot.bytes_uploaded, "bytes_uploaded_dense_equiv": tot.bytes_dense,
             "compression_ratio": (tot.bytes_dense / tot.bytes_uploaded
                                   if tot.bytes_uploaded else None),
+            "bytes_down_total": tot.bytes_down,
+            "mean_encode_s": tot.encode_sum_s / tot.encode_n if tot.encode_n else None,
             "mean_staleness": tot.staleness_sum / tot.staleness_n if tot.staleness_n else None,
             "max_staleness": tot.staleness_max,
             "mean_decode_apply_ms": (1e3 * tot.decode_apply_sum_s / tot.decode_apply_n
@@ -384,6 +393,7 @@ def _totals_lines(s: Mapping[str, Any]) -> list[str]:
     drops = ", ".join(f"{k}: {v}" for k, v in reasons[:5])  # reasons carry details: keep it short
     drops += f", {len(reasons) - 5} other reasons" if len(reasons) > 5 else ""
     ratio = "-" if s["compression_ratio"] is None else f"{s['compression_ratio']:.1f}x"
+    enc_ms = None if s.get("mean_encode_s") is None else 1e3 * s["mean_encode_s"]
     target = "no target"
     if s["target_ppl"] is not None:
         tts = s["time_to_target_s"]
@@ -394,7 +404,9 @@ def _totals_lines(s: Mapping[str, Any]) -> list[str]:
             + (f" ({drops})" if drops else ""),
             f"- bytes uploaded: {_fmt_bytes(s['bytes_uploaded'])} vs "
             f"{_fmt_bytes(s['bytes_uploaded_dense_equiv'])} dense (compression ratio {ratio})",
+            f"- bytes downloaded (tasks of the applied updates): {_fmt_bytes(s.get('bytes_down_total'))}",
             f"- staleness: mean {_fmt(s['mean_staleness'], '.2f')}, max {_fmt(s['max_staleness'])}",
+            f"- client encode: mean {_fmt(enc_ms, '.2f')} ms per update",
             f"- decode+apply: mean {_fmt(s['mean_decode_apply_ms'], '.2f')} ms per update",
             f"- wall-clock: {s['wall_clock_s']:.1f} s; time to target: {target}",
             f"- stop reason: {s['stop_reason']}"]

@@ -38,6 +38,16 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as exc:
         log.error("asyncfl: bad run config: %s", exc)
         raise SystemExit(2) from None
+    if type(grid).__name__ == "HttpGrid":  # deployment: replies are pulled from the SuperLink
+        from asyncfl.pulls import SERVER_MODULE, install_fast_pulls, retry_from_env
+
+        try:
+            retry_s = retry_from_env()
+        except ValueError as exc:
+            log.error("asyncfl: %s", exc)
+            raise SystemExit(2) from None
+        if install_fast_pulls(SERVER_MODULE, retry_s):
+            log.info("asyncfl: reply objects not yet uploaded are retried after %g s (Flower: 1 s)", retry_s)
     run(grid, cfg)
 
 
@@ -82,7 +92,7 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
     summary = recorder.finish(stop_reason=state.final_reason, extra={
         "version": state.version, "rounds": state.rounds, "prefetched_tasks": strategy.prefetched,
         "log_tasks": strategy.log_tasks, "packed_replies": strategy.packed_replies,
-        "warmup_s": strategy.warmup_s})
+        "warmup_s": strategy.warmup_s, "server_time_s": strategy.timer.summary()})
     log.info("asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s", state.final_reason,
              summary.get("initial_eval_ppl") or float("nan"), summary.get("final_eval_ppl") or float("nan"),
              summary.get("wall_clock_s") or 0.0, run_dir)

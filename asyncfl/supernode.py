@@ -20,6 +20,9 @@ ones and forwards everything else to `time`. It first checks that the module sti
 sleeps (`hook_present`); on a Flower without them it says so and runs unchanged. When the
 polls are short it adds `idle-poll-s=<S>` to the node's `--node-config`; the ClientApp reports
 it with every reply, and `prefetch = "auto"` queues no tasks ahead for such a node.
+
+It also makes the loop's object pulls retry after 0.02 s instead of 1 s when it sees a task
+before the server has finished uploading it (`asyncfl.pulls`; env `ASYNCFL_PULL_RETRY_S`).
 """
 
 from __future__ import annotations
@@ -163,6 +166,14 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
     if install_short_polls(idle_s, reply_s):
         _log(f"idle poll {idle_s:g} s, reply poll {reply_s:g} s (Flower's: 3 s, 0.5 s)")
+        from asyncfl.pulls import SUPERNODE_MODULE, install_fast_pulls, retry_from_env
+
+        try:
+            retry_s = retry_from_env()
+        except ValueError as exc:
+            raise SystemExit(f"asyncfl-supernode: {exc}") from None
+        if install_fast_pulls(SUPERNODE_MODULE, retry_s):
+            _log(f"task objects not yet uploaded are retried after {retry_s:g} s (Flower: 1 s)")
         if not any(a in ("-h", "--help") for a in rest):
             rest = announce_poll(rest, idle_s)
     from flwr.supernode.cli.flower_supernode import flower_supernode

@@ -11,9 +11,10 @@ loop and real training on a virtual clock; `simulation`: `flwr run .`; `deployme
 scripts/local-deployment.sh). Numbers are read back from each run's summary.json and
 events.jsonl only. Per cell (compressor x mode x federation), over the seeds, mean ± std
 (min-max) of: final and best perplexity, final top-1, time to the target (per federation and
-seed: the final perplexity of dense `none` sync of that seed), client encode ms when the event
-log has it (else the server's decode+apply ms, and the table says encode is not recorded),
-bytes uploaded, bytes downloaded when recorded, mean staleness, updates.
+seed: the final perplexity of dense `none` sync of that seed), client encode ms (the mean of the
+update events' `encode_s`) and the server's decode+apply ms, bytes uploaded (`bytes`) and
+downloaded (`bytes_down`: the task messages of the applied updates), mean staleness, updates.
+Runs logged before `encode_s`/`bytes_down` existed show "not recorded" there.
 
     # CPU, tiny preset, emulated, the whole grid over 3 seeds (docs/results.md)
     python bench/paper.py --preset tiny --time-budget-s 8 --results-md docs/results.md
@@ -194,7 +195,8 @@ def run_metrics(run_dir: Path, target: float | None) -> dict[str, Any]:
     summary, events = load_run(run_dir)
     updates = [e for e in events if e.get("event") == "update"]
     enc = [float(e["encode_s"]) for e in updates if e.get("encode_s") is not None]
-    down = summary.get("bytes_downloaded")
+    downs = [int(e["bytes_down"]) for e in updates if e.get("bytes_down") is not None]
+    down = sum(downs) if downs else None  # None: a log from before `bytes_down` was recorded
     return {"dir": str(run_dir), "final_ppl": summary["final_eval_ppl"],
             "best_ppl": summary["best_eval_ppl"], "initial_ppl": summary["initial_eval_ppl"],
             "final_top1": summary.get("final_eval_top1"), "target_ppl": target,
@@ -245,15 +247,16 @@ def fed_table(fed: dict[str, Any]) -> str:
     have_encode = any(r["encode_ms"]["n"] for r in rows)
     have_down = any(r["bytes_downloaded"]["n"] for r in rows)
     head = ["compressor", "mode", "final ppl", "best ppl", "final top-1 %", "time to target s",
-            "client encode ms" if have_encode else "server decode+apply ms", "MB uploaded",
-            "MB downloaded", "mean staleness", "updates"]
+            "client encode ms", "server decode+apply ms", "MB uploaded", "MB downloaded",
+            "mean staleness", "updates"]
     lines = ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|"]
     for r in rows:
         top1 = {k: (v * 100 if k in ("mean", "std", "min", "max") and v is not None else v)
                 for k, v in r["final_top1"].items()}
         cells = [r["compressor"], r["mode"], avs._ms(r["final_ppl"], ".1f"), avs._ms(r["best_ppl"], ".1f"),
                  avs._ms(top1, ".2f"), avs._ms(r["time_to_target_s"], ".1f"),
-                 avs._ms(r["encode_ms" if have_encode else "decode_apply_ms"], ".1f"),
+                 avs._ms(r["encode_ms"], ".1f") if have_encode else "not recorded",
+                 avs._ms(r["decode_apply_ms"], ".1f"),
                  avs._ms(_mb(r["bytes_uploaded"]), ".1f"),
                  avs._ms(_mb(r["bytes_downloaded"]), ".1f") if have_down else "not recorded",
                  avs._ms(r["mean_staleness"], ".2f"), avs._ms(r["updates"], ".0f")]
@@ -350,6 +353,7 @@ def results_markdown(result: dict[str, Any], args: argparse.Namespace, figs: dic
     preset = avs.PRESETS[args.preset]
     cfg_text = ", ".join(f"{k}={v}" for k, v in {**preset, **args.extra}.items())
     has_encode = any(r["encode_ms"]["n"] for f in feds for r in f["rows"])
+    has_down = any(r["bytes_downloaded"]["n"] for f in feds for r in f["rows"])
     emul = f" (`python -m asyncfl.emulate {args.emulate_args}`)" if args.emulate_args else ""
     wire = args.extra.get("wire-dtype", "fp16")
     method = args.extra.get("compress-method", "randomized")
@@ -377,12 +381,18 @@ def results_markdown(result: dict[str, Any], args: argparse.Namespace, figs: dic
         "Cells: mean ± std (min-max) over the seeds, `[k/n]` when only k seeds had a value. "
         "Time to target: first evaluation at or below the target, which per federation and seed is "
         "dense (`none`) sync's final perplexity; `-` where a run never reached it. "
-        + ("Encode ms: the clients' mean encode time per update. " if has_encode else
-           "Client encode time is not recorded in events.jsonl (the worker reports `encode-s` in its "
-           "reply, but the server does not log it), so the column is the server's mean decode+apply "
-           "ms per update (summary `mean_decode_apply_ms`). ")
-        + "Bytes downloaded are not recorded by the runs (summary.json and events.jsonl have uploads "
-          "only). Top-1: next-token accuracy of the final evaluation." + took, "",
+        + ("Client encode ms: the clients' mean encode time per applied update (events.jsonl "
+           "`encode_s`, as the worker reports it). " if has_encode else
+           "Client encode time is not recorded in these runs' events.jsonl (logs written before "
+           "`encode_s` was added). ")
+        + "Server decode+apply ms: the server's mean per applied update (summary "
+          "`mean_decode_apply_ms`). "
+        + ("MB downloaded: the task messages' arrays (the full weights or an update log) of the "
+           "applied updates (events.jsonl `bytes_down`); MB uploaded: their payloads (`bytes`). "
+           if has_down else
+           "Bytes downloaded are not recorded in these runs' events.jsonl (logs written before "
+           "`bytes_down` was added). ")
+        + "Top-1: next-token accuracy of the final evaluation." + took, "",
         "## Comparison with the paper", "",
         "The paper fine-tunes GPT-2 (its Table 1 lists the 124M model's shapes: token embedding 50257 x "
         "768, so pretrained weights) with 2 clients, synchronous federated averaging, five rounds of one "

@@ -63,6 +63,10 @@ class FakeGrid:
         self.unpacked_records = 0  # ... and as one Array per tensor
         self.warmups: list[int] = []  # nodes sent a warm-up message
         self.cold_warmup = False  # True: warm-ups do not keep the weights they carry
+        self.no_encode: set[int] = set()  # nodes whose replies do not report `encode-s`
+        # per reply with a payload, in pull order: (node, bytes the task's arrays carried,
+        # "full"/"log", nbytes of the full weights' tensors or number of log records, encode-s)
+        self.replied: list[tuple[int, int, str, int, float | None]] = []
 
     def queued(self, node: int) -> int:
         return sum(1 for _, m in self.pending.values() if m.metadata.dst_node_id == node)
@@ -121,6 +125,9 @@ class FakeGrid:
             return Message(Error(ErrorCode.NODE_UNAVAILABLE, "heartbeat lapsed"), reply_to=msg)
         config = msg.content["config"]
         version = int(config["version"])
+        # what the task carried down, counted here from the Flower arrays (buffer + key)
+        carried = sum(len(a.data) + len(k) for rec in msg.content.array_records.values()
+                      for k, a in rec.items())
         if config.get("downlink", "full") == "log":  # rebuild from the weights kept last time
             if how == "amnesia-once" and node not in self.forgot:
                 self.forgot.add(node)
@@ -149,11 +156,19 @@ class FakeGrid:
             raw[raw.index(b'"w/data","<f4",[4,3],') + len(b'"w/data","<f4",[4,3],')] = ord("9")
             record[PACKED_KEY].data = bytes(raw)
         steps = int(config.get("local-steps", 16))
-        metrics = MetricRecord({"partition-id": node, "train-loss": 1.0 / node,
-                                "num-examples": 1 if self.equal_examples else node,
-                                "steps": steps, "client-s": steps * self.step_s.get(node, 0.01),
-                                "bytes": record.count_bytes(), "dense-bytes": 60, "rec-error": 0.0,
-                                "fro-error": 0.0})
+        metrics = {"partition-id": node, "train-loss": 1.0 / node,
+                   "num-examples": 1 if self.equal_examples else node,
+                   "steps": steps, "client-s": steps * self.step_s.get(node, 0.01),
+                   "bytes": record.count_bytes(), "dense-bytes": 60, "rec-error": 0.0,
+                   "fro-error": 0.0}
+        encode_s = None if node in self.no_encode else 0.001 * node + 1e-5 * self.calls[node]
+        if encode_s is not None:
+            metrics["encode-s"] = encode_s
+        kind = config.get("downlink", "full")
+        size = int(config["log-n"]) if kind == "log" else \
+            sum(a.nbytes for a in arrays_of(msg.content["arrays"]).values())
+        self.replied.append((node, carried, kind, size, encode_s))
+        metrics = MetricRecord(metrics)
         return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
 
 
@@ -427,32 +442,55 @@ def log_always(monkeypatch):
     monkeypatch.setattr(loop_mod, "DownlinkLog", functools.partial(loop_mod.DownlinkLog, max_fraction=100.0))
 
 
+def weights_at_push(grid: FakeGrid, state: ServerState) -> dict[int, dict[str, torch.Tensor]]:
+    """Spy on the grid: version -> the server's weights when it pushed messages of that version."""
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    push = grid.push_messages
+
+    def spy(messages):
+        messages = list(messages)
+        for m in messages:
+            version = int(m.content["config"]["version"])
+            assert version == state.version  # a task always carries the current version
+            seen.setdefault(version, {k: v.clone() for k, v in state.x.items()})
+        return push(messages)
+
+    grid.push_messages = spy
+    return seen
+
+
 @pytest.mark.parametrize("rule", ["asgd", "fedbuff"])
 def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, rule):
-    state = make_state(tmp_path, rule=rule, downlink="log", **{"server-lr": 0.5, "max-updates": 10,
-                                                               "buffer-size": 2})
-    grid = FakeGrid({1: 1, 2: 3})
-    strategy = AsyncFLStrategy(state)
-    strategy.start(grid)
+    def run(path, downlink, cold=False):
+        state = make_state(path, rule=rule, downlink=downlink,
+                           **{"server-lr": 0.5, "max-updates": 10, "buffer-size": 2})
+        grid = FakeGrid({1: 1, 2: 3})
+        grid.cold_warmup = cold
+        sent = weights_at_push(grid, state)
+        strategy = AsyncFLStrategy(state)
+        strategy.start(grid)
+        return state, grid, strategy, sent
+
+    state, grid, strategy, sent = run(tmp_path, "log")
     # the warm-up carried the weights, so every task, each node's first too, was an update log
     assert strategy.log_tasks == len(grid.sent) >= 10 and grid.log_tasks == sum(grid.calls.values())
-    cold = make_state(tmp_path / "cold", rule=rule, downlink="log",
-                      **{"server-lr": 0.5, "max-updates": 10, "buffer-size": 2})
-    cold_grid = FakeGrid({1: 1, 2: 3})
-    cold_grid.cold_warmup = True
-    cold_strategy = AsyncFLStrategy(cold)
-    cold_strategy.start(cold_grid)
+    _, cold_grid, cold_strategy, _ = run(tmp_path / "cold", "log", cold=True)
     assert cold_strategy.log_tasks == len(cold_grid.sent) - 2  # a warm-up that kept nothing: all but the first
-    ups = events(tmp_path, "update")
-    if rule == "asgd":  # every delta was taken at the exact global weights of its version
-        expected = replay_asgd(grid, ups, 0.5)
+    # the same run with the full weights in every task: same updates, same model
+    full, full_grid, _, _ = run(tmp_path / "full", "full")
+    assert full_grid.log_tasks == 0 and grid.sent == full_grid.sent
+    key = [(u["node"], u["version"], u["staleness"]) for u in events(tmp_path, "update")]
+    assert len(key) == 10 and key == [(u["node"], u["version"], u["staleness"])
+                                      for u in events(tmp_path / "full", "update")]
+    for k in X0:
+        torch.testing.assert_close(state.x[k], full.x[k])
+    # each node's copy, rebuilt from the logs (past the warm-up's version 0; the newest is the
+    # one the last applied update was computed from), equals the server's weights of that version
+    versions = sorted(v for v, _ in grid.held.values())
+    assert sorted(grid.held) == [1, 2] and versions[0] >= 1 and versions[-1] == state.version - 1
+    for version, held in grid.held.values():
         for k in X0:
-            torch.testing.assert_close(state.x[k], expected[k])
-    # the rebuilt copies equal the server's weights of those versions: the last one, exactly now
-    node, (version, held) = max(grid.held.items(), key=lambda kv: kv[1][0])
-    if version == state.version:
-        for k in X0:
-            torch.testing.assert_close(held[k], state.x[k])
+            torch.testing.assert_close(held[k], sent[version][k])
 
 
 def test_sync_rounds_go_out_as_update_logs(tmp_path, log_always):
@@ -479,6 +517,37 @@ def test_a_node_that_lost_its_copy_gets_the_full_weights(tmp_path, log_always):
     expected = replay_asgd(grid, ups, 0.5)
     for k in X0:
         torch.testing.assert_close(state.x[k], expected[k])
+
+
+@pytest.mark.parametrize("mode, downlink", [("async", "full"), ("async", "log"), ("sync", "full"),
+                                            ("sync", "log")])
+def test_update_events_carry_the_encode_time_and_the_bytes_sent_down(tmp_path, log_always, mode, downlink):
+    limit = {"max-updates": 10} if mode == "async" else {"num-rounds": 3}
+    state = make_state(tmp_path, mode=mode, rule="asgd", downlink=downlink, pack="off",
+                       **{"server-lr": 0.5, **limit})
+    grid = FakeGrid({1: 1, 2: 3, 3: 2})
+    grid.no_encode = {3}  # node 3 does not report `encode-s`
+    grid.cold_warmup = True  # the first tasks carry the full weights, later ones (log) a log
+    AsyncFLStrategy(state).start(grid)
+    ups = events(tmp_path, "update")
+    assert len(ups) >= 9 and len(grid.replied) >= len(ups)
+    (upload,) = {u["bytes"] for u in ups}  # the fake clients' dense payloads: all one size
+    kinds = set()
+    # replies are applied (and logged) in the order they were pulled; none is dropped here
+    for u, (node, carried, kind, size, enc) in zip(ups, grid.replied):
+        assert (u["node"], u["bytes_down"], u["encode_s"]) == (node, carried, enc)
+        assert (enc is None) == (node == 3)
+        if kind == "full":  # the tensors' bytes plus, per array, its npy header and key name
+            assert size < u["bytes_down"] <= size + 256 * len(X0)
+            assert size == sum(v.numel() * 4 for v in X0.values())  # fp32 download
+        else:  # each log record is a payload as it was uploaded, re-sent unchanged
+            assert u["bytes_down"] == size * upload and size >= 1
+        kinds.add(kind)
+    assert kinds == ({"full", "log"} if downlink == "log" else {"full"})
+    summary = state.recorder.summary()
+    assert summary["bytes_down_total"] == sum(u["bytes_down"] for u in ups)
+    encs = [u["encode_s"] for u in ups if u["encode_s"] is not None]
+    assert summary["mean_encode_s"] == pytest.approx(sum(encs) / len(encs))
 
 
 def test_update_log_needs_a_linear_rule():

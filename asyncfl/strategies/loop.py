@@ -46,6 +46,7 @@ from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
 from asyncfl.strategies.nodes import NodeInfo, Reply, Task
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState
+from asyncfl.strategies.timing import PhaseTimer
 from asyncfl.transport import TransportError, arrays_of, is_packed, pack
 
 log = logging.getLogger("asyncfl")
@@ -107,6 +108,7 @@ class AsyncFLStrategy(Strategy):
         self.log_tasks = 0  # tasks sent as an update log
         self.pack = False  # decided in start(): arrays travel as one packed Array per record
         self.packed_replies = 0  # replies whose payload came packed
+        self.timer = PhaseTimer()  # where the server's time goes (pull, decode, apply, eval, ...)
 
     # ----------------------------------------------------------------------------------------
     # Flower Strategy interface (round-based hooks; our start() drives everything itself)
@@ -143,6 +145,13 @@ class AsyncFLStrategy(Strategy):
         if self.pack:
             log.info("asyncfl: arrays packed: each record travels as one Flower Array")
         self.downlink = self._downlink_wanted(grid)
+        evaluate = self.s.evaluate_fn
+
+        def timed_evaluate() -> dict[str, float]:
+            with self.timer.phase("eval"):
+                return evaluate()
+
+        self.s.evaluate_fn = timed_evaluate
         reason = "finished"
         try:
             self._wait_for_nodes(grid)
@@ -164,7 +173,15 @@ class AsyncFLStrategy(Strategy):
             log.info("asyncfl: %d task(s) were queued ahead (prefetch)", self.prefetched)
         if self.downlink is not None:
             log.info("asyncfl: %d task(s) were sent as an update log", self.log_tasks)
+        self.s.evaluate_fn = evaluate
+        log.info("asyncfl: server time over %.1f s: %s", self.elapsed(), self.timer.describe(self.elapsed()))
         return Result(arrays=ArrayRecord({k: v.detach().cpu() for k, v in self.s.x.items()}))
+
+    def _idle(self) -> None:
+        """Sleep one poll interval between looks at the grid (timed as `idle`)."""
+        t0 = time.perf_counter()
+        self.clock.sleep(self.cfg.poll_interval_s)
+        self.timer.add("idle", time.perf_counter() - t0)
 
     def elapsed(self) -> float:
         """Run time in seconds: the recorder's clock (continues on resume, restarts after the
@@ -246,7 +263,7 @@ class AsyncFLStrategy(Strategy):
                     return reason
             self._prefetch(grid)
             self._scan_nodes(grid)
-            self.clock.sleep(self.cfg.poll_interval_s)
+            self._idle()
 
     def _handle_async_reply(self, msg: Message) -> int | None:
         """Process one reply; returns the node that became idle (None if retired)."""
@@ -274,6 +291,7 @@ class AsyncFLStrategy(Strategy):
             self.downlink.add(reply.record, applied.weight, applied.stepped, version_before)
         self.s.sync_device()
         apply_s = time.perf_counter() - t0
+        self.timer.add("apply", apply_s)
         self._release_snapshots()
         self.s.after_update(reply, staleness, applied.weight, applied.stepped,
                             reply.decode_s + apply_s, self.elapsed())
@@ -381,7 +399,7 @@ class AsyncFLStrategy(Strategy):
                     if reply is not None:
                         replies.append(reply)
                 self._scan_nodes(grid)
-                self.clock.sleep(self.cfg.poll_interval_s)
+                self._idle()
             if replies:
                 self._apply_mean(replies)
             self.s.rounds += 1
@@ -394,6 +412,7 @@ class AsyncFLStrategy(Strategy):
         weights = [float(r.metrics.get("num-examples", 1.0)) for r in replies]
         coefs = self.s.rule.apply_round(self.s.x, [r.update for r in replies], weights)
         self.s.sync_device()
+        self.timer.add("apply", time.perf_counter() - t0)
         apply_s = (time.perf_counter() - t0) / len(replies)
         if self.downlink is not None:
             self.downlink.add_round([r.record for r in replies], coefs, self.s.version)
@@ -447,16 +466,20 @@ class AsyncFLStrategy(Strategy):
         # between); the client then draws other batches instead of repeating the same work
         info = self.nodes[node]
         repeat = info.repeat + 1 if info.last_version == self.s.version else 0
-        t0 = self.clock.now()
+        t0, wall0 = self.clock.now(), time.perf_counter()
         message = self._task_message(node, repeat)
         ids = [i for i in grid.push_messages([message]) if i]
         self.push_s = [*self.push_s[-2:], self.clock.now() - t0]
+        self.timer.add("dispatch", time.perf_counter() - wall0)
         if not ids:
             log.warning("asyncfl: node %s rejected a task; retiring it", node)
             self._retire(node, "push rejected")
             return False
+        # the bytes it carries down: the full weights, or the update log's payloads
+        # (count_bytes only sums the lengths of the arrays' buffers: cheap even for 500 MB)
+        bytes_down = sum(r.count_bytes() for r in message.content.array_records.values())
         self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.elapsed(),
-                                     prefetched=prefetched)
+                                     prefetched=prefetched, bytes_down=bytes_down, pushed_wall=time.time())
         info.last_version, info.repeat, info.inflight = self.s.version, repeat, info.inflight + 1
         if self.downlink is not None:
             self.log_tasks += "arrays" not in message.content.array_records
@@ -470,7 +493,10 @@ class AsyncFLStrategy(Strategy):
         its queued task too, whose error reply may be in the batch)."""
         if not self.inflight:
             return
-        for msg in list(grid.pull_messages(list(self.inflight))):
+        t0 = time.perf_counter()
+        replies = list(grid.pull_messages(list(self.inflight)))
+        self.timer.add("pull", time.perf_counter() - t0)
+        for msg in replies:
             if msg.metadata.reply_to_message_id in self.inflight:
                 yield msg
 
@@ -497,6 +523,7 @@ class AsyncFLStrategy(Strategy):
                                   max_rank=self.cfg.rank)
             self.s.sync_device()
             decode_s = time.perf_counter() - t0
+            self.timer.add("decode", decode_s)
         except (PayloadError, TransportError) as exc:
             log.warning("asyncfl: rejected payload from node %s: %s", node_id, exc)
             self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
@@ -509,8 +536,14 @@ class AsyncFLStrategy(Strategy):
         node.partition = int(metrics.get("partition-id", -1))
         node.last_loss = float(metrics.get("train-loss", float("nan")))
         self.s.selector.observe(node_id, node.last_loss)
+        # wall-clock spans around the node (one clock when server and nodes share a machine):
+        # task pushed -> reply created, and reply created -> the server decodes it
+        created = float(msg.metadata.created_at or 0.0)
+        node_s = created - task.pushed_wall if task is not None and task.pushed_wall and created else None
+        reply_age_s = time.time() - decode_s - created if created else None
         return Reply(node=node_id, task=task or Task(node_id, self.s.version, 0.0),
-                     update=update, metrics=metrics, decode_s=decode_s, record=record)
+                     update=update, metrics=metrics, decode_s=decode_s, record=record,
+                     node_s=node_s, reply_age_s=reply_age_s)
 
     def _on_error(self, node_id: int, code: int, reason: str) -> None:
         node = self.nodes[node_id]

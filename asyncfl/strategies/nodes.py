@@ -22,6 +22,8 @@ class Task:
     sent_at: float
     prefetched: bool = False  # pushed while the node was still running its previous task
     started_at: float | None = None  # when the node could start it (set when the reply arrives)
+    bytes_down: int = 0  # bytes the task message's arrays carry (full weights or update log)
+    pushed_wall: float | None = None  # time.time() when its push returned
 
 
 SHORT_POLL_S = 0.5  # an idle poll at most this long is not worth queuing ahead for
@@ -112,3 +114,5 @@ class Reply:
     metrics: dict[str, Any] = field(default_factory=dict)
     decode_s: float = 0.0
     record: ArrayRecord | None = None  # the payload as uploaded (re-sent by the downlink log)
+    node_s: float | None = None  # task pushed -> reply created (wall clock): delivery, node, handler
+    reply_age_s: float | None = None  # reply created -> the server started decoding it

@@ -169,6 +169,7 @@ class ServerState:
         if fro is not None and math.isfinite(float(fro)):
             n = min(self.updates, max(self.num_clients, 1))  # running mean over ~one sweep
             self.delta_g = float(fro) if self.delta_g is None else self.delta_g + (float(fro) - self.delta_g) / n
+        enc = m.get("encode-s")  # the client's encode time (absent: not reported)
         self.recorder.log_update(
             version=self.version, node=reply.node, partition=m.get("partition-id"),
             staleness=staleness, weight=weight, train_loss=m.get("train-loss"),
@@ -178,6 +179,9 @@ class ServerState:
             service_s=elapsed - (reply.task.started_at if reply.task.started_at is not None
                                  else reply.task.sent_at),
             prefetched=reply.task.prefetched, client_s=m.get("client-s"),
+            encode_s=float(enc) if isinstance(enc, (int, float)) else None,
+            bytes_down=reply.task.bytes_down,
+            node_s=getattr(reply, "node_s", None), reply_age_s=getattr(reply, "reply_age_s", None),
             **({"ef_norm": m["ef-norm"], "ef_reset": m.get("ef-reset")} if "ef-norm" in m else {}),
         )
         log.info("asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
