@@ -7,6 +7,9 @@ in the node's persistent worker, see `asyncfl.node_worker`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -54,8 +57,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = AppConfig.from_run_config(context.run_config)
     pid, num_partitions = partition_of(context.node_config)
-    task_cfg = msg.content["config"]
-    task = {"run-key": str(task_cfg.get("run-key", context.run_id)),
+    # a ConfigRecord; its values come off the wire, so they are converted (and checked) here
+    task_cfg: Mapping[str, Any] = msg.content["config"]
+    task: dict[str, Any] = {"run-key": str(task_cfg.get("run-key", context.run_id)),
             "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0)),
             "local-steps": int(task_cfg.get("local-steps", 0))}  # > 0: DyLU's steps for this task
     logs = _update_log(msg)  # None: the message carries the full weights
@@ -90,7 +94,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 def _update_log(msg: Message) -> tuple[int, list[float], list[dict]] | None:
     """(base version, coefficients, payloads as arrays) when the task came as an update log."""
-    cfg = msg.content["config"]
+    cfg: Mapping[str, Any] = msg.content["config"]
     if cfg.get("downlink", "full") != "log":
         return None
     return int(cfg["base-version"]), [float(c) for c in cfg["log-coefs"]], \
@@ -116,8 +120,8 @@ def handle_warmup(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = AppConfig.from_run_config(context.run_config)
     pid, num_partitions = partition_of(context.node_config)
-    task_cfg = msg.content["config"] if "config" in msg.content.config_records else {}
-    task = {"warmup": True, "run-key": str(task_cfg.get("run-key", context.run_id)),
+    task_cfg: Mapping[str, Any] = msg.content["config"] if "config" in msg.content.config_records else {}
+    task: dict[str, Any] = {"warmup": True, "run-key": str(task_cfg.get("run-key", context.run_id)),
             "version": int(task_cfg.get("version", 0))}
     # with the update-log downlink the weights come along: the worker keeps them as its base
     arrays = arrays_of(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}

@@ -197,8 +197,8 @@ def open_error_feedback(cfg: Any, run_key: str, partition_id: int, version: int,
 
 # ---- storage ---------------------------------------------------------------------------------
 def _load(run_key: str, partition_id: int, device: torch.device,
-          stamp: Stamp) -> tuple[tuple[Stamp, State] | None, str]:
-    """(stamp, residual) or None, and why a residual that should exist is missing ("")."""
+          stamp: Stamp) -> tuple[tuple[Stamp, State | None] | None, str]:
+    """(stamp, residual; None if empty) or None, and why a residual that should exist is missing ("")."""
     key = (run_key, partition_id)
     if in_memory():
         if key in _MEMORY:

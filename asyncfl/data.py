@@ -40,7 +40,7 @@ HEADING = re.compile(r"^ = [^=].* = $")  # top-level heading; sub-headings are "
 DISK_CACHE_DIR: Path | None = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "asyncfl"
 
 _TOKENIZERS: dict[str, Any] = {}
-_SPLITS: dict[tuple[str, str, str], TokenizedSplit] = {}
+_SPLITS: dict[tuple[str, ...], TokenizedSplit] = {}
 _BLOCKS: dict[tuple, list[torch.Tensor]] = {}
 _WARNED: set[str] = set()
 

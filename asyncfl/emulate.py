@@ -43,14 +43,19 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from asyncfl.config import AppConfig, ConfigError, parse_overrides
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from asyncfl.strategies.server_state import Clock
 
 log = logging.getLogger("asyncfl")
 
@@ -167,7 +172,9 @@ class EmulatedGrid:
         return ids
 
     def pull_messages(self, message_ids: list[str]) -> list[Message]:
-        now, wanted, out, keep = self.clock.now(), set(message_ids), [], []
+        now, wanted = self.clock.now(), set(message_ids)
+        out: list[_Pending] = []
+        keep: list[_Pending] = []
         while self._pending and self._pending[0].ready_at <= now:
             item = heapq.heappop(self._pending)
             (out if item.message_id in wanted else keep).append(item)
@@ -195,7 +202,8 @@ class EmulatedGrid:
             return reply, now
         self.tasks += 1
         measured = time.perf_counter() - t0
-        metrics = reply.content["metrics"] if "metrics" in reply.content.metric_records else MetricRecord()
+        metrics: MutableMapping[str, Any] = (reply.content["metrics"] if "metrics" in reply.content.metric_records
+                                             else MetricRecord())  # a MetricRecord either way
         steps = float(metrics.get("steps", 0) or 0)
         full = max(self.cfg.local_steps, 1)
         compute = self.task_s * (steps / full if steps else 1.0) if self.task_s else measured
@@ -234,7 +242,8 @@ def run_emulated(run_config: Mapping[str, Any], num_nodes: int, *, task_s: float
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     try:
-        summary = run(grid, cfg, clock=clock)
+        # duck-typed stand-ins: the loop uses get_node_ids/push_messages/pull_messages and now/sleep
+        summary = run(cast("Grid", grid), cfg, clock=cast("Clock", clock))
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     summary["emulation"] = {"nodes": num_nodes, "task_s": task_s, "overhead_s": overhead_s,

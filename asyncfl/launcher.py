@@ -159,6 +159,7 @@ def zygote_main(fd: int) -> int:
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
+            reply: dict[str, Any]
             try:
                 req = json.loads(line)
                 if threading.active_count() != 1:

@@ -185,7 +185,7 @@ def _base_model(cfg: Any) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if cfg.model_preset:
-        shape = dict(_PRESETS[cfg.model_preset])
+        shape: dict[str, Any] = dict(_PRESETS[cfg.model_preset])  # GPT2Config keyword arguments
         shape["n_positions"] = max(shape["n_positions"], cfg.block_size)
         config = GPT2Config(vocab_size=50257, **shape)
         return _seeded(cfg.seed, lambda: GPT2LMHeadModel(config))
@@ -317,10 +317,10 @@ def save_model(model: torch.nn.Module, tokenizer: Any, path: str | Path) -> Path
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
-    if _is_lora(model):
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path)
+    base: Any = _unwrap(model)  # a transformers PreTrainedModel, or a peft PeftModel with LoRA
+    if _is_lora(base):
+        base = copy.deepcopy(base).merge_and_unload()
+    base.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> list[dict[str, An
     with open(path, "wb") as f:
         for name, a in arrays.items():
             a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-            f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")  # no intermediate copy
+            f.write(a.reshape(-1).data.cast("B") if a.size else b"")  # memoryview, no intermediate copy
             index.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset})
             offset += a.nbytes
     return index
@@ -178,16 +178,19 @@ def control(path: Path, op: str) -> dict[str, Any] | None:
 # Worker side (the long-lived process)
 # ------------------------------------------------------------------------------------------
 class _Handler(socketserver.StreamRequestHandler):
+    server: _Server  # the server that made this handler (serve() below)
+
     def handle(self) -> None:
-        self.server.last_task = time.monotonic()  # type: ignore[attr-defined]
+        self.server.last_task = time.monotonic()
+        reply: dict[str, Any]
         try:
             req = json.loads(self.rfile.readline())
             if req.get("op") == "ping":
                 reply = {"ok": True, "pid": os.getpid()}
             elif req.get("op") == "shutdown":
                 # unlink first: a client arriving now starts a new worker, not a dying one
-                Path(self.server.server_address).unlink(missing_ok=True)
-                self.server.last_task = -IDLE_EXIT_S  # type: ignore[attr-defined]
+                Path(cast(str, self.server.server_address)).unlink(missing_ok=True)  # a Unix socket's path
+                self.server.last_task = -IDLE_EXIT_S
                 self.wfile.write(b'{"ok": true}\n')
                 return
             else:
@@ -195,7 +198,7 @@ class _Handler(socketserver.StreamRequestHandler):
         except Exception as exc:  # noqa: BLE001 - every failure goes back as text
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         self.wfile.write((json.dumps(reply) + "\n").encode())
-        self.server.last_task = time.monotonic()  # type: ignore[attr-defined]
+        self.server.last_task = time.monotonic()
 
 
 def serve_task(req: dict[str, Any]) -> dict[str, Any]:

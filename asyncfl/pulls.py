@@ -79,7 +79,7 @@ def install_fast_pulls(module_name: str, initial_s: float | None = None) -> bool
     if initial_s <= 0:
         return False
     try:
-        module = importlib.import_module(module_name)
+        module: Any = importlib.import_module(module_name)  # its pull_objects is replaced below
     except ImportError as exc:
         log.warning("asyncfl: cannot shorten object pull retries in %s: %s", module_name, exc)
         return False

@@ -31,6 +31,7 @@ import inspect
 import os
 import sys
 import time as _time
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -115,7 +116,7 @@ def _seconds(text: str, what: str) -> float:
     return value
 
 
-def parse_polls(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, list[str]]:
+def parse_polls(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[float, float, list[str]]:
     """Take `--idle-poll-s S` and `--reply-poll-s S` (or `--flag=S`) out of argv; the rest
     goes to `flower-supernode`."""
     env = os.environ if env is None else env

@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ def _compiled(model: torch.nn.Module) -> torch.nn.Module:
     """`torch.compile(model)`, built once per model object."""
     compiled = _COMPILED.get(id(model))
     if compiled is None or getattr(compiled, "_orig_mod", None) is not model:
-        compiled = _COMPILED[id(model)] = torch.compile(model)
+        compiled = _COMPILED[id(model)] = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule
     return compiled
 
 

@@ -54,7 +54,9 @@ def pack(arrays: Mapping[str, np.ndarray]):
     """One `flwr.app.ArrayRecord` holding `arrays` as a single packed `Array` (one copy)."""
     from flwr.app import Array, ArrayRecord
 
-    entries, parts, offset = [], [], 0
+    entries: list[list[Any]] = []
+    parts: list[bytes | memoryview] = []
+    offset = 0
     for name, a in arrays.items():
         a = np.asarray(a)
         if a.dtype.kind not in _KINDS:
@@ -63,7 +65,7 @@ def pack(arrays: Mapping[str, np.ndarray]):
             a = a.copy(order="C")
         entries.append([str(name), a.dtype.str, list(a.shape), offset])
         if a.size:
-            parts.append(memoryview(a.reshape(-1)).cast("B"))
+            parts.append(a.reshape(-1).data.cast("B"))  # ndarray.data: memoryview(a)
         end = offset + a.nbytes
         offset = _align(end)
         parts.append(b"\0" * (offset - end))

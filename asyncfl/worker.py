@@ -122,8 +122,10 @@ class Worker:
                 log.info("asyncfl: worker holds no weights of version %d (run %s): asking for them",
                          update_log.base, run_key)
                 return TaskResult(record=ArrayRecord(), metrics={"need-full": 1, "partition-id": partition_id})
-        else:
+        elif global_state is not None:
             received = self._received(global_state)
+        else:
+            raise ValueError("run_task needs the global weights or an update log, got neither")
         self.held = (run_key, version, received)  # never written: the log's next base
         # 2. local training; 3. delta = local - received (page: maybe a difference of two)
         stats, delta = self._train_delta(cfg, blocks, received, seed)
@@ -140,9 +142,13 @@ class Worker:
         decoded = (self.compressor.decode_state(record, device=self.device)
                    if shift is not None or ef is not None else None)  # what the server will apply
         # -- error feedback: keep what this payload dropped (reply metrics ef-norm, ef-reset) ----
-        ef_metrics = ef.close(to_send, decoded, delta) if ef is not None else {}
+        ef_metrics: dict[str, Any] = {}
+        if ef is not None:
+            assert decoded is not None  # decoded above whenever ef is set
+            ef_metrics = ef.close(to_send, decoded, delta)
         # ---------------------------------------------------------------------------------------
         if shift is not None:  # both sides update h_i with the *decoded* residual
+            assert decoded is not None  # decoded above whenever shift is set
             shift.update(decoded)
             path = self._shift_path(run_key, partition_id)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +198,7 @@ class Worker:
         prev = self._page_prev.get(key)
         fresh = prev is None or random.Random(seed).random() < cfg.page_p
         self._page_prev[key] = received
-        if fresh:
+        if fresh or prev is None:  # (prev is None means fresh)
             return 0, delta
         _, old = self._train_delta(cfg, blocks, prev, seed)
         return 1, {k: delta[k] - old[k] for k in delta}

@@ -22,7 +22,7 @@ import time
 from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -167,7 +167,8 @@ class Compressor(ABC):
         2. launch every group's factorization (no host sync);
         3. copy everything to the host at once, then cut the payloads out of it.
         """
-        opts, dense, groups = self.options, [], {}
+        opts, dense = self.options, []
+        groups: dict[tuple[torch.device, int, int], list[str]] = {}
         for name, t in state.items():
             _check_tensor(name, t)
             if self.compresses and should_compress(tuple(t.shape), opts.rank, opts.min_ratio):
@@ -190,9 +191,9 @@ class Compressor(ABC):
         payloads = {nm: Payload("dense", tuple(state[nm].shape), _dtype_name(state[nm]),
                                 {"data": next(host)}) for nm in dense}
         for names, _, wire, exps, _ in launched:
-            factors = {k: next(host) for k in wire}
+            host_factors = {k: next(host) for k in wire}
             scales = {k: next(host) for k in exps}
-            payloads.update(_split(self.name, names, state, factors, scales, next(host)))
+            payloads.update(_split(self.name, names, state, host_factors, scales, next(host)))
         return {name: payloads[name] for name in state}, launched
 
 
@@ -229,7 +230,7 @@ def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
             size = tensors[i].numel()
             out[i] = flat[start:start + size].reshape(tuple(tensors[i].shape))
             start += size
-    return out
+    return cast(list[np.ndarray], out)  # every slot is filled above
 
 
 def _to_wire(factors: dict[str, Tensor], wire: torch.dtype):
@@ -273,7 +274,8 @@ def _metrics(state, payloads, groups, kind: str) -> dict:
                 scale = torch.exp2(exps[key].float()) if key in exps else torch.ones(len(names))
                 v = v.float() * scale.to(v.device).view(-1, *[1] * (v.ndim - 1))
             f[key] = v
-        axes = LAYOUTS[kind].shapes(*x.shape[1:], -1)
+        m, n = x.shape[1:]  # x: (b, m, n)
+        axes = LAYOUTS[kind].shapes(m, n, -1)
         for key, shape in axes.items():  # zero the components beyond each matrix's rank
             if -1 in shape and key != LAYOUTS[kind].index:
                 axis = 1 + shape.index(-1)

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +84,10 @@ def _npy_header_len(descr: str, shape: tuple[int, ...]) -> int:
 
 def npy_nbytes(array: np.ndarray) -> int:
     """Bytes of `np.save(array)`: what `flwr.app.Array(array).data` holds."""
-    return _npy_header_len(np.lib.format.dtype_to_descr(array.dtype), array.shape) + array.nbytes
+    descr = np.lib.format.dtype_to_descr(array.dtype)
+    if not isinstance(descr, str):  # a structured dtype's descr is a list (unhashable, never sent)
+        raise TypeError(f"npy_nbytes: structured dtype {array.dtype} is not supported")
+    return _npy_header_len(descr, array.shape) + array.nbytes
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class Payload:
 
     def meta(self) -> dict:
         """JSON-able description stored in the record metadata."""
-        out = {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype}
+        out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype}
         if self.scales:
             out["scales"] = dict(self.scales)
         return out
@@ -157,7 +161,7 @@ def parse_record(record) -> tuple[str, dict[str, Payload]]:
     for name, info in meta["tensors"].items():
         kind = info.get("kind") if isinstance(info, dict) else None
         allowed = ("dense",) if compressor == "none" else ("dense", compressor)
-        if kind not in allowed:
+        if not isinstance(kind, str) or kind not in allowed:
             raise PayloadError(f"tensor '{name}': kind {kind!r} not allowed for compressor "
                                f"'{compressor}' (allowed: {allowed})")
         factors = {}
@@ -215,7 +219,7 @@ def validate(name: str, p: Payload, max_rank: int | None = None) -> None:
         raise PayloadError(f"tensor '{name}': dtype {p.dtype!r} not one of {tuple(DENSE_WIRE)}")
     if p.kind == "dense":
         want, data = DENSE_WIRE[p.dtype], p.factors.get("data")
-        if set(p.factors) != {"data"} or str(data.dtype) != want or data.shape != p.shape:
+        if data is None or set(p.factors) != {"data"} or str(data.dtype) != want or data.shape != p.shape:
             got = {k: f"{a.dtype} {a.shape}" for k, a in p.factors.items()}
             raise PayloadError(f"tensor '{name}': dense data must be {want} {p.shape}, got {got}")
         return _check_finite(name, "data", data)

@@ -119,7 +119,7 @@ class DownlinkLog:
         total, budget = 0, self.max_fraction * self.dense_bytes
         for v in sorted(self.steps, reverse=True):
             total += sum(self.payloads[p].count_bytes() for _, p in self.steps[v])
-            if total > budget or v < oldest:
+            if total > budget or (oldest is not None and v < oldest):  # (None: steps already cleared)
                 for old in [u for u in self.steps if u <= v]:
                     del self.steps[old]
                 break

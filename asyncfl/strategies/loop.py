@@ -34,7 +34,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -205,6 +206,7 @@ class AsyncFLStrategy(Strategy):
         error is logged, not counted as a failure)."""
         t0 = self.clock.now()
         pending: dict[str, int] = {}
+        node: int | None  # None below: a reply to no pending warm-up
         for node in self._alive_nodes():
             content = RecordDict({"config": ConfigRecord({
                 "run-key": self.s.run_key, "pack": self.pack, "version": self.s.version})})
@@ -227,7 +229,7 @@ class AsyncFLStrategy(Strategy):
                                 msg.error.code, msg.error.reason)
                     continue
                 answered += 1
-                metrics = msg.content["metrics"] if "metrics" in msg.content.metric_records else {}
+                metrics: Mapping[str, Any] = msg.content["metrics"] if "metrics" in msg.content.metric_records else {}
                 self.nodes.setdefault(node, NodeInfo()).observe_poll(metrics.get("idle-poll-s"))
                 if self.downlink is not None and metrics.get("holds-version") == self.s.version:
                     self.downlink.sent(node, self.s.version)  # it keeps them: send it logs
@@ -507,7 +509,7 @@ class AsyncFLStrategy(Strategy):
         if msg.has_error():
             self._on_error(node_id, msg.error.code, msg.error.reason)
             return None
-        metrics = dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
+        metrics: dict[str, Any] = dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
         if metrics.get("need-full"):  # its worker lost the weights the update log builds on
             log.info("asyncfl: node %s has no copy to apply an update log to; sending full weights", node_id)
             self.s.recorder.log_event("need_full", node=node_id, partition=node.partition)
@@ -545,7 +547,7 @@ class AsyncFLStrategy(Strategy):
                      update=update, metrics=metrics, decode_s=decode_s, record=record,
                      node_s=node_s, reply_age_s=reply_age_s)
 
-    def _on_error(self, node_id: int, code: int, reason: str) -> None:
+    def _on_error(self, node_id: int, code: int, reason: str | None) -> None:
         node = self.nodes[node_id]
         node.failures += 1
         if self.downlink is not None:  # the worker may have died with its copy

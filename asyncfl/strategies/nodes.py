@@ -113,6 +113,6 @@ class Reply:
     update: dict[str, torch.Tensor]
     metrics: dict[str, Any] = field(default_factory=dict)
     decode_s: float = 0.0
-    record: ArrayRecord | None = None  # the payload as uploaded (re-sent by the downlink log)
+    record: ArrayRecord = field(kw_only=True)  # the payload as uploaded (re-sent by the downlink log)
     node_s: float | None = None  # task pushed -> reply created (wall clock): delivery, node, handler
     reply_age_s: float | None = None  # reply created -> the server started decoding it

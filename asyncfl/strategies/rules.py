@@ -44,7 +44,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 from torch import Tensor
@@ -116,6 +116,12 @@ def _lr(value: Any) -> float:
     return _real("server_lr", value, 0.0, math.inf, open_low=True)
 
 
+@overload
+def _copy(d: Tensors) -> State: ...
+@overload
+def _copy(d: None) -> None: ...
+@overload
+def _copy(d: Tensors | None) -> State | None: ...
 def _copy(d: Tensors | None) -> State | None:
     return None if d is None else {k: v.detach().clone() for k, v in d.items()}
 
@@ -472,17 +478,17 @@ class SAGA(Rule):
               info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
-        old = self._table.get(node)
-        old = None if old is None else _aligned(x, old, "saga table")
+        prev = self._table.get(node)
+        olds = None if prev is None else _aligned(x, prev, "saga table")
         self._sum, sums = _lazy(self._sum, x, "saga sum")
         with torch.no_grad():
-            if old is None:
-                old = [u.clone() for u in us]
+            if olds is None:
+                olds = [u.clone() for u in us]
             else:
-                torch._foreach_sub_(sums, old)
-                torch._foreach_copy_(old, us)
+                torch._foreach_sub_(sums, olds)
+                torch._foreach_copy_(olds, us)
             torch._foreach_add_(sums, us)
-            self._table[node] = dict(zip(x, old))
+            self._table[node] = dict(zip(x, olds))
             weight = self.server_lr / len(self._table)
             torch._foreach_add_(list(x.values()), sums, alpha=weight)
         return Applied(weight, True)
