@@ -69,6 +69,16 @@ def _token_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     monkeypatch.setattr(asyncfl.data, "DISK_CACHE_DIR", tmp_path_factory.getbasetemp() / "token-cache")
 
 
+@pytest.fixture(autouse=True)
+def _asyncfl_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`asyncfl.logs.setup_logging` (called by any test that runs an app) stops the "asyncfl"
+    logger from propagating, after which `caplog` sees none of its records: every test starts
+    with propagation on, whatever ran before it."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("asyncfl"), "propagate", True)
+
+
 @pytest.fixture
 def task_identity():
     """Flower's runtime sets the process's task identity before an app runs (a Message built

@@ -5,6 +5,10 @@
 #   bash bench/gpu/avs_deploy.sh REGIME SEEDS SPECS [BUDGET_S=150]
 # REGIME: a = local-steps 16, b = local-steps 64. SPECS: "sync,<async spec>" (async_vs_sync.py).
 # Each run's events.jsonl and summary.json come back in runs-<regime>.tgz. Carry .whl, .data.
+# A regime-B run takes ~280-300 s of process time (start-up, warm-up, a sync round that ends
+# past the budget): give one spec per call there ("sync", then "asgd"; the analysis step then
+# says no sync finished, the run folders still come back) and merge the seeds' folders here
+# with `bench/async_vs_sync.py ... --reuse --out DIR`.
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 regime=${1:-a}; seeds=${2:-11}; specs=${3:-sync,asgd}; budget=${4:-150}
