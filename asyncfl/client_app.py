@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from asyncfl.config import AppConfig, ConfigError
 from asyncfl.logs import setup_logging
 from asyncfl.node_worker import in_deployment_process, run_remote
+from asyncfl.protocol import UpdateLog
 from asyncfl.transport import arrays_of, pack
 
 app = ClientApp()
@@ -75,7 +76,6 @@ def handle_train(msg: Message, context: Context) -> Message:
         out, metrics = run_remote(dict(context.run_config), node, task, arrays)
         record = pack(out) if packed else ArrayRecord({k: Array(v) for k, v in out.items()})
     else:  # simulation: this process (a Ray actor) lives for the whole run
-        from asyncfl.strategies.downlink import UpdateLog
         from asyncfl.worker import get_worker
 
         global_state = None if logs is not None else _torch_views(arrays_of(msg.content["arrays"]))

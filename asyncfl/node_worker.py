@@ -36,6 +36,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from asyncfl.protocol import UpdateLog
 from asyncfl.transport import arrays_of
 
 IDLE_EXIT_S = 1800.0
@@ -222,8 +223,6 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     task = req["task"]
     state, update_log = None, None
     if "update-log" in task:  # payloads named "log-<i>/<array>": regroup into their records
-        from asyncfl.strategies.downlink import UpdateLog
-
         spec = task["update-log"]
         records = [{k.split("/", 1)[1]: a for k, a in arrays.items() if k.startswith(f"log-{i}/")}
                    for i in range(int(spec["n"]))]
