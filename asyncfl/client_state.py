@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asyncfl import node
+
 log = logging.getLogger("asyncfl")
 
 State = dict[str, Tensor]
@@ -72,9 +74,7 @@ def keep_in_memory(on: bool = True) -> None:
 
 def in_memory() -> bool:
     """Whether residuals stay in this process's memory (the node's persistent worker)."""
-    from asyncfl import node_worker
-
-    return _IN_MEMORY or node_worker.SERVING
+    return _IN_MEMORY or node.SERVING
 
 
 def _safe(run_key: str) -> str:
@@ -82,9 +82,7 @@ def _safe(run_key: str) -> str:
 
 
 def _node_dir() -> Path:
-    from asyncfl.node_worker import node_state_dir  # light module (numpy only)
-
-    return node_state_dir()
+    return node.node_state_dir()
 
 
 def residual_path(run_key: str, partition_id: int) -> Path:

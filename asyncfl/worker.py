@@ -35,7 +35,7 @@ from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.data import load_partition
 from asyncfl.model import build_model, load_trainable_state, resolve_device, trainable_state
-from asyncfl.node_worker import node_state_dir
+from asyncfl.node import node_state_dir
 from asyncfl.protocol import UpdateLog
 from asyncfl.strategies.rules import ClientShift
 from asyncfl.train import train_local
