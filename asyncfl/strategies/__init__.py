@@ -6,7 +6,6 @@ from asyncfl.strategies.rules import (
     ASGD,
     SAGA,
     Applied,
-    ClientShift,
     FedAsync,
     FedAvg,
     FedBuff,
@@ -36,7 +35,7 @@ from asyncfl.strategies.stopping import BoundStopRule
 from asyncfl.strategies.variance import Page, SagaEstimator
 
 __all__ = [
-    "ASGD", "FADAS", "RULES", "SAGA", "Applied", "ClientShift", "DelayedNesterov", "FedAsync",
+    "ASGD", "FADAS", "RULES", "SAGA", "Applied", "DelayedNesterov", "FedAsync",
     "FedAvg", "FedBuff", "Page", "Rule", "SagaEstimator", "ServerMomentum", "Shifted",
     "fedavg_mean", "make_rule",
     "SELECTORS", "LossBiasedSelector", "SameSelector", "Selector", "UniformSelector",
