@@ -1,4 +1,5 @@
-"""Async strategy: update rules, staleness weights, client selection, stopping rules."""
+"""Async strategy: update rules, staleness weights, client selection (the paper's bound
+stopping rule, which the config checks too, is `asyncfl.stopping`)."""
 
 from asyncfl.strategies.adaptive import FADAS, DelayedNesterov
 from asyncfl.strategies.registry import RULES, make_rule
@@ -31,7 +32,6 @@ from asyncfl.strategies.staleness import (
     check_staleness,
     make_staleness_fn,
 )
-from asyncfl.strategies.stopping import BoundStopRule
 from asyncfl.strategies.variance import Page, SagaEstimator
 
 __all__ = [
@@ -42,5 +42,4 @@ __all__ = [
     "make_selector",
     "STALENESS_KINDS", "ConstantStaleness", "HingeStaleness", "PolynomialStaleness",
     "StalenessFn", "check_staleness", "make_staleness_fn",
-    "BoundStopRule",
 ]
