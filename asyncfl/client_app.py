@@ -13,37 +13,14 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from asyncfl.config import AppConfig, ConfigError
+from asyncfl.config import AppConfig
 from asyncfl.logs import setup_logging
-from asyncfl.node_worker import in_deployment_process, run_remote
+from asyncfl.node import in_deployment_process, node_report, partition_of
+from asyncfl.node_worker import run_remote
+from asyncfl.protocol import UpdateLog
 from asyncfl.transport import arrays_of, pack
 
 app = ClientApp()
-
-
-def partition_of(node_config) -> tuple[int, int]:
-    """`partition-id` / `num-partitions` from the node config, checked."""
-    try:
-        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(
-            "node config must set integer `partition-id` and `num-partitions` "
-            f"(e.g. flower-supernode --node-config 'partition-id=0 num-partitions=2'), got {dict(node_config)}"
-        ) from None
-    if not 0 <= pid < n:
-        raise ConfigError(f"node config `partition-id` must be in [0, {n}), got {pid}")
-    return pid, n
-
-
-def node_report(node_config) -> dict[str, float]:
-    """What the node tells the server about itself: `idle-poll-s`, how soon its SuperNode
-    notices a new message when idle (set by `asyncfl-supernode`; absent: unknown, e.g.
-    Flower's flower-supernode, which waits 3 s)."""
-    value = node_config.get("idle-poll-s")
-    try:
-        return {"idle-poll-s": float(value)} if value is not None else {}
-    except (TypeError, ValueError):
-        return {}
 
 
 def use_persistent_worker(cfg: AppConfig) -> bool:
@@ -75,7 +52,6 @@ def handle_train(msg: Message, context: Context) -> Message:
         out, metrics = run_remote(dict(context.run_config), node, task, arrays)
         record = pack(out) if packed else ArrayRecord({k: Array(v) for k, v in out.items()})
     else:  # simulation: this process (a Ray actor) lives for the whole run
-        from asyncfl.strategies.downlink import UpdateLog
         from asyncfl.worker import get_worker
 
         global_state = None if logs is not None else _torch_views(arrays_of(msg.content["arrays"]))

@@ -1,4 +1,5 @@
-"""Client-side error feedback: keep what compression dropped and add it to the next delta.
+"""Client-side state: error feedback (keep what compression dropped, add it to the next delta)
+and the `shifted` rule's client shift h_i (`ClientShift`, at the end).
 
 Classic error feedback (Seide et al. 2014, 1-bit SGD; Karimireddy et al. 2019, EF-SGD), per
 client i and its tasks t = 0, 1, ...::
@@ -51,9 +52,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asyncfl import node
+from asyncfl.tensors import State, Tensors, aligned, check_real, copy_state
+
 log = logging.getLogger("asyncfl")
 
-State = dict[str, Tensor]
 Stamp = tuple[int, int]  # (version, repeat) of the task that produced a residual
 
 _IN_MEMORY = False  # forced on by `keep_in_memory`; the node worker process is always in memory
@@ -72,9 +75,7 @@ def keep_in_memory(on: bool = True) -> None:
 
 def in_memory() -> bool:
     """Whether residuals stay in this process's memory (the node's persistent worker)."""
-    from asyncfl import node_worker
-
-    return _IN_MEMORY or node_worker.SERVING
+    return _IN_MEMORY or node.SERVING
 
 
 def _safe(run_key: str) -> str:
@@ -82,9 +83,7 @@ def _safe(run_key: str) -> str:
 
 
 def _node_dir() -> Path:
-    from asyncfl.node_worker import node_state_dir  # light module (numpy only)
-
-    return node_state_dir()
+    return node.node_state_dir()
 
 
 def residual_path(run_key: str, partition_id: int) -> Path:
@@ -268,3 +267,55 @@ def _store(run_key: str, partition_id: int, stamp: Stamp, e: State | None) -> No
                 p.unlink(missing_ok=True)
             except OSError:
                 pass
+
+
+# ---- the shifted rule's client half (its h_i is stored by `asyncfl.worker`) ----------------
+class ClientShift:
+    """Client half of the ``shifted`` rule (``asyncfl.strategies.rules.Shifted``): send
+    ``C(residual(delta))``, then ``update(D)``.
+
+    ``update`` must get ``D = decode(encode(residual))``, the same lossy D the server
+    applies, so the client's h_i and the server's follow one recursion h_i += alpha D.
+    """
+
+    def __init__(self, shift_alpha: float) -> None:
+        self.shift_alpha = check_real("shift_alpha", shift_alpha, 0.0, 1.0, open_low=False)
+        self.h: State | None = None  # h_i; None while it is zero
+
+    def residual(self, delta: Tensors) -> State:
+        """``delta - h_i`` as new tensors (``delta``'s tensors while h_i is zero)."""
+        if self.h is None:
+            return dict(delta)
+        hs = aligned(delta, self.h, "client shift")
+        return {k: delta[k] - h for k, h in zip(delta, hs)}
+
+    def update(self, decoded: Tensors) -> None:
+        """``h_i += shift_alpha * decoded`` (kept in at least fp32)."""
+        if self.shift_alpha == 0.0:
+            return
+        if self.h is None:
+            self.h = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
+                      * self.shift_alpha for k, v in decoded.items()}
+            return
+        ds = aligned(self.h, decoded, "decoded update")
+        with torch.no_grad():
+            torch._foreach_add_(list(self.h.values()), ds, alpha=self.shift_alpha)
+
+    def state_dict(self) -> State:
+        """``{name: h_i}``, empty while h_i is zero."""
+        return dict(self.h or {})
+
+    def load_state_dict(self, d: Tensors) -> None:
+        """Restore ``state_dict()`` output (copied)."""
+        self.h = copy_state(d) if d else None
+
+    def save(self, path: str | Path) -> None:
+        """``torch.save`` the shift tensors (CPU) to node-local ``path``."""
+        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, path)
+
+    def load(self, path: str | Path, missing_ok: bool = False) -> bool:
+        """Load a ``save`` file (weights_only); False if absent and ``missing_ok``."""
+        if missing_ok and not Path(path).exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from asyncfl.stopping import BoundStopRule
+
 
 class ConfigError(ValueError):
     """A run-config value is missing, unknown, of the wrong type or out of range."""
@@ -277,10 +279,8 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
         s = self.speeds()
         return s[partition_id] if partition_id < len(s) else 1.0
 
-    def bound_rule(self, num_clients: int, a1: float | None = None):
+    def bound_rule(self, num_clients: int, a1: float | None = None) -> BoundStopRule:
         """The paper's 3.4 stopping rule with this config's constants."""
-        from asyncfl.strategies.stopping import BoundStopRule
-
         mu = self.bound_mu or 1.0 / self.bound_lipschitz
         return BoundStopRule(
             n=self.bound_n or num_clients, mu=mu, rho_bar=self.bound_rho_bar,

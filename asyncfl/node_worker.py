@@ -36,24 +36,16 @@ from typing import Any, cast
 
 import numpy as np
 
+from asyncfl import node
+from asyncfl.config import AppConfig
+from asyncfl.node import node_state_dir, partition_of
+from asyncfl.protocol import UpdateLog
 from asyncfl.transport import arrays_of
 
 IDLE_EXIT_S = 1800.0
 START_TIMEOUT_S = 300.0
 _MODEL_KEYS = ("model", "pretrained", "model-preset", "lora-rank", "lora-alpha", "lora-dropout",
                "device", "seed", "block-size", "compile")
-
-
-SERVING = False  # True in the persistent worker process (`serve`): it owns one partition
-
-
-def node_state_dir() -> Path:
-    return Path(os.environ.get("ASYNCFL_NODE_DIR", Path.home() / ".cache" / "asyncfl" / "node-state"))
-
-
-def in_deployment_process() -> bool:
-    """True inside a per-message `flwr-clientapp` process (deployment runtime)."""
-    return Path(sys.argv[0]).name.startswith("flwr-clientapp")
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,8 +196,6 @@ class _Handler(socketserver.StreamRequestHandler):
 def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from asyncfl.client_app import partition_of
-    from asyncfl.config import AppConfig
     from asyncfl.worker import get_worker
 
     cfg = AppConfig.from_run_config(req["run_config"])
@@ -222,8 +212,6 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     task = req["task"]
     state, update_log = None, None
     if "update-log" in task:  # payloads named "log-<i>/<array>": regroup into their records
-        from asyncfl.strategies.downlink import UpdateLog
-
         spec = task["update-log"]
         records = [{k.split("/", 1)[1]: a for k, a in arrays.items() if k.startswith(f"log-{i}/")}
                    for i in range(int(spec["n"]))]
@@ -257,9 +245,7 @@ def serve(path: Path, owner: int | None = None) -> None:
     from asyncfl.logs import setup_logging
 
     setup_logging()
-    import asyncfl.node_worker as importable  # under `python -m` this module is `__main__`
-
-    importable.SERVING = True  # client state (error feedback) stays in this process's memory
+    node.SERVING = True  # client state (error feedback) stays in this process's memory
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the `finally` below
     path.unlink(missing_ok=True)
     with _Server(str(path), _Handler) as server:

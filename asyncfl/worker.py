@@ -30,14 +30,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from asyncfl.client_state import open_error_feedback
+from asyncfl.client_state import ClientShift, open_error_feedback
 from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.data import load_partition
 from asyncfl.model import build_model, load_trainable_state, resolve_device, trainable_state
-from asyncfl.node_worker import node_state_dir
-from asyncfl.strategies.downlink import UpdateLog
-from asyncfl.strategies.rules import ClientShift
+from asyncfl.node import node_state_dir
+from asyncfl.protocol import UpdateLog
 from asyncfl.train import train_local
 
 log = logging.getLogger("asyncfl")

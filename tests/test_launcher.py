@@ -42,7 +42,7 @@ def test_child_argv_is_what_flwr_clientapp_would_have_had():
     assert argv == ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9101", "--token", "***",
                     "--root-certificates", "/c/ca.crt", "--parent-pid", "42"]
     # asyncfl's ClientApp decides "deployment process" from argv[0], as for a real flwr-clientapp
-    from asyncfl.node_worker import in_deployment_process
+    from asyncfl.node import in_deployment_process
 
     saved = os.sys.argv
     try:

@@ -114,8 +114,8 @@ def test_remote_update_log_task_matches_in_process(remote):
 
     from asyncfl.compressors import get_compressor
     from asyncfl.config import AppConfig
+    from asyncfl.protocol import UpdateLog
     from asyncfl.transport import array_view
-    from asyncfl.worker import UpdateLog
 
     run_config, node = remote
     cfg = AppConfig.from_run_config(run_config)

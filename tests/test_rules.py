@@ -12,13 +12,13 @@ import statistics
 import pytest
 import torch
 
+from asyncfl.client_state import ClientShift
 from asyncfl.strategies import (
     ASGD,
     FADAS,
     RULES,
     SAGA,
     Applied,
-    ClientShift,
     DelayedNesterov,
     FedAsync,
     FedAvg,

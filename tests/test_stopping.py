@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from asyncfl.strategies import BoundStopRule
+from asyncfl.stopping import BoundStopRule
 
 # n = 1, mu = 0.5, rho_bar = 0  -> lambda = 1 - 0.5 = 0.5
 # L = 1, eta = 1, C = 0, D = 0.5 -> x = 4 * 1 * 0.5 / (0.5 * 8) = 0.5

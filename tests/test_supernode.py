@@ -12,7 +12,7 @@ import types
 import pytest
 
 from asyncfl import supernode
-from asyncfl.client_app import node_report
+from asyncfl.node import node_report
 from asyncfl.strategies.nodes import NodeInfo
 
 

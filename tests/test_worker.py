@@ -105,7 +105,7 @@ def test_a_repeat_of_the_same_version_trains_on_other_batches(make_cfg, tmp_path
 
 def test_update_log_rebuilds_the_weights_from_the_held_copy(make_cfg, tmp_path, monkeypatch):
     from asyncfl.compressors import get_compressor
-    from asyncfl.worker import UpdateLog
+    from asyncfl.protocol import UpdateLog
 
     monkeypatch.setenv("ASYNCFL_NODE_DIR", str(tmp_path))
     cfg = make_cfg(compressor="none")

@@ -1,4 +1,5 @@
-"""Async strategy: update rules, staleness weights, client selection, stopping rules."""
+"""Async strategy: update rules, staleness weights, client selection (the paper's bound
+stopping rule, which the config checks too, is `asyncfl.stopping`)."""
 
 from asyncfl.strategies.adaptive import FADAS, DelayedNesterov
 from asyncfl.strategies.registry import RULES, make_rule
@@ -6,7 +7,6 @@ from asyncfl.strategies.rules import (
     ASGD,
     SAGA,
     Applied,
-    ClientShift,
     FedAsync,
     FedAvg,
     FedBuff,
@@ -32,16 +32,14 @@ from asyncfl.strategies.staleness import (
     check_staleness,
     make_staleness_fn,
 )
-from asyncfl.strategies.stopping import BoundStopRule
 from asyncfl.strategies.variance import Page, SagaEstimator
 
 __all__ = [
-    "ASGD", "FADAS", "RULES", "SAGA", "Applied", "ClientShift", "DelayedNesterov", "FedAsync",
+    "ASGD", "FADAS", "RULES", "SAGA", "Applied", "DelayedNesterov", "FedAsync",
     "FedAvg", "FedBuff", "Page", "Rule", "SagaEstimator", "ServerMomentum", "Shifted",
     "fedavg_mean", "make_rule",
     "SELECTORS", "LossBiasedSelector", "SameSelector", "Selector", "UniformSelector",
     "make_selector",
     "STALENESS_KINDS", "ConstantStaleness", "HingeStaleness", "PolynomialStaleness",
     "StalenessFn", "check_staleness", "make_staleness_fn",
-    "BoundStopRule",
 ]

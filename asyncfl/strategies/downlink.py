@@ -25,23 +25,9 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord
 
+from asyncfl.protocol import UpdateLog
+
 LINEAR_RULES = ("asgd", "fedbuff")
-
-
-@dataclass
-class UpdateLog:
-    """The global weights of version `target` as the weights of `base` plus
-    sum_i coefs[i] * decode(records[i]): built here by the server, applied by the client's
-    worker (`asyncfl.worker.Worker.run_task`), which must hold the weights of `base`."""
-
-    base: int
-    coefs: list[float]
-    records: list  # payload ArrayRecords (server side) or their arrays (client side, unpacked)
-    target: int | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.count_bytes() for r in self.records)
 
 
 @dataclass

@@ -16,7 +16,8 @@ client got its copy.
   (Koloskova et al. 2022; Mishchenko et al. 2022).
 - ``shifted`` (seed notes, Alg. 2): the client sends ``D = C(delta - h_i)``; the server
   steps ``x <- x + gamma (h + D)`` with ``h = (1/n) sum_i h_i`` *before* updating the
-  shifts ``h_i += alpha D``, ``h += (alpha/n) D``. ``ClientShift`` is the client half.
+  shifts ``h_i += alpha D``, ``h += (alpha/n) D``. ``asyncfl.client_state.ClientShift`` is
+  the client half.
 - ``saga`` (seed notes, Alg. 5): latest update ``u_i`` per node;
   ``x <- x + gamma mean_i u_i``.
 - ``fedavg`` (sync mode): ``x <- x + server_lr * step(mean_i w_i delta_i)``, one step per
@@ -43,17 +44,18 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, overload
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from asyncfl.strategies.staleness import ConstantStaleness, check_staleness
+from asyncfl.tensors import State, Tensors
+from asyncfl.tensors import aligned as _aligned
+from asyncfl.tensors import check_real as _real
+from asyncfl.tensors import copy_state as _copy
 
-State = dict[str, Tensor]
 StalenessFn = Callable[[int], float]
-Tensors = Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,46 +66,12 @@ class Applied:
     stepped: bool  # whether x changed in this call
 
 
-def _aligned(ref: Tensors, other: Any, what: str) -> list[Tensor]:
-    """Validate ``other`` against ``ref``; its tensors in ref's order/device/dtype."""
-    if not ref:
-        raise ValueError("the global state is empty: no trainable tensors to update")
-    if not isinstance(other, Mapping):
-        kind = type(other).__name__
-        raise ValueError(f"{what} must be a dict of tensors, got {kind}")
-    missing = [k for k in ref if k not in other]
-    extra = [k for k in other if k not in ref]
-    if missing or extra:
-        raise ValueError(f"{what} keys differ from the global state: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
-    out = []
-    for k, r in ref.items():
-        t = other[k]
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{what}[{k!r}] must be a tensor, got {type(t).__name__}")
-        if t.shape != r.shape:
-            raise ValueError(f"{what}[{k!r}] has shape {tuple(t.shape)}, "
-                             f"the global tensor has {tuple(r.shape)}")
-        out.append(t.to(device=r.device, dtype=r.dtype))
-    return out
-
-
 def _lazy(table: State | None, x: State, what: str) -> tuple[State, list[Tensor]]:
     """A zero-initialised state table aligned with ``x`` (allocated on first use)."""
     if table is None:
         table = {k: torch.zeros_like(v) for k, v in x.items()}
     ts = _aligned(x, table, what)
     return dict(zip(x, ts)), ts
-
-
-def _real(name: str, value: Any, low: float, high: float, open_low: bool) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (low < value if open_low else low <= value)
-    if not ok or not value <= high:
-        interval = "(" if open_low else "["
-        interval += f"{low}, {high}" + ("]" if high < math.inf else ")")
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
-    return float(value)
 
 
 def _count(name: str, value: Any) -> int:
@@ -114,16 +82,6 @@ def _count(name: str, value: Any) -> int:
 
 def _lr(value: Any) -> float:
     return _real("server_lr", value, 0.0, math.inf, open_low=True)
-
-
-@overload
-def _copy(d: Tensors) -> State: ...
-@overload
-def _copy(d: None) -> None: ...
-@overload
-def _copy(d: Tensors | None) -> State | None: ...
-def _copy(d: Tensors | None) -> State | None:
-    return None if d is None else {k: v.detach().clone() for k, v in d.items()}
 
 
 def _momentum(value: Any) -> float:
@@ -334,8 +292,8 @@ class Shifted(Rule):
     """Compressed differences against per-node shifts h_i (seed notes, Algorithm 2).
 
     ``server_lr`` gamma > 0; ``shift_alpha`` alpha in [0, 1], equal to the clients'
-    ``ClientShift.shift_alpha`` (0: no shifts, identical to asgd, no state kept);
-    ``num_clients`` n >= 1 in ``h = (1/n) sum_i h_i``, counting nodes that have not
+    ``shift_alpha`` (``asyncfl.client_state.ClientShift``; 0: no shifts, identical to asgd,
+    no state kept); ``num_clients`` n >= 1 in ``h = (1/n) sum_i h_i``, counting nodes that have not
     reported yet (their h_i = 0). A node beyond n grows n by one and ``forget`` shrinks
     it, so h stays the mean over current members. Memory: (reporting nodes + 1) models.
     """
@@ -404,56 +362,6 @@ class Shifted(Rule):
         self.num_clients = int(d["num_clients"])
         self._h = _copy(d["h"])
         self._shifts = {int(i): _copy(t) for i, t in d["shifts"].items()}
-
-
-class ClientShift:
-    """Client half of ``shifted``: send ``C(residual(delta))``, then ``update(D)``.
-
-    ``update`` must get ``D = decode(encode(residual))``, the same lossy D the server
-    applies, so the client's h_i and the server's follow one recursion h_i += alpha D.
-    """
-
-    def __init__(self, shift_alpha: float) -> None:
-        self.shift_alpha = _real("shift_alpha", shift_alpha, 0.0, 1.0, open_low=False)
-        self.h: State | None = None  # h_i; None while it is zero
-
-    def residual(self, delta: Tensors) -> State:
-        """``delta - h_i`` as new tensors (``delta``'s tensors while h_i is zero)."""
-        if self.h is None:
-            return dict(delta)
-        hs = _aligned(delta, self.h, "client shift")
-        return {k: delta[k] - h for k, h in zip(delta, hs)}
-
-    def update(self, decoded: Tensors) -> None:
-        """``h_i += shift_alpha * decoded`` (kept in at least fp32)."""
-        if self.shift_alpha == 0.0:
-            return
-        if self.h is None:
-            self.h = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
-                      * self.shift_alpha for k, v in decoded.items()}
-            return
-        ds = _aligned(self.h, decoded, "decoded update")
-        with torch.no_grad():
-            torch._foreach_add_(list(self.h.values()), ds, alpha=self.shift_alpha)
-
-    def state_dict(self) -> State:
-        """``{name: h_i}``, empty while h_i is zero."""
-        return dict(self.h or {})
-
-    def load_state_dict(self, d: Tensors) -> None:
-        """Restore ``state_dict()`` output (copied)."""
-        self.h = _copy(d) if d else None
-
-    def save(self, path: str | Path) -> None:
-        """``torch.save`` the shift tensors (CPU) to node-local ``path``."""
-        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, path)
-
-    def load(self, path: str | Path, missing_ok: bool = False) -> bool:
-        """Load a ``save`` file (weights_only); False if absent and ``missing_ok``."""
-        if missing_ok and not Path(path).exists():
-            return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return True
 
 
 class SAGA(Rule):
