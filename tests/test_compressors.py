@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -19,6 +18,7 @@ from asyncfl.compressors import (
     get_compressor,
     should_compress,
 )
+from tests.conftest import npy_record_bytes
 
 # (compressor, row_select) pairs: every method and every CUR row rule
 METHODS = [("pca", None), ("qrcp", None), ("cur", "greedy"), ("cur", "pivoted"),
@@ -198,11 +198,7 @@ def test_record_round_trip_and_byte_counts(name, wire):
     # the reported size, recomputed from what arrived: each array as `np.save` writes it
     # (the .npy header and the raw data) plus its key, as `ArrayRecord.count_bytes` counts
     arrays = {k: received[k].numpy() for k in received.keys()}
-    serialized = 0
-    for k, a in arrays.items():
-        buf = io.BytesIO()
-        np.save(buf, a, allow_pickle=False)
-        serialized += len(buf.getvalue()) + len(k)
+    serialized = npy_record_bytes(arrays)
     assert metrics["bytes"] == serialized
     data = sum(a.nbytes for a in arrays.values())  # raw tensor bytes; headers add <= 128 B each
     assert data < metrics["bytes"] <= data + sum(128 + len(k) for k in arrays)

@@ -8,16 +8,13 @@ terminated, and the test waits until they are gone.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from asyncfl.demo import flwr_env, stop_processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -35,73 +32,19 @@ def offline_config(results: Path, **extra) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_time(pid: int) -> str | None:
-    """The start time of process `pid` (tells it from a later one given the same id), or None
-    once it has exited (a zombie counts as exited)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def processes_of(home: Path) -> dict[int, str]:
-    """pid -> start time of the live processes started with FLWR_HOME=`home` or naming it on
-    their command line: the local SuperLink `flwr run` leaves behind and everything it spawned."""
-    marker, path = f"FLWR_HOME={home}".encode(), str(home).encode()
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:  # gone meanwhile, or not ours
-            continue
-        if marker in environ or path in cmdline:
-            start = _start_time(int(proc.name))
-            if start is not None:
-                found[int(proc.name)] = start
-    return found
-
-
-def stop_processes_of(home: Path, grace_s: float = 30.0) -> None:
-    """SIGTERM every process of `home`, wait until each has exited; SIGKILL what is left after
-    `grace_s`; fail if anything survives that."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        procs = processes_of(home)
-        if not procs:
-            return
-        for pid, start in procs.items():
-            if _start_time(pid) == start:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while any(_start_time(pid) == start for pid, start in procs.items()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    left = processes_of(home)
-    assert not left, f"processes of FLWR_HOME={home} survived SIGKILL: {sorted(left)}"
-
-
 def flwr_run(tmp_path: Path, run_config: str, supernodes: int, timeout: int = 420) -> str:
     home = tmp_path / "flwr-home"
     # private FLWR_HOME and ports: never touch ~/.flwr or another run's local SuperLink
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "RAY_DEDUP_LOGS": "0"}
+    env = flwr_env(home, threads=0)  # asyncfl-demo's: no runtime installs, free SuperLink ports
     fed = f"num-supernodes={supernodes} client-resources-num-cpus=1 init-args-num-cpus={supernodes}"
     cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config, "--federation-config", fed]
     try:
         out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         return out.stdout + out.stderr
     finally:
-        stop_processes_of(home)  # no SuperLink (or app process) of this run outlives the test
+        # no SuperLink (or app process) of this run outlives the test
+        survivors = stop_processes_of(home, grace_s=30.0)
+        assert not survivors, f"processes of FLWR_HOME={home} survived SIGKILL: {survivors}"
 
 
 def read_run(results: Path, log: str) -> tuple[dict, list[dict]]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 import torch
 
 from asyncfl.compressors import decode_state
 from asyncfl.model import build_model, trainable_state
 from asyncfl.worker import Worker
+from tests.conftest import npy_record_bytes
 
 
 def fresh_global(cfg):
@@ -33,11 +31,7 @@ def test_task_reply_decodes_to_the_local_training_delta(make_cfg, tmp_path, monk
     # bytes: recomputed from the record's arrays as `np.save` writes them (.npy header + data),
     # each with its key; the tensor data alone is every trainable tensor in fp32 (lossless)
     arrays = {k: result.record[k].numpy() for k in result.record.keys()}
-    serialized = 0
-    for k, a in arrays.items():
-        buf = io.BytesIO()
-        np.save(buf, a, allow_pickle=False)
-        serialized += len(buf.getvalue()) + len(k)
+    serialized = npy_record_bytes(arrays)
     assert m["bytes"] == serialized
     assert sum(a.nbytes for k, a in arrays.items() if k != "__meta__") == 4 * sum(v.numel() for v in start.values())
 
