@@ -136,6 +136,7 @@ KEYS: tuple[Key, ...] = (
     Key("page-p", 0.5, "page: probability that a task is a fresh estimate (else the client trains twice and sends the difference)", in_range(0.01, 1.0), "server"),
     Key("dylu", False, "dynamic local updates (Liu et al. 2024): each task's local steps scaled by the node's measured speed relative to the fastest node (`local-steps` for the fastest), so every node's task takes about as long", group="server"),
     Key("delay-adaptive", False, "asgd: shrink the step by concurrency/staleness when staleness > concurrency", group="server"),
+    Key("balance", False, "asgd: weight each node's updates by the mean node rate over its own (rate = 1 / measured task time, factor clipped to [1/n, n]), so every node's data counts equally however often it reports (Fraboni et al. 2023); a node counts 1 until a task after its first is timed", group="server"),
     Key("shift-alpha", 0.5, "shifted: h_i <- h_i + shift-alpha * decoded", in_range(0.0, 1.0), "server"),
     Key("max-staleness", 0, "drop (and log) updates staler than this (0 = keep all)", _NONNEG, "server"),
     Key("selection", "same", "who gets the next task: \"same\" | \"uniform\" (idle nodes) | \"loss-biased\" | \"time-aware\" (q favours nodes with short measured task times: the paper's sec. 2.1 objective, expected wall-clock per update, under q_i > 0)", one_of("same", "uniform", "loss-biased", "time-aware"), "server"),
@@ -250,6 +251,11 @@ class AppConfig(_make_config_class()):  # type: ignore[misc]
                 f"run config key `prefetch` = \"on\" keeps each working node busy, which defeats "
                 f"`selection` = \"{self.selection}\" under a `concurrency` cap of {self.concurrency}: "
                 "use selection \"same\", concurrency 0, or prefetch \"off\" / \"auto\""
+            )
+        if self.balance and (self.mode, self.rule) != ("async", "asgd"):
+            raise ConfigError(
+                f"run config key `balance` = true weights asgd's steps per node; it needs mode "
+                f"\"async\" and rule \"asgd\", got mode \"{self.mode}\" rule \"{self.rule}\""
             )
         if self.eval_stride > self.block_size:
             raise ConfigError(

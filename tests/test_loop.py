@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from asyncfl.compressors import decode_state, get_compressor
-from asyncfl.config import AppConfig
+from asyncfl.config import AppConfig, ConfigError
 from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
 from asyncfl.strategies.loop import WARMUP_MESSAGE_TYPE, AsyncFLStrategy
@@ -704,6 +704,58 @@ def test_fedbuff_with_k_all_clients_at_staleness_0_equals_fedavg(tmp_path, momen
     for k in X0:
         torch.testing.assert_close(fb.x[k], avg.x[k], rtol=1e-6, atol=1e-7)
     assert not torch.equal(fb.x["w"], X0["w"])
+
+
+def replay_weighted(updates: list[dict]) -> dict[str, torch.Tensor]:
+    """x_{v+1} = x_v + w_v * delta(node, x_{version sent}), with each update's logged weight."""
+    xs = [{k: v.clone() for k, v in X0.items()}]
+    for u in updates:
+        base = xs[u["version"] - 1 - u["staleness"]]
+        d = client_delta(u["node"], base)
+        xs.append({k: xs[-1][k] + u["weight"] * d[k] for k in X0})
+    return xs[-1]
+
+
+def test_balance_evens_out_each_nodes_share_of_the_steps(tmp_path):
+    def run(path, balance):
+        state = make_state(path, rule="asgd", balance=balance, **{"server-lr": 0.2, "max-updates": 24})
+        grid = FakeGrid({1: 1, 2: 2, 3: 4})
+        clock, pull = [0.0], grid.pull_messages
+
+        def ticking_pull(ids):  # one second of run clock per look at the grid: task times = ticks
+            clock[0] += 1.0
+            return pull(ids)
+
+        grid.pull_messages = ticking_pull
+        state.recorder._clock = lambda: clock[0]
+        AsyncFLStrategy(state).start(grid)
+        return state, events(path, "update")
+
+    state, ups = run(tmp_path / "on", True)
+    # what was applied is what the events say: the state replays from the logged weights
+    expected = replay_weighted(ups)
+    for k in X0:
+        torch.testing.assert_close(state.x[k], expected[k])
+    # once every node has a task time, the slower a node the larger its step
+    measured = next(i for i, u in enumerate(ups) if u["node"] == 3) + 1
+    late = {u["node"]: u["weight"] for u in ups[measured:]}
+    assert late[1] < 0.2 < late[3] and late[1] < late[2] < late[3]
+    # each node's summed step is far more even than without balancing
+    _, plain = run(tmp_path / "off", False)
+    assert all(u["weight"] == 0.2 for u in plain)
+
+    def spread(updates):
+        total = {n: sum(u["weight"] for u in updates if u["node"] == n) for n in (1, 2, 3)}
+        return max(total.values()) / min(total.values())
+
+    assert spread(plain) > 3.0 and spread(ups) < 0.6 * spread(plain)
+
+
+def test_balance_is_only_for_asgd():
+    with pytest.raises(ConfigError, match="`balance`.*rule \"asgd\".*rule \"fedbuff\""):
+        AppConfig.from_run_config({"rule": "fedbuff", "balance": True})
+    with pytest.raises(ConfigError, match="`balance`.*mode \"sync\""):
+        AppConfig.from_run_config({"mode": "sync", "balance": True})
 
 
 def test_dylu_gives_each_node_steps_in_proportion_to_its_speed(tmp_path):

@@ -192,6 +192,30 @@ def test_asgd_plain_and_delay_adaptive_steps():
     assert applied.weight == 0.125
 
 
+def test_balance_scales_hand_computed_and_asgd_node_scale():
+    from asyncfl.strategies.rules import balance_scales
+
+    # task times 1, 1, 2, 4 s: rates 1, 1, 0.5, 0.25, mean 0.6875 -> factors mean / rate
+    scales = balance_scales({10: 1.0, 11: 1.0, 12: 2.0, 13: 4.0}, limit=4)
+    assert scales == pytest.approx({10: 0.6875, 11: 0.6875, 12: 1.375, 13: 2.75})
+    # every node's updates per second x factor is the same: its data counts equally,
+    # and the total step per second is unchanged
+    rates = {10: 1.0, 11: 1.0, 12: 0.5, 13: 0.25}
+    assert {n: rates[n] * f for n, f in scales.items()} == pytest.approx({n: 0.6875 for n in rates})
+    assert sum(rates[n] * f for n, f in scales.items()) == pytest.approx(sum(rates.values()))
+    # clipped to [1/limit, limit]; nodes without a usable time get no factor
+    # (rates 1 and 0.01, mean 0.505: node 2's 50.5 is clipped to 2)
+    assert balance_scales({1: 1.0, 2: 100.0}, limit=2) == pytest.approx({1: 0.505, 2: 2.0})
+    assert balance_scales({1: 0.0, 2: float("nan")}, limit=4) == {}
+    # ASGD multiplies its step (after the delay-adaptive shrink) by the node's factor
+    rule = ASGD(server_lr=0.5, delay_adaptive=True, concurrency=2)
+    rule.node_scale = {7: 2.0}
+    assert rule.step_size(4, node=7) == 0.5 * (2 / 4) * 2.0 and rule.step_size(4, node=8) == 0.25
+    x = state(w=t(1))
+    assert rule.apply(x, {"w": t(2)}, staleness=1, node=7).weight == 1.0
+    assert_state(x, w=t(3))
+
+
 # ---------------------------------------------------------------------------------------------
 # shifted (Algorithm 2) and ClientShift
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
 from asyncfl.strategies.nodes import NodeInfo, Reply, Task
+from asyncfl.strategies.rules import ASGD, balance_scales
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState
 from asyncfl.strategies.timing import PhaseTimer
 from asyncfl.transport import TransportError, arrays_of, is_packed, pack
@@ -287,6 +288,8 @@ class AsyncFLStrategy(Strategy):
             self.snapshots.setdefault(self.s.version, {k: v.clone() for k, v in self.s.x.items()})
         base = self.snapshots.get(task.version)
         version_before = self.s.version
+        if self.cfg.balance and isinstance(self.s.rule, ASGD):
+            self.s.rule.node_scale = self._balance_scales()
         applied = self.s.rule.apply(self.s.x, reply.update, staleness=staleness, node=task.node,
                                     base=base, info=reply.metrics)
         if self.downlink is not None:
@@ -450,6 +453,12 @@ class AsyncFLStrategy(Strategy):
                 content[f"log-{i}"] = record
         content["config"] = ConfigRecord(config)
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
+
+    def _balance_scales(self) -> dict[int, float]:
+        """`balance`: each live node's step factor from its measured task time."""
+        alive = [n for n, i in self.nodes.items() if not i.retired]
+        times = {n: t for n in alive if (t := self.nodes[n].task_time()) is not None}
+        return balance_scales(times, limit=max(len(alive), 1))
 
     def _dylu_steps(self, node: int) -> int:
         """DyLU (Liu et al. 2024, sec. 4.2): local steps in proportion to the node's speed,

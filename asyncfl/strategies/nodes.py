@@ -37,6 +37,7 @@ class NodeInfo:
     inflight: int = 0  # tasks pushed and not answered: 1 running, + 1 queued with prefetch
     free_at: float | None = None  # clock time of its last reply (it started the next task then)
     services: list[float] = field(default_factory=list)  # its last task service times
+    steady: list[float] = field(default_factory=list)  # the same, its first task left out
     first_service: float | None = None  # the estimate its first task gave (see `replied`)
     last_version: int | None = None  # version of the last task pushed to it
     repeat: int = 0  # tasks of that same version pushed before it
@@ -82,6 +83,8 @@ class NodeInfo:
             if self.first_service is None:
                 self.first_service = service
             self.services = [*self.services[-2:], service]
+            if not first:
+                self.steady = [*self.steady[-2:], service]
         self.free_at = now
 
     def expected_service(self) -> float | None:
@@ -89,6 +92,11 @@ class NodeInfo:
         holds the SuperNode's idle poll, so averages run long; and a late push costs that
         whole poll again, while an early one costs only a little staleness."""
         return min(self.services) if self.services else None
+
+    def task_time(self) -> float | None:
+        """How long its tasks take, for its update rate: the mean of its last three service
+        times after the first (whose estimate is only a lower bound); None before that."""
+        return sum(self.steady) / len(self.steady) if self.steady else None
 
     def next_task_due(self, running: Task, now: float, lead: float,
                       peer_first: float | None = None) -> bool:

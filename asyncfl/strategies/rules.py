@@ -255,6 +255,8 @@ class ASGD(Rule):
     ``server_lr`` gamma > 0. With ``delay_adaptive``,
     ``gamma_t = gamma * concurrency / tau`` for tau > ``concurrency`` (tau_C >= 1, the
     jobs in flight: a public attribute the loop may update as nodes come and go).
+    ``node_scale`` (node -> factor, default 1; the loop fills it with `balance` on, see
+    ``balance_scales``) multiplies the step of that node's updates.
     """
 
     name = "asgd"
@@ -265,18 +267,20 @@ class ASGD(Rule):
         self.delay_adaptive = bool(delay_adaptive)
         self.concurrency = _count("concurrency", concurrency)
         self.opt = ServerMomentum(momentum, nesterov)  # on every update (Liu et al.: hurts)
+        self.node_scale: dict[int, float] = {}
 
-    def step_size(self, staleness: int) -> float:
-        """gamma_t for an update of this staleness."""
+    def step_size(self, staleness: int, node: int | None = None) -> float:
+        """gamma_t for an update of this staleness (from this node)."""
         tau = check_staleness(staleness)
+        gamma = self.server_lr
         if self.delay_adaptive and tau > self.concurrency:
-            return self.server_lr * min(1.0, self.concurrency / tau)
-        return self.server_lr
+            gamma *= min(1.0, self.concurrency / tau)
+        return gamma * self.node_scale.get(node, 1.0) if node is not None else gamma
 
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
               base: Tensors | None = None,
               info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
-        gamma = self.step_size(staleness)
+        gamma = self.step_size(staleness, node)
         us = _aligned(x, update, "update")
         self.opt.step(x, us, gamma)
         return Applied(gamma, True)
@@ -286,6 +290,26 @@ class ASGD(Rule):
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
         self.opt.load_state_dict(d)
+
+
+def balance_scales(service_s: Mapping[int, float], limit: float) -> dict[int, float]:
+    """Step factors that make every node's data count equally however often it reports.
+
+    Applied on arrival, node i's updates add up in proportion to its rate r_i = 1 / s_i (s_i
+    its task time), so the model leans on the fast nodes' data; with IID shards that is
+    fewer distinct examples, which overfits sooner. Fraboni et al. 2023 (JMLR 24(110), "A
+    General Theory for Federated Optimization with Asynchronous and Heterogeneous Clients
+    Updates") show the fixed point is the federated optimum only when each client's
+    expected aggregation weight is its data share; weighting node i's updates by
+    ``mean_j r_j / r_i`` does that and keeps the total step per unit time (sum_i r_i x
+    factor_i) what it was. Factors are clipped to [1/limit, limit]; nodes without a
+    (positive) task time are left out and get 1."""
+    rates = {n: 1.0 / s for n, s in service_s.items() if s > 0 and math.isfinite(s)}
+    if not rates:
+        return {}
+    mean = sum(rates.values()) / len(rates)
+    lo, hi = 1.0 / limit, limit
+    return {n: min(hi, max(lo, mean / r)) for n, r in rates.items()}
 
 
 class Shifted(Rule):
