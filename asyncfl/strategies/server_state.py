@@ -41,14 +41,14 @@ class ServerState:
     rule_factory: Callable[[int], Any]  # num_clients -> rule (built once nodes are known)
     selector: Any
     recorder: Any
-    evaluate_fn: Callable[[], dict[str, float]]
+    evaluate_fn: Callable[[], dict[str, Any]]
     run_key: str  # names node-local client state (shifts) for this run
     run_dir: Path
     num_clients: int = 0
     version: int = 0  # number of changes of x
     updates: int = 0  # accepted client updates
     rounds: int = 0  # sync rounds completed
-    last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, Any] = field(default_factory=dict)
     initial_loss: float | None = None
     delta_g: float | None = None  # running mean of clients' mean reconstruction error
     bound: Any = None
@@ -131,17 +131,25 @@ class ServerState:
         return None
 
     # ---- evaluation --------------------------------------------------------------------------
-    def evaluate_and_log(self, elapsed: float, round_: int) -> dict[str, float]:
+    def evaluate_and_log(self, elapsed: float, round_: int) -> dict[str, Any]:
+        """Evaluate now, log it and return the metrics. The app's evaluator gives loss, ppl,
+        top1 and top5; a Flower user's `evaluate_fn` (`asyncfl.strategies.api`) may give any
+        other metrics, logged as they are."""
         metrics = self.evaluate_fn()
         self.last_eval = metrics
         self._last_eval_at = (self.version, self.updates)
-        if self.initial_loss is None:
+        if self.initial_loss is None and "loss" in metrics:
             self.initial_loss = metrics["loss"]
-        if self.bound is None and self.cfg.stop_rule == "bound":
+        if self.bound is None and self.cfg.stop_rule == "bound" and self.initial_loss is not None:
             self.bound = self.cfg.bound_rule(self.num_clients or 1, a1=self.initial_loss)
-        self.recorder.log_eval(version=self.version, round=round_, updates=self.updates, **metrics)
-        log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  loss=%.4f ppl=%.2f top1=%.3f",
-                 self.version, self.updates, elapsed, metrics["loss"], metrics["ppl"], metrics["top1"])
+        fields = {k: v for k, v in metrics.items() if k not in ("version", "round", "updates")}
+        self.recorder.log_eval(version=self.version, round=round_, updates=self.updates, **fields)
+        if all(k in metrics for k in ("loss", "ppl", "top1")):
+            log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  loss=%.4f ppl=%.2f top1=%.3f",
+                     self.version, self.updates, elapsed, metrics["loss"], metrics["ppl"], metrics["top1"])
+        else:
+            log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  %s", self.version, self.updates, elapsed,
+                     " ".join(f"{k}={v}" for k, v in metrics.items()))
         return metrics
 
     def evaluate_if_due(self, elapsed: float, per_round: bool = False) -> None:
@@ -150,7 +158,7 @@ class ServerState:
         if count % every == 0 and self._last_eval_at != (self.version, self.updates):
             self.evaluate_and_log(elapsed, round_=self.rounds)
 
-    def ensure_final_eval(self, elapsed: float) -> dict[str, float]:
+    def ensure_final_eval(self, elapsed: float) -> dict[str, Any]:
         """Evaluate the model as it is now, unless the last evaluation saw this very state:
         the final figures describe the saved model (a flushed FedBuff buffer is a new version
         with no new update)."""
