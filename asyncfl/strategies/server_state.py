@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from asyncfl.config import AppConfig
+from asyncfl.strategies.history import History
 
 log = logging.getLogger("asyncfl")
 
@@ -55,6 +56,7 @@ class ServerState:
     rule: Any = None
     resume: dict[str, Any] | None = None  # checkpoint to restore once nodes are known
     final_reason: str = ""
+    history: History = field(default_factory=History)  # what Strategy.start's Result reports
     _last_eval_at: tuple[int, int] = (-1, -1)  # (version, updates) the last eval saw
 
     def prepare(self, num_clients: int) -> None:
@@ -76,9 +78,15 @@ class ServerState:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @property
+    def server_round(self) -> int:
+        """Flower's round number for this run: completed rounds (sync) or the version (async)."""
+        return self.rounds if self.cfg.mode == "sync" else self.version
+
     def flush_rule(self) -> None:
         if self.rule.flush(self.x).stepped:  # a partly filled FedBuff buffer
             self.version += 1
+            self.history.close_step(self.version)
 
     # ---- budget ------------------------------------------------------------------------------
     @property
@@ -124,7 +132,7 @@ class ServerState:
         if cfg.target_ppl and ppl is not None and ppl <= cfg.target_ppl:
             return f"target-ppl {cfg.target_ppl:g} reached (ppl {ppl:.2f})"
         if self.bound is not None and self.delta_g is not None:
-            clock = self.rounds if cfg.mode == "sync" else self.version
+            clock = self.server_round
             if self.bound.should_stop(clock, self.delta_g):
                 t_star = self.bound.threshold(self.delta_g)
                 return f"bound stop rule: t={clock} >= t*={t_star:.1f} (delta_g={self.delta_g:.4g})"
@@ -134,10 +142,14 @@ class ServerState:
     def evaluate_and_log(self, elapsed: float, round_: int) -> dict[str, Any]:
         """Evaluate now, log it and return the metrics. The app's evaluator gives loss, ppl,
         top1 and top5; a Flower user's `evaluate_fn` (`asyncfl.strategies.api`) may give any
-        other metrics, logged as they are."""
+        other metrics, logged as they are. No metrics at all (a strategy with no evaluator):
+        nothing is logged."""
         metrics = self.evaluate_fn()
         self.last_eval = metrics
         self._last_eval_at = (self.version, self.updates)
+        if not metrics:
+            return metrics
+        self.history.add_evaluation(self.server_round, metrics)
         if self.initial_loss is None and "loss" in metrics:
             self.initial_loss = metrics["loss"]
         if self.bound is None and self.cfg.stop_rule == "bound" and self.initial_loss is not None:
@@ -169,10 +181,12 @@ class ServerState:
     # ---- one accepted update -----------------------------------------------------------------
     def after_update(self, reply: Any, staleness: int, weight: float, stepped: bool,
                      decode_apply_s: float, elapsed: float, bump_version: bool = True) -> None:
-        if stepped and bump_version:
-            self.version += 1
-        self.updates += 1
         m = reply.metrics
+        self.history.add_update(m)
+        if stepped and bump_version:  # async: x moved (sync: the loop closes its rounds)
+            self.version += 1
+            self.history.close_step(self.version)
+        self.updates += 1
         fro = m.get("fro-error")
         if fro is not None and math.isfinite(float(fro)):
             n = min(self.updates, max(self.num_clients, 1))  # running mean over ~one sweep
