@@ -95,7 +95,10 @@ def own_tensors(state: Tensors, device: torch.device) -> dict[str, torch.Tensor]
     items = arrays_of(state) if isinstance(state, ArrayRecord) else state
     out = {}
     for name, value in items.items():
-        tensor = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value.detach().clone()
+        if isinstance(value, np.ndarray):
+            tensor = torch.from_numpy(np.array(value))  # a writable copy
+        else:
+            tensor = torch.as_tensor(value).detach().clone()
         out[name] = tensor.to(device)
     if not out:
         raise ValueError("the model state is empty: give the trainable tensors that travel")
