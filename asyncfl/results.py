@@ -273,7 +273,7 @@ class RunRecorder:
         return self._log("drop", {"node": node, "partition": partition, "staleness": staleness,
                                   "reason": reason, **extra})
 
-    def log_eval(self, *, version: int, loss: float, ppl: float,
+    def log_eval(self, *, version: int, loss: float | None = None, ppl: float | None = None,
                  round: int | None = None,  # noqa: A002 - the name the server loop uses
                  top1: float | None = None, top5: float | None = None,
                  **extra: Any) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -14,20 +12,13 @@ from asyncfl.data import load_eval_blocks, load_eval_stream, resolve_train_split
 from asyncfl.logs import setup_logging
 from asyncfl.model import build_model, build_tokenizer, resolve_device, save_model, trainable_state
 from asyncfl.results import RunRecorder
-from asyncfl.strategies.build import build_rule, build_selector
+from asyncfl.strategies.build import build_rule, build_selector, run_dir_for
 from asyncfl.strategies.loop import AsyncFLStrategy
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState, load_checkpoint
 from asyncfl.train import evaluate, evaluate_strided
 
 app = ServerApp()
 log = logging.getLogger("asyncfl")
-
-
-def run_dir_for(cfg: AppConfig) -> Path:
-    if cfg.resume_from and not cfg.run_name:
-        return Path(cfg.resume_from).resolve().parent  # continue the checkpoint's run
-    name = cfg.run_name or f"{cfg.mode}-{cfg.rule}-{cfg.compressor}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.results_dir) / name
 
 
 @app.main()
@@ -82,17 +73,12 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
         run_key=run_dir.name, run_dir=run_dir, resume=ckpt,
     )
     strategy = AsyncFLStrategy(state, clock=clock)
-    strategy.start(grid)
-    # final evaluation (of the model as saved), model and results
-    state.ensure_final_eval(strategy.elapsed())
+    strategy.start(grid)  # ends with the final evaluation, of the model as saved
     if cfg.checkpoint_every:
         Checkpointer(state).save(state)
     if cfg.save_model:
         save_model(model, tokenizer, run_dir / "model")
-    summary = recorder.finish(stop_reason=state.final_reason, extra={
-        "version": state.version, "rounds": state.rounds, "prefetched_tasks": strategy.prefetched,
-        "log_tasks": strategy.log_tasks, "packed_replies": strategy.packed_replies,
-        "warmup_s": strategy.warmup_s, "server_time_s": strategy.timer.summary()})
+    summary = recorder.finish(stop_reason=state.final_reason, extra=strategy.run_extras())
     log.info("asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s", state.final_reason,
              summary.get("initial_eval_ppl") or float("nan"), summary.get("final_eval_ppl") or float("nan"),
              summary.get("wall_clock_s") or 0.0, run_dir)

@@ -1,7 +1,9 @@
 """Async strategy: update rules, staleness weights, client selection (the paper's bound
-stopping rule, which the config checks too, is `asyncfl.stopping`)."""
+stopping rule, which the config checks too, is `asyncfl.stopping`), and the server loop as a
+Flower strategy for your own ServerApp (`AsyncStrategy`, `SyncFedAvg`: `asyncfl.strategies.api`)."""
 
 from asyncfl.strategies.adaptive import FADAS, DelayedNesterov
+from asyncfl.strategies.api import AsyncStrategy, SyncFedAvg
 from asyncfl.strategies.registry import RULES, make_rule
 from asyncfl.strategies.rules import (
     ASGD,
@@ -35,6 +37,7 @@ from asyncfl.strategies.staleness import (
 from asyncfl.strategies.variance import Page, SagaEstimator
 
 __all__ = [
+    "AsyncStrategy", "SyncFedAvg",
     "ASGD", "FADAS", "RULES", "SAGA", "Applied", "DelayedNesterov", "FedAsync",
     "FedAvg", "FedBuff", "Page", "Rule", "SagaEstimator", "ServerMomentum", "Shifted",
     "fedavg_mean", "make_rule",

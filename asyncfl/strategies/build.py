@@ -1,6 +1,9 @@
-"""Build the rule and the selector named in the run config."""
+"""Build the rule, the selector and the run folder named in the run config."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 from asyncfl.config import AppConfig
 from asyncfl.strategies.registry import make_rule
@@ -59,3 +62,12 @@ def build_selector(cfg: AppConfig) -> Selector:
     if cfg.selection == "time-aware":
         return make_selector("time-aware", floor=cfg.selection_floor, power=cfg.selection_power)
     return make_selector(cfg.selection)
+
+
+def run_dir_for(cfg: AppConfig) -> Path:
+    """`<results-dir>/<run-name>` (default name `<mode>-<rule>-<compressor>-<time>`); resuming
+    without a `run-name`, the checkpoint's own run folder."""
+    if cfg.resume_from and not cfg.run_name:
+        return Path(cfg.resume_from).resolve().parent  # continue the checkpoint's run
+    name = cfg.run_name or f"{cfg.mode}-{cfg.rule}-{cfg.compressor}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.results_dir) / name

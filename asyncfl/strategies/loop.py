@@ -1,6 +1,9 @@
 """The server loop: a Flower Strategy that applies each client update the moment it arrives.
 
-`AsyncFLStrategy.start()` owns the loop (Flower's round-based `start()` is replaced):
+`AsyncFLStrategy.start()` owns the loop (Flower's round-based `start()` is replaced, with its
+signature and contract kept: initial arrays, num_rounds, timeout, train_config, evaluate_fn, and
+a `Result` with the final arrays and the metric histories; `asyncfl.strategies.api` builds one
+for a Flower user's own ServerApp):
 
 * async mode -- every reply is decoded, weighted by its staleness (global versions applied
   since the task was sent) and applied through the rule at once; the selection policy then
@@ -34,17 +37,19 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from asyncfl.compressors import PayloadError, decode_state
+from asyncfl.config import AppConfig
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
+from asyncfl.strategies.history import checked_arrays, copy_into, global_arrays
 from asyncfl.strategies.nodes import NodeInfo, Reply, Task
 from asyncfl.strategies.rules import ASGD, balance_scales
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState
@@ -56,6 +61,22 @@ log = logging.getLogger("asyncfl")
 WARMUP_MESSAGE_TYPE = "query.warmup"  # answered by the ClientApp's @app.query("warmup")
 _RETIRE_AT_ONCE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
 _FP16_MAX = 65504.0
+# the entries of a training task's config the loop sets itself (a train_config may not)
+TASK_CONFIG_KEYS = ("version", "repeat", "run-key", "rule", "downlink", "pack", "local-steps",
+                    "base-version", "log-coefs", "log-n")
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]  # Flower's centralized evaluation
+
+
+def _checked_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A `train_config` as the entries to add to every task's config; ValueError for a key the
+    loop sets itself, flwr's TypeError for a value a ConfigRecord cannot hold."""
+    entries = dict(config or {})
+    clash = sorted(set(entries) & set(TASK_CONFIG_KEYS))
+    if clash:
+        raise ValueError(f"train_config key(s) {', '.join(clash)} are set by the strategy in every "
+                         f"task; use other names (reserved: {', '.join(TASK_CONFIG_KEYS)})")
+    ConfigRecord(entries)  # its type check, now rather than at the first task
+    return entries
 
 
 def _for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -111,6 +132,7 @@ class AsyncFLStrategy(Strategy):
         self.pack = False  # decided in start(): arrays travel as one packed Array per record
         self.packed_replies = 0  # replies whose payload came packed
         self.timer = PhaseTimer()  # where the server's time goes (pull, decode, apply, eval, ...)
+        self.train_config: dict[str, Any] = {}  # start()'s train_config: added to every task's config
 
     # ----------------------------------------------------------------------------------------
     # Flower Strategy interface (round-based hooks; our start() drives everything itself)
@@ -139,21 +161,98 @@ class AsyncFLStrategy(Strategy):
             c.concurrency or "all nodes",
         )
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, *args, **kwargs) -> Result:
-        """Run the whole training; returns a Flower `Result` with the final arrays."""
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | Mapping[str, Any] | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Run the whole training (Flower's `Strategy.start`); returns a Flower `Result`.
+
+        Every argument but `grid` is optional, and left out it changes nothing: the run is the
+        one its config describes (this is how `asyncfl.server_app` calls it).
+
+        Parameters
+        ----------
+        grid : Grid
+            The Flower grid the tasks go through.
+        initial_arrays : ArrayRecord, optional
+            The weights training starts from, copied into the global state before anything is
+            sent (each tensor keeps its device and dtype). Its keys and shapes must be exactly
+            those of the trainable tensors (`ValueError` naming the first key that differs,
+            with the expected and received shapes; nothing is changed then). None: the state's
+            own weights. A checkpoint being resumed (`resume-from`) is restored after this, once
+            the nodes are known, and wins.
+        num_rounds : int, optional
+            The config's `num-rounds` for this run (None: keep it), with its meaning unchanged:
+            sync mode stops after that many rounds; async mode, unless `max-updates` is set,
+            after `num_rounds` x nodes applied updates. With `time-budget-s` or `target-ppl`
+            set, those stop the run and `num_rounds` does not.
+        timeout : float, optional
+            The config's `task-ttl-s` for this run (None: keep it): how long a task may wait for
+            its reply; an expired task comes back as an error and the node gets a new one (or
+            is retired after `max-node-failures` errors in a row).
+        train_config : ConfigRecord or dict, optional
+            Entries added to the config of every training task. A key the loop itself sets
+            (`TASK_CONFIG_KEYS`) is a `ValueError`.
+        evaluate_config : ConfigRecord, optional
+            Accepted for Flower's signature; there is no client-side evaluation (evaluation is
+            centralized), so a non-empty one is ignored with a warning.
+        evaluate_fn : callable (server_round, arrays) -> MetricRecord | None, optional
+            Flower's centralized evaluation, called at every evaluation point: at the start,
+            every `eval-every` rounds (sync) or applied updates (async), and at the end (after
+            a partly filled buffer is applied). `server_round` is the completed rounds (sync)
+            or the global version (async); `arrays` the global trainable tensors then. It runs
+            in addition to the state's own evaluator (the app's perplexity evaluation; none in
+            a strategy built by `asyncfl.strategies.api`): both sets of metrics form one
+            evaluation, and on a name both return `evaluate_fn`'s value is kept, so its
+            `loss` / `ppl` drive `target-ppl` and `stop-rule` as the app's would.
+
+        Returns
+        -------
+        Result
+            `arrays`: the final global trainable tensors; `train_metrics_clientapp`: per round
+            (sync) or version (async), the clients' metrics of the updates that made it,
+            averaged weighted by `num-examples` (`history.aggregate_train`);
+            `evaluate_metrics_serverapp`: every evaluation, by round (sync) or version (async);
+            `evaluate_metrics_clientapp`: empty.
+        """
+        self._use_start_arguments(initial_arrays, num_rounds, timeout, train_config, evaluate_config)
         self.summary()
         self.prefetch = self._prefetch_wanted(grid)
         self.pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and _in_deployment(grid))
         if self.pack:
             log.info("asyncfl: arrays packed: each record travels as one Flower Array")
         self.downlink = self._downlink_wanted(grid)
-        evaluate = self.s.evaluate_fn
+        own_evaluate = self.s.evaluate_fn
+        evaluate = self._with_user_evaluation(own_evaluate, evaluate_fn)
 
-        def timed_evaluate() -> dict[str, float]:
+        def timed_evaluate() -> dict[str, Any]:
             with self.timer.phase("eval"):
                 return evaluate()
 
         self.s.evaluate_fn = timed_evaluate
+        try:
+            self.s.final_reason = self._train(grid)
+            if self.prefetch:
+                log.info("asyncfl: %d task(s) were queued ahead (prefetch)", self.prefetched)
+            if self.downlink is not None:
+                log.info("asyncfl: %d task(s) were sent as an update log", self.log_tasks)
+            log.info("asyncfl: server time over %.1f s: %s", self.elapsed(), self.timer.describe(self.elapsed()))
+            # the final evaluation, of the model as it ends, outside the server's phase timer
+            self.s.evaluate_fn = evaluate
+            self.s.ensure_final_eval(self.elapsed())
+        finally:
+            self.s.evaluate_fn = own_evaluate
+        return self.s.history.result(global_arrays(self.s.x))
+
+    def _train(self, grid: Grid) -> str:
+        """Wait for the nodes, warm them up, evaluate, train until a stop condition, and apply
+        a partly filled buffer; returns why it stopped."""
         reason = "finished"
         try:
             self._wait_for_nodes(grid)
@@ -170,14 +269,57 @@ class AsyncFLStrategy(Strategy):
             reason = "interrupted"
             log.warning("asyncfl: interrupted; writing results before exit")
         self.s.flush_rule()
-        self.s.final_reason = reason
-        if self.prefetch:
-            log.info("asyncfl: %d task(s) were queued ahead (prefetch)", self.prefetched)
-        if self.downlink is not None:
-            log.info("asyncfl: %d task(s) were sent as an update log", self.log_tasks)
-        self.s.evaluate_fn = evaluate
-        log.info("asyncfl: server time over %.1f s: %s", self.elapsed(), self.timer.describe(self.elapsed()))
-        return Result(arrays=ArrayRecord({k: v.detach().cpu() for k, v in self.s.x.items()}))
+        return reason
+
+    def run_extras(self) -> dict[str, Any]:
+        """What the loop adds to summary.json (`extra`): counters and the server's time."""
+        return {"version": self.s.version, "rounds": self.s.rounds, "prefetched_tasks": self.prefetched,
+                "log_tasks": self.log_tasks, "packed_replies": self.packed_replies,
+                "warmup_s": self.warmup_s, "server_time_s": self.timer.summary()}
+
+    # ----------------------------------------------------------------------------------------
+    # Strategy.start's optional arguments
+    # ----------------------------------------------------------------------------------------
+    def _use_start_arguments(self, initial_arrays: ArrayRecord | None, num_rounds: int | None,
+                             timeout: float | None, train_config: Mapping[str, Any] | None,
+                             evaluate_config: Mapping[str, Any] | None) -> None:
+        """Check every argument first, then apply them (an error changes nothing)."""
+        arrays = checked_arrays(initial_arrays, self.s.x) if initial_arrays is not None else None
+        changes: dict[str, Any] = {}
+        if num_rounds is not None:
+            changes["num-rounds"] = num_rounds
+        if timeout is not None:
+            changes["task-ttl-s"] = timeout
+        cfg = AppConfig.from_run_config({**self.cfg.to_dict(), **changes}) if changes else self.cfg
+        task_config = _checked_train_config(train_config)
+        if evaluate_config:
+            log.warning("asyncfl: evaluate_config ignored: evaluation is centralized (evaluate_fn), "
+                        "no evaluation tasks are sent")
+        if arrays is not None:
+            copy_into(self.s.x, arrays)
+            self._record_cache = None
+            log.info("asyncfl: training starts from the %d initial arrays given", len(arrays))
+        if changes:
+            self.cfg = self.s.cfg = cfg
+            self.s.recorder.config = cfg.to_dict()  # summary.json: the config that ran
+            self.s.recorder.log_event("start_arguments", **changes)
+        self.train_config = task_config
+
+    def _with_user_evaluation(self, own: Callable[[], dict[str, Any]],
+                              evaluate_fn: EvaluateFn | None) -> Callable[[], dict[str, Any]]:
+        """`own` (the state's evaluator), then a Flower `evaluate_fn` if one is given, called
+        with the round / version and the global arrays now; its metrics win on a shared name."""
+        if evaluate_fn is None:
+            return own
+
+        def evaluate() -> dict[str, Any]:
+            metrics = dict(own())
+            record = evaluate_fn(self.s.server_round, global_arrays(self.s.x))
+            if record is not None:
+                metrics.update(record)
+            return metrics
+
+        return evaluate
 
     def _idle(self) -> None:
         """Sleep one poll interval between looks at the grid (timed as `idle`)."""
@@ -408,6 +550,7 @@ class AsyncFLStrategy(Strategy):
             if replies:
                 self._apply_mean(replies)
             self.s.rounds += 1
+            self.s.history.close_step(self.s.rounds)
             self.s.evaluate_if_due(self.elapsed(), per_round=True)
             self.checkpointer.maybe_save(self.s)
 
@@ -438,8 +581,8 @@ class AsyncFLStrategy(Strategy):
         return self._record_cache[1]
 
     def _task_message(self, node: int, repeat: int = 0) -> Message:
-        config = {"version": self.s.version, "repeat": repeat, "run-key": self.s.run_key,
-                  "rule": self.cfg.rule, "downlink": "full", "pack": self.pack}
+        config = {**self.train_config, "version": self.s.version, "repeat": repeat,
+                  "run-key": self.s.run_key, "rule": self.cfg.rule, "downlink": "full", "pack": self.pack}
         if self.cfg.dylu:
             config["local-steps"] = self._dylu_steps(node)
         content = RecordDict()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from asyncfl.config import AppConfig
+from asyncfl.strategies.history import History
 
 log = logging.getLogger("asyncfl")
 
@@ -41,20 +42,21 @@ class ServerState:
     rule_factory: Callable[[int], Any]  # num_clients -> rule (built once nodes are known)
     selector: Any
     recorder: Any
-    evaluate_fn: Callable[[], dict[str, float]]
+    evaluate_fn: Callable[[], dict[str, Any]]
     run_key: str  # names node-local client state (shifts) for this run
     run_dir: Path
     num_clients: int = 0
     version: int = 0  # number of changes of x
     updates: int = 0  # accepted client updates
     rounds: int = 0  # sync rounds completed
-    last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, Any] = field(default_factory=dict)
     initial_loss: float | None = None
     delta_g: float | None = None  # running mean of clients' mean reconstruction error
     bound: Any = None
     rule: Any = None
     resume: dict[str, Any] | None = None  # checkpoint to restore once nodes are known
     final_reason: str = ""
+    history: History = field(default_factory=History)  # what Strategy.start's Result reports
     _last_eval_at: tuple[int, int] = (-1, -1)  # (version, updates) the last eval saw
 
     def prepare(self, num_clients: int) -> None:
@@ -76,9 +78,15 @@ class ServerState:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @property
+    def server_round(self) -> int:
+        """Flower's round number for this run: completed rounds (sync) or the version (async)."""
+        return self.rounds if self.cfg.mode == "sync" else self.version
+
     def flush_rule(self) -> None:
         if self.rule.flush(self.x).stepped:  # a partly filled FedBuff buffer
             self.version += 1
+            self.history.close_step(self.version)
 
     # ---- budget ------------------------------------------------------------------------------
     @property
@@ -124,24 +132,36 @@ class ServerState:
         if cfg.target_ppl and ppl is not None and ppl <= cfg.target_ppl:
             return f"target-ppl {cfg.target_ppl:g} reached (ppl {ppl:.2f})"
         if self.bound is not None and self.delta_g is not None:
-            clock = self.rounds if cfg.mode == "sync" else self.version
+            clock = self.server_round
             if self.bound.should_stop(clock, self.delta_g):
                 t_star = self.bound.threshold(self.delta_g)
                 return f"bound stop rule: t={clock} >= t*={t_star:.1f} (delta_g={self.delta_g:.4g})"
         return None
 
     # ---- evaluation --------------------------------------------------------------------------
-    def evaluate_and_log(self, elapsed: float, round_: int) -> dict[str, float]:
+    def evaluate_and_log(self, elapsed: float, round_: int) -> dict[str, Any]:
+        """Evaluate now, log it and return the metrics. The app's evaluator gives loss, ppl,
+        top1 and top5; a Flower user's `evaluate_fn` (`asyncfl.strategies.api`) may give any
+        other metrics, logged as they are. No metrics at all (a strategy with no evaluator):
+        nothing is logged."""
         metrics = self.evaluate_fn()
         self.last_eval = metrics
         self._last_eval_at = (self.version, self.updates)
-        if self.initial_loss is None:
+        if not metrics:
+            return metrics
+        self.history.add_evaluation(self.server_round, metrics)
+        if self.initial_loss is None and "loss" in metrics:
             self.initial_loss = metrics["loss"]
-        if self.bound is None and self.cfg.stop_rule == "bound":
+        if self.bound is None and self.cfg.stop_rule == "bound" and self.initial_loss is not None:
             self.bound = self.cfg.bound_rule(self.num_clients or 1, a1=self.initial_loss)
-        self.recorder.log_eval(version=self.version, round=round_, updates=self.updates, **metrics)
-        log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  loss=%.4f ppl=%.2f top1=%.3f",
-                 self.version, self.updates, elapsed, metrics["loss"], metrics["ppl"], metrics["top1"])
+        fields = {k: v for k, v in metrics.items() if k not in ("version", "round", "updates")}
+        self.recorder.log_eval(version=self.version, round=round_, updates=self.updates, **fields)
+        if all(k in metrics for k in ("loss", "ppl", "top1")):
+            log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  loss=%.4f ppl=%.2f top1=%.3f",
+                     self.version, self.updates, elapsed, metrics["loss"], metrics["ppl"], metrics["top1"])
+        else:
+            log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  %s", self.version, self.updates, elapsed,
+                     " ".join(f"{k}={v}" for k, v in metrics.items()))
         return metrics
 
     def evaluate_if_due(self, elapsed: float, per_round: bool = False) -> None:
@@ -150,7 +170,7 @@ class ServerState:
         if count % every == 0 and self._last_eval_at != (self.version, self.updates):
             self.evaluate_and_log(elapsed, round_=self.rounds)
 
-    def ensure_final_eval(self, elapsed: float) -> dict[str, float]:
+    def ensure_final_eval(self, elapsed: float) -> dict[str, Any]:
         """Evaluate the model as it is now, unless the last evaluation saw this very state:
         the final figures describe the saved model (a flushed FedBuff buffer is a new version
         with no new update)."""
@@ -161,10 +181,12 @@ class ServerState:
     # ---- one accepted update -----------------------------------------------------------------
     def after_update(self, reply: Any, staleness: int, weight: float, stepped: bool,
                      decode_apply_s: float, elapsed: float, bump_version: bool = True) -> None:
-        if stepped and bump_version:
-            self.version += 1
-        self.updates += 1
         m = reply.metrics
+        self.history.add_update(m)
+        if stepped and bump_version:  # async: x moved (sync: the loop closes its rounds)
+            self.version += 1
+            self.history.close_step(self.version)
+        self.updates += 1
         fro = m.get("fro-error")
         if fro is not None and math.isfinite(float(fro)):
             n = min(self.updates, max(self.num_clients, 1))  # running mean over ~one sweep
