@@ -13,25 +13,58 @@ Notes
   `resolve_train_split` says which split was used.
 - Token ids are cached in memory per (tokenizer, split, source), so a long-lived process (a Ray
   actor) tokenizes once, and on disk under `DISK_CACHE_DIR` keyed by a hash of the text and the
-  tokenizer, for deployment where every message starts a fresh process.
-- Partitions are plain numpy index arithmetic seeded by `seed` (disjoint, deterministic).
+  tokenizer, for deployment where every message starts a fresh process. `datasets`' own cache
+  is not used for this: it would mean `load_dataset` (Arrow files per source under the HF
+  cache) and `map` fingerprints that hash the tokenizer object; the token stream is one array
+  per split, and a content hash is the simpler, exact key, the same for the Hub and a
+  `data-dir`.
+
+Partitions
+----------
+flwr-datasets partitioners (`make_partitioner`) split a `datasets.Dataset` with one row per
+unit, shuffled by `Dataset.shuffle(seed=seed)` as `FederatedDataset` does (which itself is not
+used: it loads a dataset by name and partitions its rows, while our units exist only after
+tokenizing and packing):
+- "iid": `IidPartitioner` over the token blocks.
+- "size-skew": `SizePartitioner` over the token blocks; the sizes are ours
+  (`split_sizes_dirichlet`: proportional to a Dirichlet(`partition-alpha`) draw, every
+  partition >= 1 block, for any alpha > 0). `DirichletPartitioner` does not fit: it splits each
+  label's rows by its own Dirichlet draw (a label-skew partitioner; with one constant label it
+  would give these sizes) and redraws until every partition reaches `min_partition_size`,
+  raising after 10 redraws: with 1,900 blocks and 8 partitions it fails for 12 of 20 seeds at
+  alpha 0.1, an accepted `partition-alpha`.
+- "articles": `NaturalIdPartitioner` over the articles, by a "client" column that we compute
+  (`assign_articles`: balanced by tokens). flwr-datasets has no partitioner that balances by a
+  weight: `NaturalIdPartitioner` makes one partition per distinct id (by article it would need
+  exactly one client per article), and `GroupedNaturalIdPartitioner` groups ids by count, which
+  neither fixes the number of partitions nor balances tokens (WikiText-2 validation articles
+  hold 893 to 21,280 GPT-2 tokens).
+Partitions are disjoint, cover every block (every article, before packing drops each client's
+tail), and depend only on the tokens, `partitioner`, `partition-alpha`, `seed`, `block-size`
+and the number of partitions: every process of a run computes the same ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from asyncfl.model import build_tokenizer, hub_unavailable, require_hub
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +248,7 @@ def pack_blocks(ids: np.ndarray | torch.Tensor, block_size: int) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
-# Partitions
+# Partitions (flwr-datasets partitioners over the units we partition)
 # --------------------------------------------------------------------------------------------
 def split_sizes_dirichlet(total: int, num_partitions: int, alpha: float, seed: int) -> np.ndarray:
     """Partition sizes summing to `total`, each >= 1, proportional to Dirichlet(alpha) draws."""
@@ -229,17 +262,75 @@ def split_sizes_dirichlet(total: int, num_partitions: int, alpha: float, seed: i
     return sizes
 
 
-def assign_articles(lengths: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
-    """Whole articles per partition: in a seeded random order, each article goes to the partition
-    holding the fewest tokens so far (ties: lowest id). Every partition gets >= 1 article."""
-    order = np.random.default_rng(seed).permutation(len(lengths))
+def assign_articles(lengths: np.ndarray, num_partitions: int) -> np.ndarray:
+    """The partition of each article, balanced by tokens: in the given order, each article goes
+    to the partition holding the fewest tokens so far (ties: lowest id). With at least
+    `num_partitions` articles every partition gets >= 1."""
     load = np.zeros(num_partitions, dtype=np.int64)
-    owned: list[list[int]] = [[] for _ in range(num_partitions)]
-    for a in order:
-        k = int(np.argmin(load))
-        owned[k].append(int(a))
-        load[k] += lengths[a]
-    return [np.asarray(o, dtype=np.int64) for o in owned]
+    owner = np.empty(len(lengths), dtype=np.int64)
+    for a, n_tokens in enumerate(lengths):
+        owner[a] = k = int(np.argmin(load))
+        load[k] += n_tokens
+    return owner
+
+
+def make_partitioner(cfg: Any, tokens: TokenizedSplit, num_partitions: int) -> Partitioner:
+    """The flwr-datasets partitioner of `cfg.partitioner`, its dataset already assigned.
+
+    Its dataset has one row per unit we partition, in the random order of
+    `Dataset.shuffle(seed=cfg.seed)` (as flwr-datasets' `FederatedDataset` shuffles before
+    partitioning):
+    - "iid": `IidPartitioner` (contiguous shards, sizes within one of each other); a row is a
+      block, column "block": its index in `pack_blocks(tokens.ids, cfg.block_size)`.
+    - "size-skew": `SizePartitioner` over the same block rows, the sizes drawn by
+      `split_sizes_dirichlet(n_blocks, num_partitions, cfg.partition_alpha, cfg.seed + 1)`.
+    - "articles": `NaturalIdPartitioner` by column "client"; a row is an article (columns
+      "article": its index in `tokens`, "tokens": its length, "client": `assign_articles`
+      over the rows in their shuffled order).
+    Partition ids are 0 .. num_partitions - 1 in every case, given at least `num_partitions` units
+    (`_partition` checks).
+    """
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, SizePartitioner
+
+    partitioner: Partitioner
+    if cfg.partitioner == "articles":
+        lengths = np.diff(tokens.starts)
+        shuffled = datasets.Dataset.from_dict({"article": np.arange(len(lengths))}).shuffle(seed=cfg.seed)
+        order = _column(shuffled, "article")
+        rows = datasets.Dataset.from_dict({"article": order, "tokens": lengths[order],
+                                           "client": assign_articles(lengths[order], num_partitions)})
+        partitioner = NaturalIdPartitioner(partition_by="client")
+    else:
+        num_blocks = len(tokens.ids) // cfg.block_size
+        rows = datasets.Dataset.from_dict({"block": np.arange(num_blocks)}).shuffle(seed=cfg.seed)
+        if cfg.partitioner == "iid":
+            partitioner = IidPartitioner(num_partitions)
+        else:  # "size-skew"
+            sizes = split_sizes_dirichlet(num_blocks, num_partitions, cfg.partition_alpha, cfg.seed + 1)
+            partitioner = SizePartitioner([int(s) for s in sizes])
+    partitioner.dataset = rows
+    return partitioner
+
+
+def _column(dataset: Any, column: str) -> np.ndarray:
+    """An integer column of a `datasets.Dataset` as int64, read through Arrow (iterating a
+    `Column` converts row by row: seconds for 10^5 rows)."""
+    return dataset.with_format("arrow")[:].column(column).to_numpy().astype(np.int64)
+
+
+def _partition_rows(partitioner: Partitioner, column: str) -> list[np.ndarray]:
+    """`column` of every partition of `partitioner`, in partition order."""
+    # NaturalIdPartitioner draws a tqdm bar on stderr while it indexes the ids: keep it out of
+    # the client's log, pass anything else through
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        rows = [_column(partitioner.load_partition(k), column) for k in range(partitioner.num_partitions)]
+    other = [line for line in re.split(r"[\r\n]", captured.getvalue())
+             if line.strip() and not line.startswith("Generating partition_id_to_indices")]
+    if other:
+        sys.stderr.write("\n".join(other) + "\n")
+    return rows
 
 
 def _partition(cfg: Any, split: str, num_partitions: int) -> list[torch.Tensor]:
@@ -249,7 +340,7 @@ def _partition(cfg: Any, split: str, num_partitions: int) -> list[torch.Tensor]:
         if tokens.num_articles < num_partitions:
             raise ValueError(f"partitioner \"articles\": {tokens.num_articles} articles in \"{split}\" "
                              f"cannot cover {num_partitions} partitions")
-        owned = assign_articles(np.diff(tokens.starts), num_partitions, cfg.seed)
+        owned = _partition_rows(make_partitioner(cfg, tokens, num_partitions), "article")
         parts = [pack_blocks(np.concatenate([tokens.ids[tokens.starts[a]:tokens.starts[a + 1]] for a in o]),
                              cfg.block_size) for o in owned]
     else:
@@ -257,13 +348,8 @@ def _partition(cfg: Any, split: str, num_partitions: int) -> list[torch.Tensor]:
         if len(blocks) < num_partitions:
             raise ValueError(f"{len(blocks)} blocks of {cfg.block_size} tokens in \"{split}\" "
                              f"cannot cover {num_partitions} partitions")
-        perm = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(blocks)))
-        if cfg.partitioner == "iid":
-            sizes = np.full(num_partitions, len(blocks) // num_partitions)
-            sizes[: len(blocks) % num_partitions] += 1
-        else:  # "size-skew"
-            sizes = split_sizes_dirichlet(len(blocks), num_partitions, cfg.partition_alpha, cfg.seed + 1)
-        parts = [blocks[idx] for idx in torch.split(perm, sizes.tolist())]
+        owned = _partition_rows(make_partitioner(cfg, tokens, num_partitions), "block")
+        parts = [blocks[torch.from_numpy(o)] for o in owned]
     for k, part in enumerate(parts):
         if len(part) == 0:
             raise ValueError(f"partition {k} of {num_partitions} has no block of `block-size` = "

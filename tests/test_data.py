@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from asyncfl import data as D
+from tests.conftest import TOKENIZER_DIR, WIKITEXT_DIR
+
+PARTITIONERS = ("iid", "size-skew", "articles")
 
 
-def flat_rows(blocks: torch.Tensor) -> set[tuple[int, ...]]:
-    return {tuple(row) for row in blocks.tolist()}
+@pytest.fixture(scope="module")
+def reference_articles(shared_dir) -> list[np.ndarray]:
+    """The validation split's articles as token arrays, each followed by eos, recomputed here
+    from the raw file and the tokenizer (none of asyncfl.data's reading, caching or packing)."""
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    text = (WIKITEXT_DIR / "wiki.valid.raw").read_bytes().decode("utf-8").replace("\r\n", "\n")
+    rows = ["" if not line.strip() else line + "\n" for line in text.split("\n")[:-1]]
+    articles: list[str] = []
+    for row in rows:
+        if re.fullmatch(r" = [^=].* = \n", row) or not articles:
+            articles.append("")
+        articles[-1] += row
+    return [np.asarray(tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            for a in articles if a.strip()]
+
+
+def reference_blocks(articles: list[np.ndarray], block_size: int) -> Counter:
+    """Every block of the split's token stream, as a multiset of token tuples."""
+    stream = np.concatenate(articles)
+    n = len(stream) // block_size
+    return Counter(map(tuple, stream[: n * block_size].reshape(n, block_size).tolist()))
+
+
+def all_partitions(cfg, n: int) -> list[torch.Tensor]:
+    return [D.load_partition(cfg, k, n) for k in range(n)]
 
 
 def test_split_articles_on_top_level_headings_only():
@@ -50,74 +85,128 @@ def test_pack_blocks_are_contiguous_slices():
     assert torch.equal(blocks[3], torch.arange(30, 40))
 
 
-def test_iid_partitions_are_disjoint_and_cover_all_blocks(make_cfg):
-    cfg = make_cfg(partitioner="iid", max_train_blocks=0)
-    n = 3
-    parts = [D.load_partition(cfg, k, n) for k in range(n)]
-    everything = D.pack_blocks(D.tokenized_split(cfg, "validation").ids, cfg.block_size)
-    sizes = [len(p) for p in parts]
-    assert sum(sizes) == len(everything) and max(sizes) - min(sizes) <= 1
-    assert all(p.shape[1] == 32 for p in parts)
-    rows = [flat_rows(p) for p in parts]
-    assert set().union(*rows) == flat_rows(everything)
-    assert sum(len(r) for r in rows) == len(flat_rows(everything))  # no block in two clients
-
-
-def test_size_skew_is_imbalanced_yet_covers_all(make_cfg):
-    cfg = make_cfg(partitioner="size-skew", partition_alpha=0.3, max_train_blocks=0)
-    n = 5
-    sizes = [len(D.load_partition(cfg, k, n)) for k in range(n)]
-    total = len(D.pack_blocks(D.tokenized_split(cfg, "validation").ids, cfg.block_size))
-    assert sum(sizes) == total and min(sizes) >= 1
-    assert max(sizes) >= 2 * min(sizes)
-    rows = [flat_rows(D.load_partition(cfg, k, n)) for k in range(n)]
-    assert sum(len(r) for r in rows) == len(set().union(*rows))
-
-
 def test_dirichlet_sizes_every_partition_gets_one():
     sizes = D.split_sizes_dirichlet(10, 8, alpha=0.01, seed=3)
     assert sizes.sum() == 10 and sizes.min() >= 1
 
 
-def test_articles_partitioner_keeps_articles_whole(make_cfg):
-    # Prepare
+def test_partitioners_are_flwr_datasets_and_give_the_clients_data(make_cfg):
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, SizePartitioner
+
+    n = 4
+    for name, cls in (("iid", IidPartitioner), ("size-skew", SizePartitioner), ("articles", NaturalIdPartitioner)):
+        cfg = make_cfg(partitioner=name, max_train_blocks=0)
+        tokens = D.tokenized_split(cfg, "validation")
+        partitioner = D.make_partitioner(cfg, tokens, n)
+        assert type(partitioner) is cls and partitioner.num_partitions == n
+        blocks = D.pack_blocks(tokens.ids, cfg.block_size)
+        for k in range(n):
+            rows = partitioner.load_partition(k).to_dict()
+            if name == "articles":
+                text = np.concatenate([tokens.ids[tokens.starts[a]:tokens.starts[a + 1]] for a in rows["article"]])
+                expected = D.pack_blocks(text, cfg.block_size)
+            else:
+                expected = blocks[rows["block"]]
+            assert torch.equal(D.load_partition(cfg, k, n), expected), (name, k)
+
+
+@pytest.mark.parametrize("name", ["iid", "size-skew"])
+def test_block_partitions_hold_every_block_exactly_once(make_cfg, reference_articles, name):
+    cfg = make_cfg(partitioner=name, partition_alpha=0.5, max_train_blocks=0)
+    parts = all_partitions(cfg, 5)
+    assert all(len(p) >= 1 and p.shape[1] == 32 for p in parts)
+    held = Counter(row for p in parts for row in map(tuple, p.tolist()))
+    assert held == reference_blocks(reference_articles, 32)  # none missing, none twice
+
+
+def test_iid_sizes_are_within_one_block(make_cfg, reference_articles):
+    for n in (3, 7):
+        sizes = [len(p) for p in all_partitions(make_cfg(partitioner="iid", max_train_blocks=0), n)]
+        assert sum(sizes) == len(np.concatenate(reference_articles)) // 32
+        assert max(sizes) - min(sizes) <= 1, sizes
+
+
+def test_size_skew_spread_follows_alpha(make_cfg):
+    # Dirichlet(alpha) shares over n partitions have a squared coefficient of variation of
+    # expectation (n - 1) / (n * alpha + 1): the smaller alpha, the more imbalanced
+    n = 5
+    tokens = D.tokenized_split(make_cfg(), "validation")
+    spread = {}
+    for alpha in (0.1, 1.0, 10.0):
+        cv2 = []
+        for seed in range(20):
+            cfg = make_cfg(partitioner="size-skew", partition_alpha=alpha, seed=seed)
+            partitioner = D.make_partitioner(cfg, tokens, n)
+            sizes = np.array([len(partitioner.load_partition(k)) for k in range(n)])
+            assert sizes.min() >= 1
+            cv2.append(sizes.var() / sizes.mean() ** 2)
+        spread[alpha] = float(np.mean(cv2))
+        theory = (n - 1) / (n * alpha + 1)
+        assert 0.6 * theory < spread[alpha] < 1.4 * theory, (alpha, spread[alpha], theory)
+    assert spread[0.1] > spread[1.0] > spread[10.0]
+
+
+def test_articles_partitions_hold_whole_articles_once_each_balanced_by_tokens(make_cfg, reference_articles):
     cfg = make_cfg(partitioner="articles", max_train_blocks=0)
     n = 4
-    tok = D._tokenizer(cfg)
-    articles = D.split_articles(D.read_lines(cfg, "validation"))
-    # Execute
-    texts = [tok.decode(D.load_partition(cfg, k, n).flatten().tolist()) for k in range(n)]
-    # Assert: a client's text is whole articles separated by eos, then at most one cut tail
-    # (the part shorter than a block is dropped); no article shows up in two clients
-    known = set(articles)
-    seen: list[str] = []
-    for text in texts:
-        *complete, tail = text.split("<|endoftext|>")
-        assert complete, "every client holds at least one whole article"
-        assert all(piece in known for piece in complete)
-        assert tail == "" or any(a.startswith(tail) for a in articles)
-        seen += complete + ([tail.splitlines()[0]] if tail.strip() else [])
-    titles = [piece.splitlines()[0] for piece in seen]
-    assert len(titles) == len(set(titles))
-    assert len(seen) >= len(articles) - n
+    eos = int(reference_articles[0][-1])
+    index = {tuple(a.tolist()): i for i, a in enumerate(reference_articles)}
+    assert len(index) == len(reference_articles) == 60
+    owned: list[list[int]] = []
+    for part in all_partitions(cfg, n):
+        flat = part.flatten().numpy()
+        *whole, tail = np.split(flat, np.flatnonzero(flat == eos) + 1)
+        assert whole, "every client holds at least one whole article"
+        owned.append([index[tuple(piece.tolist())] for piece in whole])  # KeyError: not a whole article
+        if len(tail):  # the start of the client's last article, cut where its last block ends
+            starts = [i for i, a in enumerate(reference_articles)
+                      if len(a) > len(tail) and np.array_equal(a[: len(tail)], tail)]
+            assert len(starts) == 1
+            owned[-1] += starts
+    # every article has >= 893 tokens, more than the tail packing drops: each one is seen
+    assert sorted(a for o in owned for a in o) == list(range(60))
+    loads = [sum(len(reference_articles[a]) for a in o) for o in owned]
+    assert max(loads) - min(loads) <= max(len(a) for a in reference_articles)
 
 
-def test_assign_articles_is_disjoint_and_balanced():
+def test_assign_articles_gives_each_to_the_least_loaded_partition():
     lengths = np.array([100, 5, 7, 60, 30, 30, 8, 9, 50])
-    owned = D.assign_articles(lengths, 3, seed=0)
-    allocated = np.concatenate(owned)
-    assert sorted(allocated.tolist()) == list(range(len(lengths)))
-    assert all(len(o) >= 1 for o in owned)
-    loads = [int(lengths[o].sum()) for o in owned]
-    assert max(loads) - min(loads) <= lengths.max()
+    # by hand, the loads after each article: [100,0,0] [100,5,0] [100,5,7] [100,65,7]
+    # [100,65,37] [100,65,67] [100,73,67] [100,73,76] [100,123,76]
+    assert D.assign_articles(lengths, 3).tolist() == [0, 1, 2, 1, 2, 2, 1, 2, 1]
 
 
-def test_partitions_are_deterministic_and_seeded(make_cfg):
-    cfg = make_cfg(partitioner="iid")
-    first = D.load_partition(cfg, 1, 4).clone()
+@pytest.mark.parametrize("name", PARTITIONERS)
+def test_partitions_are_deterministic_per_seed(make_cfg, name):
+    cfg = make_cfg(partitioner=name, max_train_blocks=0)
+    first = [p.clone() for p in all_partitions(cfg, 4)]
     D.clear_cache()
-    assert torch.equal(D.load_partition(cfg, 1, 4), first)
-    assert not torch.equal(D.load_partition(make_cfg(partitioner="iid", seed=1), 1, 4), first)
+    assert all(torch.equal(a, b) for a, b in zip(first, all_partitions(cfg, 4)))
+    other = all_partitions(make_cfg(partitioner=name, seed=7, max_train_blocks=0), 4)
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+_DIGESTS = """
+import hashlib
+from tests.conftest import tiny_config
+from asyncfl import data as D
+for name in ("iid", "size-skew", "articles"):
+    cfg = tiny_config(partitioner=name, max_train_blocks=0)
+    print(name, [hashlib.sha256(D.load_partition(cfg, k, 5).numpy().tobytes()).hexdigest() for k in range(5)])
+"""
+
+
+@pytest.mark.slow
+def test_every_process_computes_the_same_partitions(make_cfg, tmp_path):
+    # a fresh interpreter (another hash seed, a cold token cache) is what each node runs
+    here = "\n".join(
+        f"{name} {[hashlib.sha256(p.numpy().tobytes()).hexdigest() for p in all_partitions(cfg, 5)]}"
+        for name, cfg in ((name, make_cfg(partitioner=name, max_train_blocks=0)) for name in PARTITIONERS))
+    env = dict(os.environ, PYTHONHASHSEED="12345", XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _DIGESTS], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == here
 
 
 def test_max_train_blocks_caps_each_client(make_cfg):
