@@ -135,7 +135,7 @@ KEYS: tuple[Key, ...] = (
     Key("fadas-tau-c", 0, "fadas: staleness up to which `server-lr` is used as is; above it min(server-lr, 1/tau_max) (0 = number of nodes)", _NONNEG, "server"),
     Key("page-p", 0.5, "page: probability that a task is a fresh estimate (else the client trains twice and sends the difference)", in_range(0.01, 1.0), "server"),
     Key("dylu", False, "dynamic local updates (Liu et al. 2024): each task's local steps scaled by the node's measured speed relative to the fastest node (`local-steps` for the fastest), so every node's task takes about as long", group="server"),
-    Key("delay-adaptive", False, "asgd: shrink the step by concurrency/staleness when staleness > concurrency", group="server"),
+    Key("delay-adaptive", True, "asgd: shrink the step by concurrency/staleness when staleness > concurrency (Mishchenko et al. 2022; the slowest nodes' very stale updates then step less)", group="server"),
     Key("balance", False, "asgd: weight each node's updates by the mean node rate over its own (rate = 1 / measured task time, factor clipped to [1/n, n]), so every node's data counts equally however often it reports (Fraboni et al. 2023); a node counts 1 until a task after its first is timed", group="server"),
     Key("shift-alpha", 0.5, "shifted: h_i <- h_i + shift-alpha * decoded", in_range(0.0, 1.0), "server"),
     Key("max-staleness", 0, "drop (and log) updates staler than this (0 = keep all)", _NONNEG, "server"),

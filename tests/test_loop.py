@@ -204,14 +204,21 @@ def events(tmp_path, kind=None):
     return [e for e in lines if kind is None or e["event"] == kind]
 
 
+def asgd_step(lr: float, staleness: int, concurrency: int) -> float:
+    """The default asgd step (delay-adaptive): lr, times concurrency / tau past concurrency."""
+    return lr * concurrency / staleness if staleness > concurrency else lr
+
+
 def replay_asgd(grid: FakeGrid, updates: list[dict], lr: float) -> dict[str, torch.Tensor]:
-    """Independent recomputation: x_{v+1} = x_v + lr * delta(node, x_{version sent})."""
+    """Independent recomputation: x_{v+1} = x_v + gamma * delta(node, x_{version sent}), gamma
+    the delay-adaptive step with one task in flight per node of the grid."""
     xs = [{k: v.clone() for k, v in X0.items()}]
     for u in updates:
         x = xs[-1]
         base = xs[u["version"] - 1 - u["staleness"]]
         d = client_delta(u["node"], base)
-        xs.append({k: x[k] + lr * d[k] for k in x})
+        gamma = asgd_step(lr, u["staleness"], len(grid.delays))
+        xs.append({k: x[k] + gamma * d[k] for k in x})
     return xs[-1]
 
 
@@ -718,7 +725,8 @@ def replay_weighted(updates: list[dict]) -> dict[str, torch.Tensor]:
 
 def test_balance_evens_out_each_nodes_share_of_the_steps(tmp_path):
     def run(path, balance):
-        state = make_state(path, rule="asgd", balance=balance, **{"server-lr": 0.2, "max-updates": 24})
+        state = make_state(path, rule="asgd", balance=balance,
+                           **{"server-lr": 0.2, "max-updates": 24, "delay-adaptive": False})
         grid = FakeGrid({1: 1, 2: 2, 3: 4})
         clock, pull = [0.0], grid.pull_messages
 

@@ -3,6 +3,8 @@
 # TLS SuperLink, 4 authenticated SuperNodes sharing GPU 0, forked ClientApps), GPT-2 124M
 # shape, speeds 1,1,2,4, PCA rank 10, the app's defaults otherwise. Runs one after another.
 #   bash bench/gpu/avs_deploy.sh REGIME SEEDS SPECS [BUDGET_S=150]
+# env: CALL_S (seconds the whole call may take, default 545), EVAL_EVERY (async: evaluate every N
+# updates, default 6; sync evaluates every round).
 # REGIME: a = local-steps 16, b = local-steps 64. SPECS: "sync,<async spec>" (async_vs_sync.py).
 # Each run's events.jsonl and summary.json come back in runs-<regime>.tgz. Carry .whl, .data.
 # A regime-B run takes ~280-300 s of process time (start-up, warm-up, a sync round that ends
@@ -19,7 +21,7 @@ nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > 
 timeout "${CALL_S:-545}" python3 bench/async_vs_sync.py --backend deployment --gpus 0 --preset small --device cuda \
   --tokenizer "$PWD/.data/gpt2" --data-dir "$PWD/.data/wikitext-2-raw" --seeds "$seeds" \
   --time-budget-s "$budget" --timeout-s $((budget + 150)) --set "local-steps=$steps" \
-  --sync "$sync" --rules "$rules" --out "$OUT/dep-$regime" > "$OUT/dep-$regime.log" 2>&1
+  --eval-every "${EVAL_EVERY:-6}" --sync "$sync" --rules "$rules" --out "$OUT/dep-$regime" > "$OUT/dep-$regime.log" 2>&1
 echo "exit $?"
 grep -v '^\[async_vs_sync\] \$' "$OUT/dep-$regime.log" | tail -25
 cd "$OUT" && tar czf "runs-$regime.tgz" --exclude='*.png' --exclude=model --exclude='*.pt' \
