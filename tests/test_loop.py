@@ -667,6 +667,28 @@ def test_a_target_not_num_rounds_stops_a_sync_run(tmp_path):
     assert state.rounds == 4 and state.final_reason == "target-ppl 20 reached (ppl 20.00)"
 
 
+def test_evaluations_run_after_the_next_task_is_out(tmp_path):
+    """An evaluation never delays a task: async evaluates after the node that replied has its
+    next task, sync evaluates round r while round r + 1 trains. Each evaluation records how
+    many tasks had been pushed by then and what it evaluated."""
+    state = make_state(tmp_path, rule="asgd", warmup=False, **{"max-updates": 6, "eval-every": 1})
+    grid = FakeGrid({1: 1, 2: 2})
+    seen: list[tuple[int, int]] = []  # (updates applied, tasks pushed) at each evaluation
+    state.evaluate_fn = lambda: seen.append((state.updates, len(grid.sent))) or {"loss": 1.0, "ppl": 2.0}
+    AsyncFLStrategy(state).start(grid)
+    assert seen[0] == (0, 0)  # the initial evaluation, before any task
+    # after update k the replying node already holds its next task: 2 first tasks + k
+    assert seen[1:] == [(k, 2 + k) for k in range(1, 7)]
+    sync = make_state(tmp_path / "sync", mode="sync", warmup=False, **{"num-rounds": 3, "eval-every": 1})
+    sgrid = FakeGrid({1: 1, 2: 2})
+    rounds_seen: list[tuple[int, int]] = []  # (rounds done, tasks pushed) at each evaluation
+    sync.evaluate_fn = lambda: rounds_seen.append((sync.rounds, len(sgrid.sent))) or {"loss": 1.0, "ppl": 2.0}
+    AsyncFLStrategy(sync).start(sgrid)
+    # round r is evaluated once round r + 1 is out; the last round by the final evaluation
+    assert rounds_seen == [(0, 0), (1, 4), (2, 6), (3, 6)]
+    assert [e["round"] for e in events(tmp_path / "sync", "eval")] == [0, 1, 2, 3]
+
+
 def test_warm_up_reaches_every_node_first_and_restarts_the_run_clock(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 4})
     grid = FakeGrid({1: 1, 2: 2, 3: 1})

@@ -403,6 +403,9 @@ class AsyncFLStrategy(Strategy):
             for msg in self._pull(grid):
                 finished = self._handle_async_reply(msg)
                 self._fill_slots(grid, finished=finished)
+                # evaluate once the node that replied has its next task: the evaluation then
+                # runs while it trains instead of delaying its next task
+                self.s.evaluate_if_due(self.elapsed())
                 reason = self.s.stop_reason(self.elapsed())
                 if reason:
                     return reason
@@ -537,6 +540,13 @@ class AsyncFLStrategy(Strategy):
                 self._dispatch(grid, n)
             if not self.inflight:
                 return "no nodes left"
+            if self.s.rounds:
+                # the last round's model is evaluated while this round trains (off the round's
+                # critical path); a stop it triggers (target-ppl) drops the round just sent
+                self.s.evaluate_if_due(self.elapsed(), per_round=True)
+                reason = self.s.stop_reason(self.elapsed())
+                if reason:
+                    return reason
             replies = []
             while self.inflight:
                 for msg in self._pull(grid):
@@ -551,7 +561,6 @@ class AsyncFLStrategy(Strategy):
                 self._apply_mean(replies)
             self.s.rounds += 1
             self.s.history.close_step(self.s.rounds)
-            self.s.evaluate_if_due(self.elapsed(), per_round=True)
             self.checkpointer.maybe_save(self.s)
 
     def _apply_mean(self, replies: list[Reply]) -> None:

@@ -211,8 +211,6 @@ class ServerState:
                  math.isfinite(self.max_updates) else "-", self.version,
                  reply.node, m.get("partition-id"), staleness, weight,
                  float(m.get("train-loss", float("nan"))), float(m.get("bytes", 0)))
-        if self.cfg.mode == "async":
-            self.evaluate_if_due(elapsed)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
