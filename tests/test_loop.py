@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 
 import numpy as np
@@ -657,6 +658,41 @@ def test_a_time_budget_not_num_rounds_stops_an_async_run(tmp_path):
     plain = make_state(tmp_path / "b", rule="asgd", **{"num-rounds": 1})
     AsyncFLStrategy(plain).start(FakeGrid({1: 1, 2: 2}))
     assert plain.updates == 2 and plain.final_reason == "max-updates 2 reached"
+
+
+def test_a_time_budget_stops_a_sync_run_mid_round_with_the_last_round_s_model(tmp_path):
+    """A budget is a budget in sync mode too: the round in flight when it ends is dropped, the
+    model is the last completed round's, and the final figures describe that model."""
+    state = make_state(tmp_path, mode="sync", warmup=False,
+                       **{"num-rounds": 50, "time-budget-s": 0.5, "eval-every": 1, "server-lr": 1.0})
+    grid = FakeGrid({1: 1, 2: 1})
+    real_push = grid.push_messages
+
+    def push(messages):  # round 1 finishes; node 2's tasks after it never do
+        ids = real_push(messages)
+        if len(grid.sent) >= 2:  # both tasks of round 1 are out
+            grid.delays[2] = 10**9
+        return ids
+
+    grid.push_messages = push
+    real_pull = grid.pull_messages
+
+    def pull(ids):  # a loop that waits for the round would poll on: fail instead of hanging
+        assert grid.tick < 20_000, "the sync loop kept waiting for the round past its budget"
+        return real_pull(ids)
+
+    grid.pull_messages = pull
+    t0 = time.monotonic()
+    AsyncFLStrategy(state).start(grid)
+    took = time.monotonic() - t0
+    assert state.final_reason == "time-budget-s 0.5 reached (round 2 dropped)"
+    assert state.rounds == 1 and state.updates == 2 and len(grid.sent) == 4
+    d1, d2 = client_delta(1, X0), client_delta(2, X0)
+    for k in X0:  # x0 + the sample-weighted mean of round 1 (weights = node ids)
+        torch.testing.assert_close(state.x[k], X0[k] + (1 * d1[k] + 2 * d2[k]) / 3)
+    evals = events(tmp_path, "eval")
+    assert [e["round"] for e in evals] == [0, 1] and evals[-1]["version"] == 1
+    assert took < 10  # it did not wait for the round (whose task would never end)
 
 
 def test_a_target_not_num_rounds_stops_a_sync_run(tmp_path):

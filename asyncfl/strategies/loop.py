@@ -549,6 +549,11 @@ class AsyncFLStrategy(Strategy):
                     return reason
             replies = []
             while self.inflight:
+                budget = self.cfg.time_budget_s
+                if budget and self.elapsed() >= budget:
+                    # a budget is a budget, as in async mode: the round in flight is dropped
+                    # and the model stays the last completed round's (already evaluated)
+                    return f"time-budget-s {budget:g} reached (round {self.s.rounds + 1} dropped)"
                 for msg in self._pull(grid):
                     task = self.inflight.pop(msg.metadata.reply_to_message_id)
                     self.nodes[task.node].replied(task, self.elapsed(), ok=not msg.has_error())
