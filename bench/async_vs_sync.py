@@ -279,6 +279,29 @@ def run_deployment(cfg: dict[str, Any], work: Path, timeout_s: float, extra: lis
         return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
 
 
+def run_deployment_batch(named: list[tuple[str, dict[str, Any]]], work: Path, timeout_s: float,
+                         extra: list[str], threads: int = 1, num_clients: int = NUM_CLIENTS) -> str:
+    """Several runs, one after another, on one `scripts/local-deployment.sh` deployment (`--run`
+    per configuration): the deployment's start-up and the node workers' warm-up are paid once.
+    The configurations must share the model and seed (the workers are kept per model)."""
+    cmd = [str(ROOT / "scripts" / "local-deployment.sh"), str(num_clients),
+           "--work-dir", str(work / "deployment"), "--timeout", str(int(timeout_s))]
+    for _, cfg in named:
+        cmd += ["--run", run_config_str(cfg)]
+    if "--port" not in extra:
+        port = free_port_block(num_clients + 1)
+        cmd += ["--port", str(port), "--node-port", str(port + 1)]
+    cmd += extra
+    log("$ " + shlex.join(cmd))
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable), **thread_env(threads)}
+    try:
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=len(named) * (timeout_s + 120) + 60)
+        return out.stdout + out.stderr
+    except subprocess.TimeoutExpired as exc:
+        return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
+
+
 def run_emulation(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list[str],
                   threads: int = 0, num_clients: int = NUM_CLIENTS) -> str:
     """One run of `python -m asyncfl.emulate` (`num_clients` nodes, default 4) in a subprocess of its own."""
@@ -291,6 +314,50 @@ def run_emulation(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list
         return out.stdout + out.stderr
     except subprocess.TimeoutExpired as exc:
         return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
+
+
+def finished_run(run_dir: Path, text: str, t0: float) -> Path:
+    """The run folder of a finished run (raises with the output's tail if it wrote no summary)."""
+    if not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"run {run_dir.name!r} wrote no summary.json; output tail:\n{text[-5000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    log(f"{run_dir.name}: {summary['stop_reason']}; {summary['updates_applied']} updates, ppl "
+        f"{summary['initial_eval_ppl']:.1f} -> {summary['final_eval_ppl']:.1f} in "
+        f"{summary['wall_clock_s']:.1f} s (process {time.monotonic() - t0:.0f} s)")
+    return run_dir
+
+
+def run_seed_in_one_deployment(seed: int, specs: list[str], args: argparse.Namespace,
+                               order: int = 0) -> dict[str, Path | RuntimeError]:
+    """`--share-deployment`: every configuration of one seed on one deployment, in the order of
+    `specs` (reversed for odd `order`, so over the seeds each configuration runs first as often
+    as it runs second). Returns each spec's run folder, or the error of a run that failed."""
+    runs = args.out / "runs"
+    todo = [s for s in specs if not (args.reuse and (runs / f"{spec_name(s)}-s{seed}" / "summary.json").is_file())]
+    if order % 2:
+        todo.reverse()
+    named = [(f"{spec_name(s)}-s{seed}", {**config_for(args, s, seed), "results-dir": str(runs.resolve()),
+                                          "run-name": f"{spec_name(s)}-s{seed}"}) for s in todo]
+    out: dict[str, Path | RuntimeError] = {}
+    for s in specs:
+        if s not in todo:
+            log(f"{spec_name(s)}-s{seed}: reusing the finished run in {runs / f'{spec_name(s)}-s{seed}'}")
+            out[s] = runs / f"{spec_name(s)}-s{seed}"
+    if not named:
+        return out
+    work = args.out / "work" / f"seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    log(f"seed {seed}: {', '.join(n for n, _ in named)} on one deployment")
+    text = run_deployment_batch(named, work, args.timeout_s, shlex.split(args.deployment_args),
+                                args.threads, NUM_CLIENTS)
+    (work / "output.log").write_text(text)
+    for s, (name, _) in zip(todo, named):
+        try:
+            out[s] = finished_run(runs / name, text, t0)
+        except RuntimeError as exc:
+            out[s] = exc
+    return out
 
 
 def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int = 0,
@@ -318,13 +385,7 @@ def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int 
     else:
         text = run_simulation(cfg, work, args.timeout_s, run_dir, args.threads, num_clients)
     (work / "output.log").write_text(text)
-    if not (run_dir / "summary.json").is_file():
-        raise RuntimeError(f"run {name!r} wrote no summary.json; output tail:\n{text[-5000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    log(f"{name}: {summary['stop_reason']}; {summary['updates_applied']} updates, ppl "
-        f"{summary['initial_eval_ppl']:.1f} -> {summary['final_eval_ppl']:.1f} in "
-        f"{summary['wall_clock_s']:.1f} s (process {time.monotonic() - t0:.0f} s)")
-    return run_dir
+    return finished_run(run_dir, text, t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +596,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "asgd:server-lr=0.25,fedbuff:buffer-size=4")
     p.add_argument("--compressor", default="pca", choices=["none", "pca", "qrcp", "cur"])
     p.add_argument("--rank", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=6, help="async: evaluate every N updates")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="async: evaluate every N updates (default 1, the app's default: the time to "
+                        "target is then exact to one update; sync evaluates every round)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/MKL threads per process of the run (0: leave the environment alone; "
                         "default 1 with --device cpu, else 0)")
@@ -553,6 +616,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deployment-args", default="",
                    help='extra arguments for local-deployment.sh, e.g. "--insecure --gpus 0,1"')
     p.add_argument("--gpus", default="", help="deployment: GPU ids for the SuperNodes")
+    p.add_argument("--share-deployment", action="store_true",
+                   help="deployment: run every configuration of a seed on one deployment, one after "
+                        "another (start-up and worker warm-up paid once per seed; the order is "
+                        "reversed every other seed); default: a fresh deployment per run")
     p.add_argument("--emulate-args", default="",
                    help='arguments for python -m asyncfl.emulate, e.g. "--task-s 1.2 --overhead-s 1.3 --poll-s 3"')
     p.add_argument("--timeout-s", type=float, default=0.0,
@@ -596,14 +663,23 @@ def main(argv: list[str] | None = None) -> int:
             slots.append(slot)
 
     failed = []
-    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        for future in [pool.submit(work, j) for j in jobs]:
-            try:
-                spec, seed, run_dir = future.result()
-                dirs[spec][seed] = run_dir
-            except RuntimeError as exc:
-                failed.append(str(exc)[:300])
-                log(f"error: {exc}")
+    if args.backend == "deployment" and args.share_deployment:
+        for i, seed in enumerate(seeds):
+            for spec, got in run_seed_in_one_deployment(seed, specs, args, order=i).items():
+                if isinstance(got, RuntimeError):
+                    failed.append(str(got)[:300])
+                    log(f"error: {got}")
+                else:
+                    dirs[spec][seed] = got
+    else:
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+            for future in [pool.submit(work, j) for j in jobs]:
+                try:
+                    spec, seed, run_dir = future.result()
+                    dirs[spec][seed] = run_dir
+                except RuntimeError as exc:
+                    failed.append(str(exc)[:300])
+                    log(f"error: {exc}")
     complete = [spec for spec in specs if len(dirs[spec]) == len(seeds)]
     if not any(s in complete for s in sync_specs):
         raise SystemExit("error: no sync configuration finished every seed; see the errors above")

@@ -19,6 +19,11 @@ found by our private FLWR_HOME in their environment and stopped too.
 Usage (the .sh wrapper next to this file passes its arguments through):
 
     scripts/local-deployment.sh N [--run-config "k=v ..."] [--insecure] [--work-dir DIR] ...
+    scripts/local-deployment.sh N --run "mode=\"sync\" run-name=\"a\"" --run "run-name=\"b\"" ...
+
+With `--run` (repeatable) the runs follow each other on the one deployment: start-up, SuperNode
+registration and the node-local model workers (warm when the runs share the model and seed)
+are paid once.
 
 Exit status 0 only when the run finished with status `finished:completed` and its run
 directory (under the run config's `results-dir`) holds a summary.json. On failure the tails of
@@ -404,12 +409,12 @@ class Deployment:
         return thread
 
     # -- the run --------------------------------------------------------------------------------
-    def run_app(self, app: Path, run_config: list[str], timeout: float) -> int:
+    def run_app(self, app: Path, run_config: list[str], timeout: float, log_name: str = "flwr-run.log") -> int:
         """`flwr run ... --stream` until the run ends; return the run id, raise unless completed."""
         cmd = ["flwr", "run", str(app), CONNECTION, "--stream"]
         for item in run_config:
             cmd += ["--run-config", item]
-        log_path = self.logs / "flwr-run.log"
+        log_path = self.logs / log_name
         log(f"$ {shlex.join(cmd)}")
         run_id = None
         with open(log_path, "w") as out:
@@ -566,7 +571,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("num_nodes", type=int, metavar="N", help="number of SuperNodes (partitions)")
     p.add_argument("--run-config", "-c", action="append", default=[], metavar='"k=v ..."',
-                   help="run-config overrides, passed to `flwr run --run-config` (repeatable)")
+                   help="run-config overrides, passed to `flwr run --run-config` (repeatable); "
+                        "with --run, they apply to every run")
+    p.add_argument("--run", action="append", default=[], metavar='"k=v ..."',
+                   help="one run on this deployment with these overrides after the --run-config ones "
+                        "(repeatable: the runs follow each other on the same SuperLink and SuperNodes, "
+                        "whose node-local model workers stay warm from run to run when the model keys, "
+                        "seed included, are the same; a worker of other model keys keeps its memory "
+                        "until its SuperNode stops, so give runs of one deployment one model and seed). "
+                        "Each run prints its RUN_DIR=...")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS and no SuperNode authentication (local debugging only)")
     p.add_argument("--work-dir", type=Path, help="certs, FLWR_HOMEs, logs (default: a new temp dir)")
@@ -624,19 +637,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # Results land where the run config says; a relative `results-dir` is taken relative to
     # the caller's cwd (the ServerApp process runs elsewhere), so pass it on as absolute.
-    try:
-        overrides = parse_run_config(args.run_config)
-    except Exception as err:  # flwr raises several types for bad TOML
-        log(f"error: cannot parse --run-config: {err}")
-        return 2
-    results_dir = Path(str(overrides.get("results-dir", default_results_dir(app)))).expanduser()
-    run_config = list(args.run_config)
-    if not results_dir.is_absolute():
-        results_dir = Path.cwd() / results_dir
-        run_config.append(f"results-dir={json.dumps(str(results_dir))}")  # later keys win
+    runs: list[tuple[list[str], Path, str]] = []  # per run: (run-config items, results dir, run-name)
+    for extra in args.run or [""]:
+        items = list(args.run_config) + ([extra] if extra else [])
+        try:
+            overrides = parse_run_config(items)
+        except Exception as err:  # flwr raises several types for bad TOML
+            log(f"error: cannot parse --run-config / --run {extra!r}: {err}")
+            return 2
+        results_dir = Path(str(overrides.get("results-dir", default_results_dir(app)))).expanduser()
+        if not results_dir.is_absolute():
+            results_dir = Path.cwd() / results_dir
+            items.append(f"results-dir={json.dumps(str(results_dir))}")  # later keys win
+        runs.append((items, results_dir, str(overrides.get("run-name", ""))))
 
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="asyncfl-deploy-"))).resolve()
-    for what, path in (("--work-dir", work), ("results-dir", results_dir)):
+    for what, path in [("--work-dir", work)] + [("results-dir", r[1]) for r in runs[:1]]:
         if path.is_relative_to(app) and not git_ignored(app, path):
             msg = (f"{what} {path} is inside the app {app} and not git-ignored: `flwr run` would "
                    "pack it into the FAB")
@@ -656,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    ok = False
+    ok, failed = False, 0
     try:
         dep.prepare()
         dep.start_superlink()
@@ -668,12 +684,21 @@ def main(argv: list[str] | None = None) -> int:
         dep.wait_nodes_online(list(range(1, args.num_nodes + 1)))
         if args.kill_node is not None:
             dep.kill_later(args.kill_node, args.kill_after, getattr(signal, f"SIG{args.kill_signal}"))
-        started = time.time()
-        dep.run_app(app, run_config, args.timeout)
-        run_dir = find_run_dir(results_dir, str(overrides.get("run-name", "")), started)
-        print(f"RUN_DIR={run_dir}", flush=True)
-        log(f"summary: {run_dir / 'summary.json'}")
-        ok = True
+        for i, (items, results_dir, run_name) in enumerate(runs, 1):
+            started = time.time()
+            try:  # a failed run does not stop the ones after it; the exit status says
+                dep.run_app(app, items, args.timeout,
+                            log_name="flwr-run.log" if len(runs) == 1 else f"flwr-run-{i}.log")
+                run_dir = find_run_dir(results_dir, run_name, started)
+            except DeploymentError as err:
+                if len(runs) == 1:
+                    raise
+                failed += 1
+                log(f"FAILED: run {i} of {len(runs)}: {err}")
+                continue
+            print(f"RUN_DIR={run_dir}", flush=True)
+            log(f"summary: {run_dir / 'summary.json'}" + (f" (run {i} of {len(runs)})" if len(runs) > 1 else ""))
+        ok = not failed
     except DeploymentError as err:
         log(f"FAILED: {err}")
     except KeyboardInterrupt:

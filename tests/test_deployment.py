@@ -111,10 +111,18 @@ def test_local_deployment_completes_and_cleans_up(tmp_path):
     results = tmp_path / "results"
     # asgd + low-rank payloads: in deployment the tasks after a node's first come as update logs
     cfg = tiny_run_config(results, **{"rule": "asgd", "compressor": "pca", "num-rounds": 3})
-    res, base = run_script(tmp_path, 2, cfg)
+    # two runs on the one deployment (`--run`): the async run, then a sync run of the same model
+    res, base = run_script(tmp_path, 2, cfg, "--run", 'run-name="run"',
+                           "--run", 'run-name="run2" mode="sync" num-rounds=2')
     assert res.returncode == 0, explain(res)
     run_dir = results / "run"
-    assert f"RUN_DIR={run_dir}" in res.stdout
+    assert res.stdout.index(f"RUN_DIR={run_dir}") < res.stdout.index(f"RUN_DIR={results / 'run2'}")
+    second = json.loads((results / "run2" / "summary.json").read_text())
+    assert second["mode"] == "sync" and second["extra"]["rounds"] == 2 and second["updates_applied"] == 4
+    # the second run found the node workers warm: its warm-up started no process and built no
+    # model (the first one's did both: a Python start, torch import and model build per node)
+    assert second["extra"]["warmup_s"] < json.loads((run_dir / "summary.json").read_text())["extra"]["warmup_s"] / 2
+    assert (tmp_path / "work" / "logs" / "flwr-run-2.log").is_file()
     assert (run_dir / "summary.json").is_file()
     events = read_events(run_dir)
     updates = [e for e in events if e["event"] == "update"]

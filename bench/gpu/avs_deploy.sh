@@ -4,13 +4,14 @@
 # shape, speeds 1,1,2,4, PCA rank 10, the app's defaults otherwise. Runs one after another.
 #   bash bench/gpu/avs_deploy.sh REGIME SEEDS SPECS [BUDGET_S=150]
 # env: CALL_S (seconds the whole call may take, default 545), EVAL_EVERY (async: evaluate every N
-# updates, default 6; sync evaluates every round).
+# updates, default 1 as in the app; sync evaluates every round).
 # REGIME: a = local-steps 16, b = local-steps 64. SPECS: "sync,<async spec>" (async_vs_sync.py).
 # Each run's events.jsonl and summary.json come back in runs-<regime>.tgz. Carry .whl, .data.
-# A regime-B run takes ~280-300 s of process time (start-up, warm-up, a sync round that ends
-# past the budget): give one spec per call there ("sync", then "asgd"; the analysis step then
-# says no sync finished, the run folders still come back) and merge the seeds' folders here
-# with `bench/async_vs_sync.py ... --reuse --out DIR`.
+# The runs of a seed share one deployment (--share-deployment: start-up and the node workers'
+# warm-up once per seed, the order reversed every other seed). A regime-B pair takes about
+# 150 + 150 s of budget, a sync round that ends past it (~37 s) and ~60-90 s of start-up and
+# warm-ups: give CALL_S=590 and one seed per call there; merge the seeds' folders here with
+# `bench/async_vs_sync.py ... --reuse --out DIR`.
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 regime=${1:-a}; seeds=${2:-11}; specs=${3:-sync,asgd}; budget=${4:-150}
@@ -21,7 +22,7 @@ nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > 
 timeout "${CALL_S:-545}" python3 bench/async_vs_sync.py --backend deployment --gpus 0 --preset small --device cuda \
   --tokenizer "$PWD/.data/gpt2" --data-dir "$PWD/.data/wikitext-2-raw" --seeds "$seeds" \
   --time-budget-s "$budget" --timeout-s $((budget + 150)) --set "local-steps=$steps" \
-  --eval-every "${EVAL_EVERY:-6}" --sync "$sync" --rules "$rules" --out "$OUT/dep-$regime" > "$OUT/dep-$regime.log" 2>&1
+  --eval-every "${EVAL_EVERY:-1}" --share-deployment --sync "$sync" --rules "$rules" --out "$OUT/dep-$regime" > "$OUT/dep-$regime.log" 2>&1
 echo "exit $?"
 grep -v '^\[async_vs_sync\] \$' "$OUT/dep-$regime.log" | tail -25
 cd "$OUT" && tar czf "runs-$regime.tgz" --exclude='*.png' --exclude=model --exclude='*.pt' \
