@@ -358,8 +358,11 @@ def headline(async_dir: Path, sync_dir: Path) -> list[str]:
              f"updates in {a['wall_clock_s']:.1f} s",
              f"sync (FedAvg): final ppl {_ppl(s['final_eval_ppl'])} after {s['updates_applied']} "
              f"updates in {s['wall_clock_s']:.1f} s"]
-    if s["wall_clock_s"] > a["wall_clock_s"]:  # the last round ends after the budget
+    if s["wall_clock_s"] > a["wall_clock_s"]:  # async stopped first (max-updates, target-ppl)
         lines[-1] += f" (ppl {_ppl(ppl_at(s_ev, a['wall_clock_s']))} at {a['wall_clock_s']:.1f} s)"
+    if not s["updates_applied"]:  # a round lasts as long as its slowest client's task
+        return lines + [f"sync completed no round within {s['wall_clock_s']:.1f} s (its first round "
+                        "waits for the slowest client): nothing to compare; raise --budget-s"]
     target = s["final_eval_ppl"]
     if target is None:
         return lines + ["sync logged no evaluation: nothing to compare"]
