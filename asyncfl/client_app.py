@@ -14,8 +14,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from asyncfl.config import AppConfig
+from asyncfl.flower_hooks import clientapp_in_deployment
 from asyncfl.logs import setup_logging
-from asyncfl.node import in_deployment_process, node_report, partition_of
+from asyncfl.node import node_report, partition_of
 from asyncfl.node_worker import run_remote
 from asyncfl.protocol import UpdateLog
 from asyncfl.transport import arrays_of, pack
@@ -25,7 +26,7 @@ app = ClientApp()
 
 def use_persistent_worker(cfg: AppConfig) -> bool:
     if cfg.persistent_worker == "auto":
-        return in_deployment_process()
+        return clientapp_in_deployment()  # a per-task process: the node's warm worker trains
     return cfg.persistent_worker == "on"
 
 

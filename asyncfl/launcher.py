@@ -24,9 +24,11 @@ Use it in process isolation, one per SuperNode, in place of `flower-superexec`:
 
 `--fork off` (or env ASYNCFL_FORK=0) makes it behave exactly like `flower-superexec`. If the
 zygote cannot start or dies, tasks fall back to Flower's subprocess executor (logged once).
-Tested with flwr 1.41 and 1.42, whose SuperExec selects its executor through
-`flwr.supercore.superexec.run_superexec.get_executor`; on a flwr without that hook the command
-says so and runs Flower's executor unchanged.
+The SuperExec's executor is swapped through `flwr.supercore.superexec.run_superexec.get_executor`
+and the children run `flwr.supernode.runtime.run_clientapp.run_clientapp` (hooks `EXECUTOR` and
+`CLIENTAPP_RUNTIME` of `asyncfl.flower_hooks`). On a flwr without them the command exits with
+an error naming the hook if forking was asked for (`--fork on`, `ASYNCFL_FORK=1`); by default it
+warns once and runs Flower's executor unchanged.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
+
+from asyncfl import flower_hooks
 
 FORK_ENV = "ASYNCFL_FORK"
 _ZYGOTE_FLAG = "--zygote-fd"
@@ -305,34 +310,37 @@ class ForkingExecutor:
         self.fallback.close()
 
 
-def install_forking_executor() -> bool:
-    """Make Flower's SuperExec build a `ForkingExecutor` in place of its subprocess executor.
-    False (and Flower's behaviour unchanged) where this flwr has no such hook."""
-    try:
+def install_forking_executor(required: bool = False) -> bool:
+    """Make Flower's SuperExec build a `ForkingExecutor` in place of its subprocess executor
+    (hooks `flower_hooks.EXECUTOR` and `CLIENTAPP_RUNTIME`). Where this flwr lacks them:
+    `HookMissingError` if `required` (`--fork on`), else a warning, False, and Flower's
+    behaviour unchanged. Installing twice wraps Flower's `get_executor` once."""
+
+    def apply(rs: Any) -> None:
         from flwr.supercore.constant import ExecutorType
-        from flwr.supercore.superexec import run_superexec as rs
         from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-    except ImportError as exc:
-        _log(f"this flwr has no SuperExec executor hook ({exc}); running Flower's executor unchanged")
-        return False
-    original = getattr(rs, "get_executor", None)
-    if original is None:
-        _log("this flwr's SuperExec has no get_executor; running Flower's executor unchanged")
-        return False
 
-    def get_executor(executor_type, *args: Any, **kwargs: Any):
-        executor = original(executor_type, *args, **kwargs)
-        if executor_type == ExecutorType.SUBPROCESS and isinstance(executor, SubprocessExecutor):
-            return ForkingExecutor(executor)
-        return executor
+        original = getattr(rs.get_executor, "asyncfl_original", rs.get_executor)
 
-    rs.get_executor = get_executor
-    return True
+        def get_executor(executor_type, *args: Any, **kwargs: Any):
+            executor = original(executor_type, *args, **kwargs)
+            if executor_type == ExecutorType.SUBPROCESS and isinstance(executor, SubprocessExecutor):
+                return ForkingExecutor(executor)
+            return executor
+
+        get_executor.asyncfl_original = original  # type: ignore[attr-defined]
+        rs.get_executor = get_executor
+
+    return flower_hooks.install(flower_hooks.EXECUTOR, apply, needs=[flower_hooks.CLIENTAPP_RUNTIME],
+                                required=required, say=_log, fallback="running Flower's executor unchanged")
 
 
-def fork_enabled(argv: list[str]) -> tuple[bool, list[str]]:
-    """Strip our own `--fork on|off` from argv; the rest is Flower's."""
-    enabled = os.environ.get(FORK_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+def fork_mode(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
+    """Strip our own `--fork on|off` from argv (the rest is Flower's): "on" (asked for, by the
+    flag or `ASYNCFL_FORK`), "off", or "auto" (neither given: on where this flwr allows)."""
+    text = (os.environ if env is None else env).get(FORK_ENV)
+    mode = "auto" if text is None or not text.strip() else \
+        ("off" if text.strip().lower() in ("0", "off", "false", "no") else "on")
     rest, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -349,21 +357,31 @@ def fork_enabled(argv: list[str]) -> tuple[bool, list[str]]:
             continue
         if value not in ("on", "off"):
             raise SystemExit(f"asyncfl-superexec: --fork must be on or off, got {value!r}")
-        enabled = value == "on"
-    return enabled, rest
+        mode = value
+    return mode, rest
+
+
+def fork_enabled(argv: list[str]) -> tuple[bool, list[str]]:
+    """`fork_mode` as a yes/no: forking unless turned off."""
+    mode, rest = fork_mode(argv)
+    return mode != "off", rest
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [_ZYGOTE_FLAG]:
         sys.exit(zygote_main(int(argv[1])))
-    enabled, rest = fork_enabled(argv)
+    mode, rest = fork_mode(argv)
     if any(a in ("-h", "--help") for a in rest):
         print("asyncfl-superexec: flower-superexec with ClientApp processes forked from a warm\n"
-              "zygote. Extra flag: --fork on|off (default on; env ASYNCFL_FORK=0 turns it off).\n"
+              "zygote. Extra flag: --fork on|off (default: on where this flwr allows; env\n"
+              "ASYNCFL_FORK=0 turns it off).\n"
               "All other flags are flower-superexec's:\n", flush=True)
-    if enabled:
-        install_forking_executor()
+    if mode != "off":
+        try:
+            install_forking_executor(required=mode == "on")
+        except flower_hooks.HookMissingError as exc:
+            raise SystemExit(f"asyncfl-superexec: {exc}; use --fork off to run Flower's executor") from None
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     sys.argv = ["flower-superexec", *rest]

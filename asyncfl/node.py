@@ -1,15 +1,14 @@
 """What a client node knows about itself (no torch): its partition, its report to the server,
-where its local state lives, and whether this process runs in Flower's deployment runtime.
+and where its local state lives.
 
 Imported by the ClientApp, the node's persistent worker (`asyncfl.node_worker`), the worker
-and the client state alike, so none of them imports another for these. (The server asks
-the same deployment question of its grid: `asyncfl.strategies.loop`.)
+and the client state alike, so none of them imports another for these. (Whether this process runs
+in Flower's deployment runtime: `asyncfl.flower_hooks.clientapp_in_deployment`.)
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from asyncfl.config import ConfigError
@@ -21,11 +20,6 @@ def node_state_dir() -> Path:
     """Node-local state (client shifts, error-feedback residuals, worker logs):
     `ASYNCFL_NODE_DIR`, default `~/.cache/asyncfl/node-state`."""
     return Path(os.environ.get("ASYNCFL_NODE_DIR", Path.home() / ".cache" / "asyncfl" / "node-state"))
-
-
-def in_deployment_process() -> bool:
-    """True inside a per-message `flwr-clientapp` process (deployment runtime)."""
-    return Path(sys.argv[0]).name.startswith("flwr-clientapp")
 
 
 def partition_of(node_config) -> tuple[int, int]:

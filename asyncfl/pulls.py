@@ -13,25 +13,27 @@ second, so nearly every reply reached the server ~1 s late, and many tasks reach
 one whose first retry comes after `initial_s` (default `DEFAULT_INITIAL_S`; doubling as
 before, so a really slow upload costs a handful more requests, never a failure). The ServerApp
 installs it for its grid (`flwr.superlink.grid.http_grid`), `asyncfl-supernode` for its
-SuperNode loop (`flwr.supernode.start_client_internal`). On a Flower whose module has no such
-`pull_objects` it logs why and leaves Flower unchanged. Env `ASYNCFL_PULL_RETRY_S` sets the
-first retry (0 = Flower's own 1 s).
+SuperNode loop (`flwr.supernode.start_client_internal`): hooks `SERVER_PULLS` and
+`SUPERNODE_PULLS` of `asyncfl.flower_hooks`. Env `ASYNCFL_PULL_RETRY_S` sets the first retry
+(0 = Flower's own 1 s). On a Flower whose module has no such `pull_objects`, a set
+`ASYNCFL_PULL_RETRY_S` makes it an error naming the hook; unset, it logs why and leaves Flower
+unchanged.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
+from asyncfl import flower_hooks
+
 ENV = "ASYNCFL_PULL_RETRY_S"
 DEFAULT_INITIAL_S = 0.02
-SERVER_MODULE = "flwr.superlink.grid.http_grid"
-SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
+SERVER_MODULE = flower_hooks.SERVER_PULLS.module  # flwr.superlink.grid.http_grid
+SUPERNODE_MODULE = flower_hooks.SUPERNODE_PULLS.module  # flwr.supernode.start_client_internal
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +62,30 @@ def _wrapped(original: Callable[..., Any], initial_s: float) -> Callable[..., An
     return pull_objects
 
 
+def _hook(module_name: str) -> flower_hooks.Hook:
+    for hook in (flower_hooks.SERVER_PULLS, flower_hooks.SUPERNODE_PULLS):
+        if hook.module == module_name:
+            return hook
+    return flower_hooks.pull_objects_hook(module_name, f"a short first retry of {module_name}'s object pulls")
+
+
 def hook_present(module: Any) -> bool:
     """Does `module` call a `pull_objects` that takes `initial_backoff` (flwr 1.41-1.42)?"""
-    fn = getattr(module, "pull_objects", None)
-    fn = getattr(fn, "asyncfl_original", fn)
-    if not callable(fn):
-        return False
-    try:
-        return "initial_backoff" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return flower_hooks.missing_in(_hook(getattr(module, "__name__", "")), module) is None
 
 
-def install_fast_pulls(module_name: str, initial_s: float | None = None) -> bool:
+def install_fast_pulls(module_name: str, initial_s: float | None = None, required: bool = False) -> bool:
     """Make `module_name`'s object pulls retry first after `initial_s`; True if installed.
-    Idempotent (a second call replaces the first's setting)."""
+    Idempotent (a second call replaces the first's setting). Where the module has no such
+    `pull_objects`: `flower_hooks.HookMissingError` if `required` (the user set
+    `ASYNCFL_PULL_RETRY_S`), else a warning and False."""
     initial_s = retry_from_env() if initial_s is None else initial_s
     if initial_s <= 0:
         return False
-    try:
-        module: Any = importlib.import_module(module_name)  # its pull_objects is replaced below
-    except ImportError as exc:
-        log.warning("asyncfl: cannot shorten object pull retries in %s: %s", module_name, exc)
-        return False
-    if not hook_present(module):
-        log.warning("asyncfl: %s has no `pull_objects(..., initial_backoff=...)` in this flwr; "
-                    "object pulls keep Flower's 1 s first retry", module_name)
-        return False
-    original = getattr(module.pull_objects, "asyncfl_original", module.pull_objects)
-    module.pull_objects = _wrapped(original, initial_s)
-    return True
+
+    def apply(module: Any) -> None:
+        original = getattr(module.pull_objects, "asyncfl_original", module.pull_objects)
+        module.pull_objects = _wrapped(original, initial_s)
+
+    return flower_hooks.install(_hook(module_name), apply, required=required, say=log.warning,
+                                fallback="object pulls keep Flower's 1 s first retry")

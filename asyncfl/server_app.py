@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from asyncfl.config import AppConfig, ConfigError
 from asyncfl.data import load_eval_blocks, load_eval_stream, resolve_train_split
+from asyncfl.flower_hooks import HookMissingError, grid_in_deployment
 from asyncfl.logs import setup_logging
 from asyncfl.model import build_model, build_tokenizer, resolve_device, save_model, trainable_state
 from asyncfl.results import RunRecorder
@@ -29,15 +31,16 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as exc:
         log.error("asyncfl: bad run config: %s", exc)
         raise SystemExit(2) from None
-    if type(grid).__name__ == "HttpGrid":  # deployment: replies are pulled from the SuperLink
-        from asyncfl.pulls import SERVER_MODULE, install_fast_pulls, retry_from_env
+    if grid_in_deployment(grid):  # deployment: replies are pulled from the SuperLink
+        from asyncfl.pulls import ENV, SERVER_MODULE, install_fast_pulls, retry_from_env
 
         try:
             retry_s = retry_from_env()
-        except ValueError as exc:
+            fast = install_fast_pulls(SERVER_MODULE, retry_s, required=ENV in os.environ)
+        except (ValueError, HookMissingError) as exc:
             log.error("asyncfl: %s", exc)
             raise SystemExit(2) from None
-        if install_fast_pulls(SERVER_MODULE, retry_s):
+        if fast:
             log.info("asyncfl: reply objects not yet uploaded are retried after %g s (Flower: 1 s)", retry_s)
     run(grid, cfg)
 

@@ -16,9 +16,10 @@ SuperLink. Env `ASYNCFL_SUPERNODE_IDLE_POLL_S` / `ASYNCFL_SUPERNODE_REPLY_POLL_S
 
 How: that module calls the sleeps through its module global `time`; `install_short_polls`
 gives it a stand-in whose `sleep` maps Flower's 3 s idle poll and its 0.5 s polls to the short
-ones and forwards everything else to `time`. It first checks that the module still has those
-sleeps (`hook_present`); on a Flower without them it says so and runs unchanged. When the
-polls are short it adds `idle-poll-s=<S>` to the node's `--node-config`; the ClientApp reports
+ones and forwards everything else to `time` (hook `SUPERNODE_POLLS` of `asyncfl.flower_hooks`).
+On a Flower without those sleeps it exits with an error naming the hook when a poll was asked
+for (a flag or env above); otherwise it warns once and runs Flower's SuperNode unchanged. When
+the polls are short it adds `idle-poll-s=<S>` to the node's `--node-config`; the ClientApp reports
 it with every reply, and `prefetch = "auto"` queues no tasks ahead for such a node.
 
 It also makes the loop's object pulls retry after 0.02 s instead of 1 s when it sees a task
@@ -27,7 +28,6 @@ before the server has finished uploading it (`asyncfl.pulls`; env `ASYNCFL_PULL_
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import time as _time
@@ -35,13 +35,15 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+from asyncfl import flower_hooks
+
 IDLE_ENV = "ASYNCFL_SUPERNODE_IDLE_POLL_S"
 REPLY_ENV = "ASYNCFL_SUPERNODE_REPLY_POLL_S"
 DEFAULT_IDLE_POLL_S = 0.1
 DEFAULT_REPLY_POLL_S = 0.05
-FLOWER_IDLE_POLL_S = 3.0  # the sleeps in flwr/supernode/start_client_internal.py (1.41, 1.42)
-FLOWER_REPLY_POLL_S = 0.5
-_MODULE = "flwr.supernode.start_client_internal"
+FLOWER_IDLE_POLL_S = flower_hooks.FLOWER_IDLE_POLL_S  # Flower's sleeps (3 s, 0.5 s)
+FLOWER_REPLY_POLL_S = flower_hooks.FLOWER_REPLY_POLL_S
+_MODULE = flower_hooks.SUPERNODE_POLLS.module
 NODE_CONFIG_KEY = "idle-poll-s"  # what the node's ClientApps report (metric of the same name)
 
 
@@ -56,6 +58,7 @@ class ShortPollTime:
 
     def __init__(self, idle_s: float, reply_s: float, real: Any = _time) -> None:
         self.idle_s, self.reply_s, self._real = idle_s, reply_s, real
+        self.asyncfl_real = real  # what `flower_hooks` checks the stand-in against
 
     def sleep(self, seconds: float) -> None:
         if seconds == FLOWER_IDLE_POLL_S:
@@ -70,39 +73,26 @@ class ShortPollTime:
 
 def hook_present(module: ModuleType) -> bool:
     """Does this Flower's SuperNode loop sleep through a module-global `time` with the polls
-    this command shortens?"""
-    current = getattr(module, "time", None)
-    if current is not _time and not isinstance(current, ShortPollTime):
-        return False
-    try:
-        source = inspect.getsource(module)
-    except (OSError, TypeError):
-        return False
-    return f"time.sleep({FLOWER_IDLE_POLL_S:g})" in source and \
-        f"time.sleep({FLOWER_REPLY_POLL_S:g})" in source
+    this command shortens? (`flower_hooks.SUPERNODE_POLLS` on `module`)"""
+    return flower_hooks.missing_in(flower_hooks.SUPERNODE_POLLS, module) is None
 
 
-def install_short_polls(idle_s: float, reply_s: float) -> bool:
-    """Shorten the SuperNode's polls in this process; False (and a message) if this Flower's
-    SuperNode has no such sleeps."""
-    import importlib
+def install_short_polls(idle_s: float, reply_s: float, required: bool = False) -> bool:
+    """Shorten the SuperNode's polls in this process. Where this Flower's SuperNode has no such
+    sleeps: `flower_hooks.HookMissingError` if `required`, else a message and False."""
 
-    module = importlib.import_module(_MODULE)
-    if not hook_present(module):
-        _log(f"this flwr ({_flwr_version()}) has no `time.sleep(3)` idle poll in {_MODULE}; "
-             "running Flower's SuperNode unchanged")
-        return False
-    module.time = ShortPollTime(idle_s, reply_s)  # type: ignore[attr-defined]
-    return True
+    def apply(module: ModuleType) -> None:
+        module.time = ShortPollTime(idle_s, reply_s)  # type: ignore[attr-defined]
+
+    return flower_hooks.install(flower_hooks.SUPERNODE_POLLS, apply, required=required, say=_log,
+                                fallback="running Flower's SuperNode unchanged")
 
 
-def _flwr_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("flwr")
-    except Exception:  # noqa: BLE001
-        return "unknown version"
+def polls_asked(argv: list[str], env: Mapping[str, str] | None = None) -> bool:
+    """Did the user set a poll (`--idle-poll-s`, `--reply-poll-s` or their env)?"""
+    env = os.environ if env is None else env
+    return IDLE_ENV in env or REPLY_ENV in env or \
+        any(a.partition("=")[0] in ("--idle-poll-s", "--reply-poll-s") for a in argv)
 
 
 def _seconds(text: str, what: str) -> float:
@@ -165,15 +155,20 @@ def main(argv: list[str] | None = None) -> None:
               f"(default {DEFAULT_IDLE_POLL_S}; Flower: 3) and --reply-poll-s S (default "
               f"{DEFAULT_REPLY_POLL_S}; Flower: 0.5).\nAll other flags are flower-supernode's:\n",
               flush=True)
-    if install_short_polls(idle_s, reply_s):
+    try:
+        installed = install_short_polls(idle_s, reply_s, required=polls_asked(argv))
+    except flower_hooks.HookMissingError as exc:
+        raise SystemExit(f"asyncfl-supernode: {exc}; run flower-supernode for Flower's own polls") from None
+    if installed:
         _log(f"idle poll {idle_s:g} s, reply poll {reply_s:g} s (Flower's: 3 s, 0.5 s)")
-        from asyncfl.pulls import SUPERNODE_MODULE, install_fast_pulls, retry_from_env
+        from asyncfl.pulls import ENV, SUPERNODE_MODULE, install_fast_pulls, retry_from_env
 
         try:
             retry_s = retry_from_env()
-        except ValueError as exc:
+            fast = install_fast_pulls(SUPERNODE_MODULE, retry_s, required=ENV in os.environ)
+        except (ValueError, flower_hooks.HookMissingError) as exc:
             raise SystemExit(f"asyncfl-supernode: {exc}") from None
-        if install_fast_pulls(SUPERNODE_MODULE, retry_s):
+        if fast:
             _log(f"task objects not yet uploaded are retried after {retry_s:g} s (Flower: 1 s)")
         if not any(a in ("-h", "--help") for a in rest):
             rest = announce_poll(rest, idle_s)

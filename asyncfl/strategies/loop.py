@@ -48,6 +48,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.config import AppConfig
+from asyncfl.flower_hooks import grid_in_deployment
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
 from asyncfl.strategies.history import checked_arrays, copy_into, global_arrays
 from asyncfl.strategies.nodes import NodeInfo, Reply, Task
@@ -97,8 +98,9 @@ def _handler_s(msg: Message) -> float | None:
 
 
 def _in_deployment(grid: Grid) -> bool:
-    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one."""
-    return type(grid).__name__ == "HttpGrid"
+    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one
+    (decided in `asyncfl.flower_hooks.grid_in_deployment`)."""
+    return grid_in_deployment(grid)
 
 
 class AsyncFLStrategy(Strategy):
