@@ -85,7 +85,7 @@ def _layout(arrays: Mapping[str, Any], metadata: Mapping[str, str] | None
         bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
         if bad:
             raise TypeError(f"metadata must map str to str, got {bad[0]!r}: {metadata[bad[0]]!r}")
-        header["__metadata__"] = dict(metadata)
+        header[KEY_METADATA] = dict(metadata)
     if any(name == KEY_METADATA for name, _ in items):
         raise ValueError(f"'{KEY_METADATA}' is reserved by safetensors and cannot name an array")
     # widest item size first: every tensor then lies at a multiple of its item size

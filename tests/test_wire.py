@@ -256,3 +256,11 @@ def test_decode_rejects_what_is_not_a_buffer():
         wire.decode(np.zeros(64, dtype=np.float32))
     with pytest.raises(WireError, match="bytes or a uint8 array"):
         wire.decode("text")  # type: ignore[arg-type]
+
+
+def test_a_tensor_the_buffer_leaves_misaligned_is_copied_not_viewed():
+    arrays = {"w": np.arange(6, dtype=np.float64), "b": np.array([True])}
+    shifted = memoryview(b"x" + wire.encode(arrays))[1:]  # the data starts at an odd address
+    got, _ = wire.decode(shifted)
+    assert_same(got, arrays)
+    assert got["w"].flags.aligned and got["w"].ctypes.data % 8 == 0
