@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from asyncfl.config import AppConfig
@@ -19,7 +19,7 @@ from asyncfl.logs import setup_logging
 from asyncfl.node import node_report, partition_of
 from asyncfl.node_worker import run_remote
 from asyncfl.protocol import UpdateLog
-from asyncfl.transport import arrays_of, pack
+from asyncfl.wire import arrays_of
 
 app = ClientApp()
 
@@ -41,17 +41,15 @@ def handle_train(msg: Message, context: Context) -> Message:
             "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0)),
             "local-steps": int(task_cfg.get("local-steps", 0))}  # > 0: DyLU's steps for this task
     logs = _update_log(msg)  # None: the message carries the full weights
-    # packed reply: one Flower object instead of one per factor (the server asks in deployment)
-    packed = bool(task_cfg.get("pack", False))
+    # the reply's payload is one wire Array (the compressor's record), whatever `pack` says
     if use_persistent_worker(cfg):  # deployment: the node's warm worker does the work
         if logs is None:
-            arrays = arrays_of(msg.content["arrays"])
-        else:  # the payloads travel in the same file, prefixed "log-<i>/"
-            arrays = {f"log-{i}/{k}": a for i, rec in enumerate(logs[2]) for k, a in rec.items()}
+            records = [msg.content.array_records["arrays"]]
+        else:  # each payload its own file, as received
+            records = logs[2]
             task["update-log"] = {"base": logs[0], "coefs": logs[1], "n": len(logs[2])}
         node = {"partition-id": pid, "num-partitions": num_partitions}
-        out, metrics = run_remote(dict(context.run_config), node, task, arrays)
-        record = pack(out) if packed else ArrayRecord({k: Array(v) for k, v in out.items()})
+        record, metrics = run_remote(dict(context.run_config), node, task, records)
     else:  # simulation: this process (a Ray actor) lives for the whole run
         from asyncfl.worker import get_worker
 
@@ -62,20 +60,18 @@ def handle_train(msg: Message, context: Context) -> Message:
                                           update_log=None if logs is None else UpdateLog(*logs),
                                           local_steps=task["local-steps"])
         record, metrics = result.record, result.metrics
-        if packed:
-            record = pack(arrays_of(record))
     metrics = {**metrics, **node_report(context.node_config)}
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
-def _update_log(msg: Message) -> tuple[int, list[float], list[dict]] | None:
-    """(base version, coefficients, payloads as arrays) when the task came as an update log."""
+def _update_log(msg: Message) -> tuple[int, list[float], list[ArrayRecord]] | None:
+    """(base version, coefficients, payload records) when the task came as an update log."""
     cfg: Mapping[str, Any] = msg.content["config"]
     if cfg.get("downlink", "full") != "log":
         return None
     return int(cfg["base-version"]), [float(c) for c in cfg["log-coefs"]], \
-        [arrays_of(msg.content[f"log-{i}"]) for i in range(int(cfg["log-n"]))]
+        [msg.content.array_records[f"log-{i}"] for i in range(int(cfg["log-n"]))]
 
 
 def _torch_views(arrays: dict) -> dict:
@@ -101,13 +97,14 @@ def handle_warmup(msg: Message, context: Context) -> Message:
     task: dict[str, Any] = {"warmup": True, "run-key": str(task_cfg.get("run-key", context.run_id)),
             "version": int(task_cfg.get("version", 0))}
     # with the update-log downlink the weights come along: the worker keeps them as its base
-    arrays = arrays_of(msg.content["arrays"]) if "arrays" in msg.content.array_records else {}
+    weights = msg.content["arrays"] if "arrays" in msg.content.array_records else None
     if use_persistent_worker(cfg):
         node = {"partition-id": pid, "num-partitions": num_partitions}
-        _, metrics = run_remote(dict(context.run_config), node, task, arrays)
+        _, metrics = run_remote(dict(context.run_config), node, task, [] if weights is None else [weights])
     else:
         from asyncfl.worker import get_worker
 
+        arrays = {} if weights is None else arrays_of(weights)
         metrics = get_worker(cfg).warm_up(cfg, pid, num_partitions, _torch_views(arrays) or None,
                                           run_key=task["run-key"], version=task["version"])
     metrics = {**metrics, **node_report(context.node_config)}

@@ -8,9 +8,13 @@ on the same node, started on first use, that holds the `asyncfl.worker.Worker` (
 compiled graph) across tasks, exactly as a Ray actor does in simulation.
 
 Protocol (Unix socket, one JSON line each way, no pickle): the request names the run config,
-node config, task config and two files; arrays travel as one raw file plus a JSON index
-(name, dtype, shape, offset), written to /dev/shm when it exists. Any failure on the worker
-side comes back as an error text and the ClientApp raises it (an error reply to the server).
+node config, task config, the task's input files and the reply file. Each file holds one
+record's arrays in the wire format (`asyncfl.wire`: safetensors bytes), in /dev/shm when it
+exists: the ClientApp writes a received wire Array's bytes as they are (the full weights, or
+each payload of an update log), the worker maps them copy-on-write and validates them, and
+writes its reply record's bytes as they are, which the ClientApp sends on. Any failure on the
+worker side comes back as an error text and the ClientApp raises it (an error reply to the
+server).
 
 Notes
 -----
@@ -34,48 +38,15 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-
-from asyncfl import node
+from asyncfl import node, wire
 from asyncfl.config import AppConfig
 from asyncfl.node import node_state_dir, partition_of
 from asyncfl.protocol import UpdateLog
-from asyncfl.transport import arrays_of
 
 IDLE_EXIT_S = 1800.0
 START_TIMEOUT_S = 300.0
 _MODEL_KEYS = ("model", "pretrained", "model-preset", "lora-rank", "lora-alpha", "lora-dropout",
                "device", "seed", "block-size", "compile")
-
-
-# ------------------------------------------------------------------------------------------
-# Arrays on disk: one raw file + a JSON index (no pickle)
-# ------------------------------------------------------------------------------------------
-def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    index, offset = [], 0
-    with open(path, "wb") as f:
-        for name, a in arrays.items():
-            a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-            f.write(a.reshape(-1).data.cast("B") if a.size else b"")  # memoryview, no intermediate copy
-            index.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset})
-            offset += a.nbytes
-    return index
-
-
-def read_arrays(path: Path, index: list[dict[str, Any]], copy: bool = True) -> dict[str, np.ndarray]:
-    """The arrays of `write_arrays`. `copy=False` maps the file copy-on-write instead of reading
-    it: the views are valid after the file is unlinked and cost no copy until written to."""
-    if copy:
-        raw = np.fromfile(path, dtype=np.uint8)
-    else:
-        raw = np.memmap(path, dtype=np.uint8, mode="c") if path.stat().st_size else np.zeros(0, np.uint8)
-    out = {}
-    for e in index:
-        dt = np.dtype(e["dtype"])
-        n = int(np.prod(e["shape"], dtype=np.int64)) * dt.itemsize
-        a = raw[e["offset"]:e["offset"] + n].view(dt).reshape(tuple(e["shape"]))
-        out[e["name"]] = a.copy() if copy else a
-    return out
 
 
 def _scratch_dir() -> Path:
@@ -140,20 +111,31 @@ def ensure_worker(path: Path) -> socket.socket:
 
 
 def run_remote(run_config: dict[str, Any], node_config: dict[str, Any], task: dict[str, Any],
-               arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run one training task on the node's persistent worker; returns (reply arrays, metrics)."""
+               records: list) -> tuple[Any, dict[str, Any]]:
+    """Run one task on the node's persistent worker: `records` are the task's ArrayRecords
+    (the full weights, or an update log's payloads; none for a warm-up without weights).
+    Returns (reply ArrayRecord, metrics); the reply's wire bytes are checked before use."""
+    from flwr.app import ArrayRecord
+
     path = socket_path(run_config, node_config)
     with tempfile.TemporaryDirectory(dir=_scratch_dir(), prefix="asyncfl-task-") as tmp:
-        inp, out = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+        inputs = [Path(tmp) / f"in-{i}.safetensors" for i in range(len(records))]
+        for file, record in zip(inputs, records):
+            wire.write_record(file, record)
+        out = Path(tmp) / "out.safetensors"
         request = {"run_config": run_config, "node_config": node_config, "task": task,
-                   "in": str(inp), "in_index": write_arrays(inp, arrays), "out": str(out)}
+                   "in": [str(p) for p in inputs], "out": str(out)}
         with ensure_worker(path) as s:
             s.settimeout(None)
             s.sendall((json.dumps(request) + "\n").encode())
             reply = json.loads(s.makefile("rb").readline() or b'{"ok": false, "error": "worker closed"}')
         if not reply.get("ok"):
             raise RuntimeError(f"asyncfl node worker failed: {reply.get('error')}")
-        return read_arrays(out, reply["out_index"], copy=False), reply["metrics"]
+        if not out.exists():  # no payload (a warm-up, or "need-full")
+            return ArrayRecord(), reply["metrics"]
+        data = out.read_bytes()
+        wire.decode(data)  # a defect is the worker's, reported here rather than by the server
+        return wire.record_of(data), reply["metrics"]
 
 
 def control(path: Path, op: str) -> dict[str, Any] | None:
@@ -200,29 +182,30 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
 
     cfg = AppConfig.from_run_config(req["run_config"])
     pid, n = partition_of(req["node_config"])
-    if req["task"].get("warmup"):
-        task = req["task"]
-        arrays = read_arrays(Path(req["in"]), req["in_index"], copy=False)
-        state = {k: torch.from_numpy(a) for k, a in arrays.items()} or None
-        metrics = get_worker(cfg).warm_up(cfg, pid, n, state, run_key=str(task.get("run-key", "")),
-                                          version=int(task.get("version", 0)))
-        return {"out_index": write_arrays(Path(req["out"]), {}), "metrics": metrics}
-    # a copy-on-write map of the task file: the model reads the weights straight from it
-    arrays = read_arrays(Path(req["in"]), req["in_index"], copy=False)
     task = req["task"]
+    # copy-on-write maps of the task files: the model reads the weights straight from them
+    inputs = [wire.read(p) for p in req["in"]]
+    if task.get("warmup"):
+        state = {k: torch.from_numpy(a) for k, a in inputs[0][0].items()} if inputs else None
+        metrics = get_worker(cfg).warm_up(cfg, pid, n, state or None, run_key=str(task.get("run-key", "")),
+                                          version=int(task.get("version", 0)))
+        return {"metrics": metrics}
     state, update_log = None, None
-    if "update-log" in task:  # payloads named "log-<i>/<array>": regroup into their records
+    if "update-log" in task:  # one file per payload, decoded: (arrays, metadata) each
         spec = task["update-log"]
-        records = [{k.split("/", 1)[1]: a for k, a in arrays.items() if k.startswith(f"log-{i}/")}
-                   for i in range(int(spec["n"]))]
-        update_log = UpdateLog(int(spec["base"]), [float(c) for c in spec["coefs"]], records)
+        if len(inputs) != int(spec["n"]):
+            raise ValueError(f"update log of {spec['n']} payloads came with {len(inputs)} files")
+        update_log = UpdateLog(int(spec["base"]), [float(c) for c in spec["coefs"]], inputs)
     else:
-        state = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        if len(inputs) != 1:
+            raise ValueError(f"a task with the full weights needs one input file, got {len(inputs)}")
+        state = {k: torch.from_numpy(a) for k, a in inputs[0][0].items()}
     result = get_worker(cfg).run_task(cfg, state, pid, n, run_key=task["run-key"], version=task["version"],
                                       repeat=int(task.get("repeat", 0)), update_log=update_log,
                                       local_steps=int(task.get("local-steps", 0)))
-    arrays = arrays_of(result.record)
-    return {"out_index": write_arrays(Path(req["out"]), arrays), "metrics": result.metrics}
+    if len(result.record):  # its wire bytes as they are (a compressor's record is one wire Array)
+        wire.write_record(Path(req["out"]), result.record)
+    return {"metrics": result.metrics}
 
 
 class _Server(socketserver.UnixStreamServer):

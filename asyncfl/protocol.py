@@ -19,7 +19,7 @@ class UpdateLog:
 
     base: int
     coefs: list[float]
-    records: list  # payload ArrayRecords (server side) or their arrays (client side, unpacked)
+    records: list  # payload ArrayRecords, or (client side, deployment) their decoded wire data
     target: int | None = None
 
     @property

@@ -29,8 +29,9 @@ idle poll by queueing a node's next task before the running one ends (`prefetch`
 * `prefetch-fp16`: prefetch + `download-dtype="fp16"` (global weights sent in half precision).
 * `prefetch-log`: prefetch + `downlink="log"` (tasks carry the payloads a node missed; needs
   `--run-config 'rule="asgd"'` or fedbuff). The other profiles set `downlink="full"`.
-* `packed`, `packed-fp16`, `packed-log`: the three above with `pack="on"` (every record one
-  Flower Array). The profiles before them set `pack="off"`, Flower's one object per array.
+* `packed`, `packed-fp16`, `packed-log`: the three above with `pack="on"` (the full weights as
+  one Flower Array too). The profiles before them set `pack="off"`: the weights as one Flower
+  Array per tensor (payloads and update logs are one Array either way, `asyncfl/wire.py`).
   All profiles up to here run the SuperNodes in Flower's default subprocess isolation.
 * `process-log`: packed-log with the SuperNodes in process isolation, each next to a
   `flower-superexec` (Flower's executor: a fresh `flwr-clientapp` process per message).

@@ -1,9 +1,9 @@
 """Server cost per client update for the GPT-2 124M shape: decode + rule apply, and the global record.
 
 What the async server loop does for every reply (`AsyncFLStrategy._decode` + `_handle_async_reply`):
-`decode_state(arrays_of(record), reference=shapes, device=device)` rebuilds the dense delta
-from its low-rank factors (validating every payload; `arrays_of` views the received bytes,
-packed or not), then `rule.apply(x, update, staleness, node, base)`
+`decode_state(record, reference=shapes, device=device)` rebuilds the dense delta from its
+low-rank factors (validating the wire bytes and every payload; the factors are views of the
+received bytes), then `rule.apply(x, update, staleness, node, base)`
 folds it into the global trainable state in place. Once per new global version the server also
 builds the outgoing `ArrayRecord` of the global state (`_global_record`, fp32 on the host).
 
@@ -45,7 +45,6 @@ from asyncfl.config import AppConfig  # noqa: E402
 from asyncfl.model import build_model, trainable_state  # noqa: E402
 from asyncfl.strategies.build import build_rule  # noqa: E402
 from asyncfl.strategies.rules import fedavg_mean  # noqa: E402
-from asyncfl.transport import arrays_of  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 RULES = "fedasync,fedbuff,asgd,shifted,saga,fedavg"
@@ -113,7 +112,7 @@ def make_compressor(name: str, rank: int):
 def bench_rule(rule_name: str, record, x: dict[str, torch.Tensor], shapes: dict,
                device: torch.device, repeats: int, base_cfg: dict) -> dict[str, Any]:
     """decode, apply, decode+apply (and fedasync's snapshot) timings of one rule on one record."""
-    decode = lambda: decode_state(arrays_of(record), reference=shapes, device=device)  # noqa: E731
+    decode = lambda: decode_state(record, reference=shapes, device=device)  # noqa: E731
     dec_ms, update = timed(decode, device, repeats)
     row: dict[str, Any] = {"rule": rule_name, "decode_ms": statistics.median(dec_ms),
                            "decode_all_ms": dec_ms}

@@ -90,17 +90,3 @@ def task_identity():
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
-
-def npy_record_bytes(arrays) -> int:
-    """Bytes of a record's arrays as Flower counts them (`ArrayRecord.count_bytes`), recomputed
-    independently: each array as `np.save` writes it (.npy header and data) plus its key."""
-    import io
-
-    import numpy as np
-
-    total = 0
-    for k, a in arrays.items():
-        buf = io.BytesIO()
-        np.save(buf, a, allow_pickle=False)
-        total += len(buf.getvalue()) + len(k)
-    return total

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
@@ -253,18 +252,17 @@ def remote_ef(node_dir, shared_dir):
 
 def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from_zero(remote_ef, node_dir, tmp_path,
                                                                                        monkeypatch):
-    from flwr.app import Array, ArrayRecord
-
     from asyncfl.node_worker import control, run_remote, socket_path
+    from asyncfl.wire import to_record
 
     run_config, node = remote_ef
     cfg = AppConfig.from_run_config(run_config)
     g = fresh_global(cfg)
-    arrays = {k: v.numpy() for k, v in g.items()}
+    weights = to_record({k: v.numpy() for k, v in g.items()})
 
     def remote(version):
-        out, metrics = run_remote(run_config, node, {"run-key": "d", "version": version}, arrays)
-        return decode_state(ArrayRecord({k: Array(np.array(v)) for k, v in out.items()})), metrics
+        out, metrics = run_remote(run_config, node, {"run-key": "d", "version": version}, [weights])
+        return decode_state(out), metrics
 
     r0, m0 = remote(0)
     r1, m1 = remote(1)

@@ -10,7 +10,9 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from safetensors import numpy as st
 
+from asyncfl import wire as wire_format
 from asyncfl.compressors import (
     COMPRESSORS,
     PayloadError,
@@ -18,7 +20,6 @@ from asyncfl.compressors import (
     get_compressor,
     should_compress,
 )
-from tests.conftest import npy_record_bytes
 
 # (compressor, row_select) pairs: every method and every CUR row rule
 METHODS = [("pca", None), ("qrcp", None), ("cur", "greedy"), ("cur", "pivoted"),
@@ -195,18 +196,20 @@ def test_record_round_trip_and_byte_counts(name, wire):
     for key, x in state.items():
         assert out[key].shape == x.shape and out[key].dtype == torch.float32
         assert rel(x, out[key]) == pytest.approx(metrics["rel_error"][key], abs=1e-6)
-    # the reported size, recomputed from what arrived: each array as `np.save` writes it
-    # (the .npy header and the raw data) plus its key, as `ArrayRecord.count_bytes` counts
-    arrays = {k: received[k].numpy() for k in received.keys()}
-    serialized = npy_record_bytes(arrays)
-    assert metrics["bytes"] == serialized
-    data = sum(a.nbytes for a in arrays.values())  # raw tensor bytes; headers add <= 128 B each
-    assert data < metrics["bytes"] <= data + sum(128 + len(k) for k in arrays)
+    # the reported size, recomputed from what arrived: one wire Array (safetensors bytes,
+    # read here by the library) and its key, as `ArrayRecord.count_bytes` counts
+    assert list(received.keys()) == [wire_format.KEY]
+    data = received[wire_format.KEY].data
+    arrays = st.load(data)
+    assert metrics["bytes"] == len(data) + len(wire_format.KEY)
+    raw = sum(a.nbytes for a in arrays.values())  # tensor bytes; the header adds the rest
+    header = int.from_bytes(data[:8], "little")
+    assert len(data) == 8 + header + raw and header <= 256 + 160 * len(arrays)
     payloads = comp._encode_many(state)[0]
-    assert codec.record_nbytes(payloads, name) == serialized == record.count_bytes()
-    for p in payloads.values():  # Payload.nbytes == count_bytes of its own arrays
-        own = ArrayRecord(array_dict={k: Array(v) for k, v in p.factors.items()})
-        assert p.nbytes == own.count_bytes()
+    assert codec.record_nbytes(payloads, name) == metrics["bytes"] == record.count_bytes()
+    assert sorted(arrays) == sorted(f"{t}/{f}" for t, p in payloads.items() for f in p.factors)
+    for t, p in payloads.items():  # Payload.nbytes: its factors' data
+        assert p.nbytes == sum(arrays[f"{t}/{f}"].nbytes for f in p.factors)
 
 
 def test_metrics_match_independent_errors():
@@ -226,17 +229,20 @@ def test_metrics_match_independent_errors():
 
 # --- validation ------------------------------------------------------------------------------
 def _arrays(record) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record.keys()}
+    return dict(st.load(record[wire_format.KEY].data))  # the library's reading: writable copies
 
 
-def _rebuild(arrays: dict, meta_edit=None):
+def _rebuild(record, arrays: dict, meta_edit=None):
+    """A wire record of `arrays` with the metadata of `record`, its `tensors` parsed for
+    `meta_edit`."""
     import json
 
-    meta = json.loads(arrays["__meta__"].tobytes())
+    meta = dict(wire_format.read_record(record)[1])
+    meta["tensors"] = json.loads(meta["tensors"])
     if meta_edit:
         meta_edit(meta)
-    arrays = dict(arrays, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8).copy())
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    meta["tensors"] = json.dumps(meta["tensors"])
+    return wire_format.to_record(arrays, meta)
 
 
 def _set(key, value):
@@ -295,7 +301,7 @@ def test_bad_payloads_raise(cur_record, case):
     with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")):
         reference = None if case == "declared shape" else {k: v.shape for k, v in state.items()}
-        decode_state(_rebuild(arrays, edit_meta), reference)
+        decode_state(_rebuild(record, arrays, edit_meta), reference)
 
 
 def test_reference_and_rank_checks(cur_record):
@@ -321,7 +327,10 @@ def test_reference_and_rank_checks(cur_record):
 
 @pytest.mark.parametrize("record, message", [
     ("not a record", "expected an ArrayRecord"),
-    ({}, "no '__meta__' entry"),
+    ({}, "not a compressed-delta record: expected one 'safetensors' Array"),
+    (ArrayRecord({"w/data": Array(np.ones(3, np.float32))}), "not a compressed-delta record"),
+    (b"\x05\0\0\0\0\0\0\0{oops", "not valid wire data: header is not valid JSON"),
+    (wire_format.to_record({"w/data": np.ones(3, np.float32)}), "unsupported record format"),
 ])
 def test_not_a_record(record, message):
     with pytest.raises(PayloadError, match=message):
@@ -330,10 +339,21 @@ def test_not_a_record(record, message):
 
 def test_garbled_metadata(cur_record):
     arrays = _arrays(cur_record[1])
-    arrays["__meta__"] = np.frombuffer(b"{not json", np.uint8).copy()
-    record = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
-    with pytest.raises(PayloadError, match="not valid JSON"):
-        decode_state(record)
+    meta = dict(wire_format.read_record(cur_record[1])[1], tensors="{not json")
+    with pytest.raises(PayloadError, match="'tensors' is not valid JSON"):
+        decode_state(wire_format.to_record(arrays, meta))
+    with pytest.raises(PayloadError, match="format"):
+        decode_state(wire_format.to_record(arrays, dict(meta, format="2")))
+
+
+def test_a_valid_record_rebuilt_by_the_library_decodes_the_same(cur_record):
+    """Built by `safetensors.numpy.save` from what we sent (factors and metadata), the bytes
+    decode to exactly what the original record decodes to: nothing but the format is read."""
+    state, record = cur_record
+    data = st.save(_arrays(record), metadata=wire_format.read_record(record)[1])
+    want = decode_state(record)
+    for k, v in decode_state(data, {k: x.shape for k, x in state.items()}).items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
 
 
 # --- options ---------------------------------------------------------------------------------

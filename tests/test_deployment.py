@@ -130,7 +130,6 @@ def test_local_deployment_completes_and_cleans_up(tmp_path):
     assert {u["partition"] for u in updates} == {0, 1}  # both SuperNodes worked
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["extra"]["log_tasks"] >= 4 and not [e for e in events if e["event"] in ("drop", "need_full")]
-    assert summary["extra"]["packed_replies"] == len(updates)  # pack="auto": on in deployment
     # both nodes warmed up (model built in the node worker) before the run clock started
     warm = [e for e in events if e["event"] == "warmup"]
     assert len(warm) == 1 and warm[0]["nodes"] == 2 and summary["extra"]["warmup_s"] > 0

@@ -137,7 +137,7 @@ def _side(m: str, side: tuple[str, ...]) -> bool:
 
 
 def test_client_and_server_sides_do_not_import_each_other():
-    """What both sides need (config, transport, protocol, tensors, compressors, ...) lies below
+    """What both sides need (config, wire, protocol, tensors, compressors, ...) lies below
     both; only the emulator (and the tests) put them together."""
     graph = import_graph()
     for mine, other, what in ((CLIENT, SERVER, "server"), (SERVER, CLIENT, "client")):

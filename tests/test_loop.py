@@ -14,6 +14,7 @@ import json
 import math
 import time
 import uuid
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector
 from asyncfl.strategies.loop import WARMUP_MESSAGE_TYPE, AsyncFLStrategy
 from asyncfl.strategies.server_state import ServerState, load_checkpoint
-from asyncfl.transport import PACKED_KEY, arrays_of, pack
+from asyncfl.wire import arrays_of, is_wire
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -60,8 +61,8 @@ class FakeGrid:
         self.log_tasks = 0  # tasks that came as an update log
         self.forgot: set[int] = set()
         self.max_queued: dict[int, int] = {n: 0 for n in delays}  # most messages held at once
-        self.packed_records = 0  # task records that came as one packed Array
-        self.unpacked_records = 0  # ... and as one Array per tensor
+        # records received, by ("weights" | "log", "wire" (one wire Array) | "plain" (per tensor))
+        self.records: Counter[tuple[str, str]] = Counter()
         self.warmups: list[int] = []  # nodes sent a warm-up message
         self.cold_warmup = False  # True: warm-ups do not keep the weights they carry
         self.no_encode: set[int] = set()  # nodes whose replies do not report `encode-s`
@@ -115,7 +116,7 @@ class FakeGrid:
             if "arrays" in msg.content.array_records and not self.cold_warmup:  # keep them, as the worker does
                 version = int(msg.content["config"]["version"])
                 self.held[node] = (version, {k: torch.from_numpy(a.copy())
-                                             for k, a in self._arrays(msg.content["arrays"]).items()})
+                                             for k, a in self._arrays(msg.content["arrays"], "weights").items()})
                 metrics["holds-version"] = version
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         self.calls[node] += 1
@@ -138,24 +139,25 @@ class FakeGrid:
             assert base == int(config["base-version"])
             received = {k: v.clone() for k, v in held.items()}
             for i, c in enumerate(list(config["log-coefs"])[:int(config["log-n"])]):
-                for k, u in decode_state(self._arrays(msg.content[f"log-{i}"])).items():
+                self._arrays(msg.content[f"log-{i}"], "log")
+                for k, u in decode_state(msg.content[f"log-{i}"]).items():
                     received[k] += c * u
             self.log_tasks += 1
         else:
-            received = {k: torch.from_numpy(a.copy()) for k, a in self._arrays(msg.content["arrays"]).items()}
+            arrays = self._arrays(msg.content["arrays"], "weights")
+            received = {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}
         self.held[node] = (version, {k: v.clone() for k, v in received.items()})
         delta = client_delta(node, received)
         if how == "nan":
             delta["w"][0, 0] = float("nan")
         if how == "wrong-shape":
             delta["w"] = torch.zeros(2, 2)
-        record = get_compressor("none").encode_state(delta)
-        if config.get("pack", False):  # as the real ClientApp does when the server asks
-            record = pack(arrays_of(record))
-        if how == "bad-pack":  # the header claims an array far beyond the bytes sent
-            raw = bytearray(record[PACKED_KEY].data)
-            raw[raw.index(b'"w/data","<f4",[4,3],') + len(b'"w/data","<f4",[4,3],')] = ord("9")
-            record[PACKED_KEY].data = bytes(raw)
+        record = get_compressor("none").encode_state(delta)  # one wire Array, as the ClientApp's
+        if how == "bad-wire":  # the header claims more bytes for an array than it spans
+            array = record["safetensors"]
+            text = b'"w/data":{"dtype":"F32","shape":[4,3]'
+            assert array.data.count(text) == 1
+            array.data = array.data.replace(text, text.replace(b"[4,3]", b"[4,9]"))
         steps = int(config.get("local-steps", 16))
         metrics = {"partition-id": node, "train-loss": 1.0 / node,
                    "num-examples": 1 if self.equal_examples else node,
@@ -173,11 +175,8 @@ class FakeGrid:
         return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
 
 
-    def _arrays(self, record: ArrayRecord) -> dict:
-        if PACKED_KEY in record.keys():
-            self.packed_records += 1
-        else:
-            self.unpacked_records += 1
+    def _arrays(self, record: ArrayRecord, what: str) -> dict:
+        self.records[what, "wire" if is_wire(record) else "plain"] += 1
         return arrays_of(record)
 
 
@@ -272,16 +271,17 @@ def test_node_unavailable_retires_at_once_and_the_run_goes_on(tmp_path):
     assert len(events(tmp_path, "update")) == 4
 
 
-@pytest.mark.parametrize("how", ["nan", "wrong-shape", "bad-pack"])
+@pytest.mark.parametrize("how", ["nan", "wrong-shape", "bad-wire"])
 def test_invalid_payload_is_rejected_and_global_model_untouched(tmp_path, how):
-    state = make_state(tmp_path, rule="asgd", pack="on" if how == "bad-pack" else "off",
-                       **{"server-lr": 1.0, "max-updates": 3})
+    state = make_state(tmp_path, rule="asgd", **{"server-lr": 1.0, "max-updates": 3})
     grid = FakeGrid({1: 1, 2: 1}, {2: how})
     AsyncFLStrategy(state).start(grid)
     ups = events(tmp_path, "update")
     assert {u["node"] for u in ups} == {1}
     bad = [d for d in events(tmp_path, "drop") if d["node"] == 2]
     assert bad and all("invalid payload" in d["reason"] for d in bad)
+    if how == "bad-wire":  # rejected by the wire check, naming the defect
+        assert all("'w/data': F32 (4, 9) needs 144 bytes" in d["reason"] for d in bad)
     expected = replay_asgd(grid, ups, 1.0)  # only node 1's updates moved the model
     for k in X0:
         torch.testing.assert_close(state.x[k], expected[k])
@@ -567,7 +567,7 @@ def test_update_log_needs_a_linear_rule():
 
 
 # ------------------------------------------------------------------------------------------
-# packed transport: every record one Flower Array
+# pack: the global weights as one wire Array (payloads are one wire Array either way)
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("downlink", ["full", "log"])
 def test_packed_messages_train_the_same_model(tmp_path, log_always, downlink):
@@ -575,17 +575,18 @@ def test_packed_messages_train_the_same_model(tmp_path, log_always, downlink):
         state = make_state(tmp_path / pack_mode, rule="asgd", pack=pack_mode, downlink=downlink,
                            **{"server-lr": 0.5, "max-updates": 10})
         grid = FakeGrid({1: 1, 2: 3})
-        strategy = AsyncFLStrategy(state)
-        strategy.start(grid)
-        return state, grid, strategy.packed_replies
+        AsyncFLStrategy(state).start(grid)
+        return state, grid
 
-    packed, grid, packed_replies = run("on")
-    plain, plain_grid, plain_replies = run("off")
-    assert plain_grid.packed_records == 0 and plain_replies == 0
-    assert packed_replies == 10  # every applied reply came back packed
-    # every task record came packed (the full weights, or each payload of an update log)
-    assert grid.packed_records >= len(grid.sent) - 2 and (downlink == "full" or grid.log_tasks >= 6)
-    assert grid.unpacked_records == 0
+    packed, grid = run("on")
+    plain, plain_grid = run("off")
+    # the weights (each full-weights task, and the warm-up's with the update log) came as one
+    # wire Array with pack on, as one Flower Array per tensor with it off
+    assert grid.records["weights", "wire"] >= 1 and grid.records["weights", "plain"] == 0
+    assert plain_grid.records["weights", "plain"] >= 1 and plain_grid.records["weights", "wire"] == 0
+    for g in (grid, plain_grid):  # an update log re-sends the payloads as the clients sent them
+        assert g.records["log", "plain"] == 0
+        assert downlink == "full" or (g.log_tasks >= 6 and g.records["log", "wire"] >= g.log_tasks)
     ups = events(tmp_path / "on", "update")
     assert [u["node"] for u in ups] == [u["node"] for u in events(tmp_path / "off", "update")]
     expected = replay_asgd(grid, ups, 0.5)
@@ -599,7 +600,7 @@ def test_pack_auto_is_off_outside_deployment(tmp_path):
     strategy = AsyncFLStrategy(state)
     grid = FakeGrid({1: 1})
     strategy.start(grid)
-    assert not strategy.pack and grid.packed_records == 0
+    assert not strategy.pack and grid.records["weights", "wire"] == 0
 
 
 def test_a_node_on_its_first_task_borrows_the_peers_first_task_time(tmp_path):

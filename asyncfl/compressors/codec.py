@@ -3,9 +3,10 @@
 Paper: Section 3 (PCA, QRCP, CUR factors) and Section 3.4 (the decoded delta feeds the server).
 
 Notes
-- Every array is a plain numpy array inside a Flower `ArrayRecord` (stored with `np.save`,
-  `allow_pickle=False`); nothing is ever unpickled. Metadata is JSON text in a uint8 array.
-- Record keys are `"<tensor>/<factor>"` plus one `"__meta__"` entry; tensor names may not hold "/".
+- A record is one wire `Array` (`asyncfl.wire`: safetensors bytes, nothing unpickled): the
+  factors under `"<tensor>/<factor>"` (tensor names may not hold "/"), and in the safetensors
+  `__metadata__` `format` ("1"), `compressor` and `tensors` (JSON: name -> kind, shape, dtype,
+  fp16 scales).
 - Layouts (m = shape[0], n = numel / m, r = rank), all decoded in fp32:
   dense: data (original shape, original dtype; bf16 travels as fp32, losslessly);
   pca: u (m, r) = U_r S_r, v (n, r), mean (n,) -> u v^T + mean;
@@ -19,19 +20,18 @@ Notes
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 
-META_KEY = "__meta__"
+from asyncfl import wire
+
 FORMAT_VERSION = 1
 MAX_EXPONENT = 127  # |power-of-two scale exponent| accepted on decode
 FLOAT_WIRE = ("float16", "float32")
@@ -73,23 +73,6 @@ KINDS = ("dense", *LAYOUTS)
 COMPRESSORS = ("none", *LAYOUTS)  # compressor names; "none" sends every tensor dense
 
 
-@lru_cache(maxsize=4096)
-def _npy_header_len(descr: str, shape: tuple[int, ...]) -> int:
-    """Length of the `np.save` header numpy writes for this dtype and shape."""
-    buf = io.BytesIO()
-    header = {"descr": descr, "fortran_order": False, "shape": shape}
-    np.lib.format.write_array_header_1_0(buf, header)
-    return len(buf.getvalue())
-
-
-def npy_nbytes(array: np.ndarray) -> int:
-    """Bytes of `np.save(array)`: what `flwr.app.Array(array).data` holds."""
-    descr = np.lib.format.dtype_to_descr(array.dtype)
-    if not isinstance(descr, str):  # a structured dtype's descr is a list (unhashable, never sent)
-        raise TypeError(f"npy_nbytes: structured dtype {array.dtype} is not supported")
-    return _npy_header_len(descr, array.shape) + array.nbytes
-
-
 @dataclass(frozen=True)
 class Payload:
     """One encoded tensor: kind, original shape and dtype, numpy factors, fp16 scale exponents."""
@@ -110,8 +93,8 @@ class Payload:
 
     @property
     def nbytes(self) -> int:
-        """Wire bytes: `ArrayRecord` of the factors keyed by factor name, `count_bytes()`."""
-        return sum(npy_nbytes(a) + len(k) for k, a in self.factors.items())
+        """Bytes of the factors' data (the record adds its header: `record_nbytes`)."""
+        return sum(a.nbytes for a in self.factors.values())
 
     def meta(self) -> dict:
         """JSON-able description stored in the record metadata."""
@@ -122,42 +105,32 @@ class Payload:
 
 
 # --- record building --------------------------------------------------------------------------
-def _meta_array(payloads: Mapping[str, Payload], compressor: str) -> np.ndarray:
-    """The metadata entry: JSON text as a 1-D uint8 array."""
+def record_metadata(payloads: Mapping[str, Payload], compressor: str) -> dict[str, str]:
+    """The record's safetensors `__metadata__`: format, compressor and the tensors (JSON)."""
     tensors = {name: p.meta() for name, p in payloads.items()}
-    meta = {"format": FORMAT_VERSION, "compressor": compressor, "tensors": tensors}
-    text = json.dumps(meta, separators=(",", ":")).encode()
-    return np.frombuffer(text, dtype=np.uint8).copy()
+    return {"format": str(FORMAT_VERSION), "compressor": compressor,
+            "tensors": json.dumps(tensors, separators=(",", ":"))}
+
+
+def _factor_arrays(payloads: Mapping[str, Payload]) -> dict[str, np.ndarray]:
+    return {f"{name}/{key}": value for name, p in payloads.items() for key, value in p.factors.items()}
 
 
 def build_record(payloads: Mapping[str, Payload], compressor: str):
-    """Pack payloads into one self-describing `flwr.app.ArrayRecord`."""
-    from flwr.app import Array, ArrayRecord  # lazy: the math and the bench need no flwr
-
-    arrays = {f"{name}/{key}": Array(np.ascontiguousarray(value))
-              for name, p in payloads.items() for key, value in p.factors.items()}
-    arrays[META_KEY] = Array(_meta_array(payloads, compressor))
-    return ArrayRecord(array_dict=arrays)
+    """Pack payloads into one self-describing `flwr.app.ArrayRecord` (one wire Array)."""
+    return wire.to_record(_factor_arrays(payloads), record_metadata(payloads, compressor))
 
 
 def record_nbytes(payloads: Mapping[str, Payload], compressor: str) -> int:
-    """`build_record(payloads, compressor).count_bytes()`, computed without flwr."""
-    data = sum(p.nbytes + len(name) * len(p.factors) + len(p.factors)  # "<name>/" prefixes
-               for name, p in payloads.items())
-    return data + npy_nbytes(_meta_array(payloads, compressor)) + len(META_KEY)
+    """`build_record(payloads, compressor).count_bytes()`, computed without flwr or a copy."""
+    return wire.encoded_nbytes(_factor_arrays(payloads), record_metadata(payloads, compressor)) + len(wire.KEY)
 
 
 def parse_record(record) -> tuple[str, dict[str, Payload]]:
-    """Read (compressor, payloads) from a record (an `ArrayRecord`, or a mapping of names to
-    numpy arrays); structure only, values are checked later."""
-    try:
-        keys = set(record.keys())
-    except AttributeError:
-        raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}") from None
-    if META_KEY not in keys:
-        raise PayloadError(f"record has no '{META_KEY}' entry: not a compressed-delta record")
-    meta = _parse_meta(_load(record[META_KEY], META_KEY))
-    compressor, payloads, used = meta["compressor"], {}, {META_KEY}
+    """Read (compressor, payloads) from a record: a wire `ArrayRecord`, its bytes (bytes or a
+    uint8 array) or its decoded `(arrays, metadata)`; structure only, values are checked later."""
+    arrays, meta = _unwrap(record)
+    compressor, payloads, used = meta["compressor"], {}, set()
     for name, info in meta["tensors"].items():
         kind = info.get("kind") if isinstance(info, dict) else None
         allowed = ("dense",) if compressor == "none" else ("dense", compressor)
@@ -167,45 +140,51 @@ def parse_record(record) -> tuple[str, dict[str, Payload]]:
         factors = {}
         for fac in LAYOUTS[kind].factors if kind in LAYOUTS else ("data",):
             key = f"{name}/{fac}"
-            if key not in keys:
+            if key not in arrays:
                 raise PayloadError(f"tensor '{name}': factor '{fac}' is missing from the record")
-            factors[fac] = _load(record[key], key)
+            factors[fac] = arrays[key]
             used.add(key)
         shape = info.get("shape")
         shape = tuple(shape) if isinstance(shape, list) else shape
         payloads[name] = Payload(kind, shape, info.get("dtype"), factors, info.get("scales", {}))
-    extra = sorted(keys - used)
+    extra = sorted(set(arrays) - used)
     if extra:
         raise PayloadError(f"record has arrays that belong to no declared tensor: {extra[:5]}")
     return compressor, payloads
 
 
-def _load(array, key: str) -> np.ndarray:
-    """Deserialize one `Array` (numpy, no pickle) or raise `PayloadError`; a numpy array
-    (from an unpacked record, `asyncfl.transport.arrays_of`) is taken as it is."""
-    if isinstance(array, np.ndarray):
-        return array
+def _unwrap(record) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, parsed metadata) of any accepted form of a record; `PayloadError` otherwise."""
     try:
-        return array.numpy()  # np.load(..., allow_pickle=False)
-    except Exception as err:  # noqa: BLE001 - any parse failure is a bad payload
-        raise PayloadError(f"array '{key}' cannot be read as a numpy array: {err}") from None
+        if isinstance(record, tuple) and len(record) == 2:
+            arrays, metadata = record
+        elif isinstance(record, (bytes, bytearray, memoryview, np.ndarray)):
+            arrays, metadata = wire.decode(record)
+        elif hasattr(record, "keys"):
+            if not wire.is_wire(record):
+                raise PayloadError(f"record is not a compressed-delta record: expected one "
+                                   f"'{wire.KEY}' Array, got keys {sorted(record.keys())[:5]}")
+            arrays, metadata = wire.decode(wire.buffer_of(record))
+        else:
+            raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}")
+    except wire.WireError as err:
+        raise PayloadError(f"record is not valid wire data: {err}") from None
+    return dict(arrays), _parse_meta(metadata)
 
 
-def _parse_meta(raw: np.ndarray) -> dict:
-    """Parse and shape-check the JSON metadata."""
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise PayloadError(f"'{META_KEY}' must be a 1-D uint8 array, got {raw.dtype} {raw.shape}")
-    try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PayloadError(f"'{META_KEY}' is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+def _parse_meta(metadata: Mapping[str, str]) -> dict:
+    """Parse and shape-check the record's metadata."""
+    if not isinstance(metadata, Mapping) or metadata.get("format") != str(FORMAT_VERSION):
         raise PayloadError(f"unsupported record format (expected format {FORMAT_VERSION})")
-    if meta.get("compressor") not in COMPRESSORS:
-        raise PayloadError(f"unknown compressor {meta.get('compressor')!r}; known: {COMPRESSORS}")
-    if not isinstance(meta.get("tensors"), dict):
-        raise PayloadError("metadata has no 'tensors' object")
-    return meta
+    if metadata.get("compressor") not in COMPRESSORS:
+        raise PayloadError(f"unknown compressor {metadata.get('compressor')!r}; known: {COMPRESSORS}")
+    try:
+        tensors = json.loads(metadata.get("tensors", ""))
+    except (TypeError, json.JSONDecodeError) as err:
+        raise PayloadError(f"metadata 'tensors' is not valid JSON: {err}") from None
+    if not isinstance(tensors, dict):
+        raise PayloadError("metadata 'tensors' is not a JSON object")
+    return {"compressor": metadata["compressor"], "tensors": tensors}
 
 
 # --- value validation -------------------------------------------------------------------------
@@ -345,9 +324,10 @@ def decode_state(record, reference: Mapping | None = None, *, device=None,
 
     Parameters
     ----------
-    record : flwr.app.ArrayRecord | Mapping[str, np.ndarray]
-        Built by `Compressor.encode_state` (or its arrays, e.g. unpacked by
-        `asyncfl.transport.arrays_of`); self-describing (compressor, kinds, shapes).
+    record : flwr.app.ArrayRecord | bytes | np.ndarray | tuple[dict, dict]
+        Built by `Compressor.encode_state` (one wire Array), or its bytes, or its
+        `asyncfl.wire.decode` output (arrays, metadata); self-describing (compressor, kinds,
+        shapes).
     reference : Mapping[str, torch.Size | tuple | Tensor] | None, default None
         Expected names and shapes; missing, extra or mismatched tensors are errors. Pass it
         for untrusted input: without it a tiny payload may declare a huge shape.

@@ -30,19 +30,21 @@ Training task (`MessageType.TRAIN`, `@app.train()`), content:
   `local-steps` (int, only with `dylu`), and every entry of `start()`'s `train_config`.
 * `"arrays"` (ArrayRecord): the global trainable tensors, under the names given to
   `from_config` (fp32, or fp16 with `download-dtype="fp16"`). With `pack` true the record is
-  one packed Array: read every record with `asyncfl.transport.arrays_of`.
+  one wire Array (safetensors bytes, `asyncfl.wire`), else one Flower Array per tensor: read
+  either with `asyncfl.wire.arrays_of`.
 * With `downlink` "log" (deployment with a compressor and a linear rule; `downlink="full"`
   turns it off) there is no `"arrays"`: `base-version`, `log-coefs`, `log-n` in the config and
-  records `"log-0"`... hold the payloads applied since the node's previous task
-  (`asyncfl.protocol.UpdateLog`); a node holding no weights of `base-version` answers with
-  metrics `{"need-full": 1}` and gets the full weights next.
+  records `"log-0"`... hold the payloads applied since the node's previous task, each as its
+  client sent it (`asyncfl.protocol.UpdateLog`); a node holding no weights of `base-version`
+  answers with metrics `{"need-full": 1}` and gets the full weights next.
 
 Its reply (content):
 
 * `"arrays"` (ArrayRecord): the delta `trained - received` of every tensor, encoded by
   `asyncfl.compressors.get_compressor(name, rank=...).encode_state(delta)` (`"none"` sends it
   dense); the server checks names, shapes and ranks (`decode_state`) and rejects anything else
-  before touching the global model. It may be packed (`asyncfl.transport.pack`).
+  before touching the global model. That record is one wire Array (`asyncfl.wire`), whatever
+  `pack` says.
 * `"metrics"` (MetricRecord): `num-examples` (the weight in the sync mean; 1 if absent) and
   `train-loss` (loss-biased selection, histories); optionally `partition-id`, `steps`,
   `client-s` (the handler's seconds: task times, prefetch, DyLU), `bytes`, `dense-bytes`,
@@ -73,7 +75,7 @@ from asyncfl.results import RunRecorder
 from asyncfl.strategies.build import build_rule, build_selector, run_dir_for
 from asyncfl.strategies.loop import AsyncFLStrategy, EvaluateFn
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState, load_checkpoint
-from asyncfl.transport import arrays_of
+from asyncfl.wire import arrays_of
 
 Tensors = Mapping[str, torch.Tensor] | Mapping[str, np.ndarray] | ArrayRecord
 

@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
-from asyncfl.transport import arrays_of
+from asyncfl.wire import arrays_of
 
 # client metrics that identify, not measure: left out of the aggregated train metrics
 _IDENTIFIERS = ("partition-id",)
@@ -115,7 +115,7 @@ def global_arrays(x: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def checked_arrays(record: ArrayRecord, x: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The arrays of `record` (packed or not) after checking that they are exactly the tensors
+    """The arrays of `record` (a wire record or a plain one) after checking that they are exactly the tensors
     of `x`: the same keys, each with the same shape. Raises ValueError naming the first
     offending key (and the expected and received shapes)."""
     if not isinstance(record, ArrayRecord):

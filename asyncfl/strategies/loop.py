@@ -46,6 +46,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from asyncfl import wire
 from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.config import AppConfig
 from asyncfl.flower_hooks import grid_in_deployment
@@ -55,7 +56,6 @@ from asyncfl.strategies.nodes import NodeInfo, Reply, Task
 from asyncfl.strategies.rules import ASGD, balance_scales
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState
 from asyncfl.strategies.timing import PhaseTimer
-from asyncfl.transport import TransportError, arrays_of, is_packed, pack
 
 log = logging.getLogger("asyncfl")
 
@@ -131,8 +131,7 @@ class AsyncFLStrategy(Strategy):
         self.push_s: list[float] = []  # how long the last task pushes took
         self.downlink: DownlinkLog | None = None  # decided in start(); None = full weights always
         self.log_tasks = 0  # tasks sent as an update log
-        self.pack = False  # decided in start(): arrays travel as one packed Array per record
-        self.packed_replies = 0  # replies whose payload came packed
+        self.pack = False  # decided in start(): the global weights travel as one wire Array
         self.timer = PhaseTimer()  # where the server's time goes (pull, decode, apply, eval, ...)
         self.train_config: dict[str, Any] = {}  # start()'s train_config: added to every task's config
 
@@ -228,7 +227,7 @@ class AsyncFLStrategy(Strategy):
         self.prefetch = self._prefetch_wanted(grid)
         self.pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and _in_deployment(grid))
         if self.pack:
-            log.info("asyncfl: arrays packed: each record travels as one Flower Array")
+            log.info("asyncfl: arrays packed: the global weights travel as one Flower Array")
         self.downlink = self._downlink_wanted(grid)
         own_evaluate = self.s.evaluate_fn
         evaluate = self._with_user_evaluation(own_evaluate, evaluate_fn)
@@ -276,7 +275,7 @@ class AsyncFLStrategy(Strategy):
     def run_extras(self) -> dict[str, Any]:
         """What the loop adds to summary.json (`extra`): counters and the server's time."""
         return {"version": self.s.version, "rounds": self.s.rounds, "prefetched_tasks": self.prefetched,
-                "log_tasks": self.log_tasks, "packed_replies": self.packed_replies,
+                "log_tasks": self.log_tasks,
                 "warmup_s": self.warmup_s, "server_time_s": self.timer.summary()}
 
     # ----------------------------------------------------------------------------------------
@@ -592,7 +591,7 @@ class AsyncFLStrategy(Strategy):
         """The global trainable state as an ArrayRecord, built once per version."""
         if self._record_cache is None or self._record_cache[0] != self.s.version:
             arrays = {k: _for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
-            record = pack({k: v.numpy() for k, v in arrays.items()}) if self.pack else ArrayRecord(arrays)
+            record = wire.to_record({k: v.numpy() for k, v in arrays.items()}) if self.pack else ArrayRecord(arrays)
             self._record_cache = (self.s.version, record)
         return self._record_cache[1]
 
@@ -689,12 +688,12 @@ class AsyncFLStrategy(Strategy):
             if record is None:
                 raise PayloadError("reply has no ArrayRecord named 'arrays'")
             t0 = time.perf_counter()
-            update = decode_state(arrays_of(record), reference=self.s.shapes, device=self.s.device,
+            update = decode_state(record, reference=self.s.shapes, device=self.s.device,
                                   max_rank=self.cfg.rank)
             self.s.sync_device()
             decode_s = time.perf_counter() - t0
             self.timer.add("decode", decode_s)
-        except (PayloadError, TransportError) as exc:
+        except PayloadError as exc:
             log.warning("asyncfl: rejected payload from node %s: %s", node_id, exc)
             self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
                                      reason=f"invalid payload: {exc}")
@@ -702,7 +701,6 @@ class AsyncFLStrategy(Strategy):
         node.failures = 0
         node.observe_steps(metrics.get("steps"), metrics.get("client-s"))
         node.observe_poll(metrics.get("idle-poll-s"))
-        self.packed_replies += is_packed(record)
         node.partition = int(metrics.get("partition-id", -1))
         node.last_loss = float(metrics.get("train-loss", float("nan")))
         self.s.selector.observe(node_id, node.last_loss)
