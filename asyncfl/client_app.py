@@ -24,9 +24,9 @@ app = ClientApp()
 
 
 def use_persistent_worker(cfg: AppConfig) -> bool:
-    if cfg.persistent_worker == "auto":
+    if cfg.model.persistent_worker == "auto":
         return in_deployment_process()
-    return cfg.persistent_worker == "on"
+    return cfg.model.persistent_worker == "on"
 
 
 def handle_train(msg: Message, context: Context) -> Message:
