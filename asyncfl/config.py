@@ -155,8 +155,9 @@ _KEYS_OF: dict[type[_Group], tuple[Key, ...]] = {}
 def _group_keys(cls: type[_Group]) -> tuple[Key, ...]:
     hints = get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # (every _Group is a dataclass)
-        hint, names = hints[f.name], tuple[str, ...]()
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # every group is a dataclass
+        hint = hints[f.name]
+        names: tuple[str, ...] = ()
         if get_origin(hint) is Literal:
             names = choices(hint)
             typ: type = str
