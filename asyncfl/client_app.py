@@ -25,9 +25,9 @@ app = ClientApp()
 
 
 def use_persistent_worker(cfg: AppConfig) -> bool:
-    if cfg.persistent_worker == "auto":
+    if cfg.model.persistent_worker == "auto":
         return clientapp_in_deployment()  # a per-task process: the node's warm worker trains
-    return cfg.persistent_worker == "on"
+    return cfg.model.persistent_worker == "on"
 
 
 def handle_train(msg: Message, context: Context) -> Message:

@@ -47,13 +47,16 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from asyncfl import node
 from asyncfl.tensors import State, Tensors, aligned, check_real, copy_state
+
+if TYPE_CHECKING:
+    from asyncfl.config import AppConfig
 
 log = logging.getLogger("asyncfl")
 
@@ -173,11 +176,11 @@ class StoredErrorFeedback(ErrorFeedback):
         self.e, self.reset = None, why
 
 
-def open_error_feedback(cfg: Any, run_key: str, partition_id: int, version: int, repeat: int,
+def open_error_feedback(cfg: AppConfig, run_key: str, partition_id: int, version: int, repeat: int,
                         device: torch.device) -> StoredErrorFeedback | None:
     """This client's residual for a task, or None when `error-feedback` is not "ef" or the
     compressor is lossless ("none": nothing is ever dropped)."""
-    if getattr(cfg, "error_feedback", "none") != "ef" or cfg.compressor == "none":
+    if cfg.compress.error_feedback != "ef" or cfg.compress.compressor == "none":
         return None
     stamp = (int(version), int(repeat))
     loaded, reset = _load(run_key, partition_id, device, stamp)

@@ -66,6 +66,8 @@ from asyncfl.model import build_tokenizer, hub_unavailable, require_hub
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
+    from asyncfl.config import AppConfig
+
 log = logging.getLogger(__name__)
 
 SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -106,20 +108,20 @@ def _warn_once(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Raw text
 # --------------------------------------------------------------------------------------------
-def resolve_train_split(cfg: Any) -> str:
+def resolve_train_split(cfg: AppConfig) -> str:
     """The split the clients actually train on (record it in the results).
 
     `train-split` "train" with a `data-dir` that has no `wiki.train.raw` falls back to
     "validation" with a warning. Training and evaluating on one split is warned about loudly.
     """
-    split = cfg.train_split
-    if cfg.data_dir and split == "train" and not (Path(cfg.data_dir) / SPLIT_FILES["train"]).exists():
+    split = cfg.data.train_split
+    if cfg.data.data_dir and split == "train" and not (Path(cfg.data.data_dir) / SPLIT_FILES["train"]).exists():
         _warn_once(
-            f"`data-dir` = \"{cfg.data_dir}\" has no {SPLIT_FILES['train']}: offline runs TRAIN ON "
-            f"\"validation\" and evaluate on `eval-split` = \"{cfg.eval_split}\""
+            f"`data-dir` = \"{cfg.data.data_dir}\" has no {SPLIT_FILES['train']}: offline runs TRAIN ON "
+            f"\"validation\" and evaluate on `eval-split` = \"{cfg.data.eval_split}\""
         )
         split = "validation"
-    if split == cfg.eval_split:
+    if split == cfg.data.eval_split:
         _warn_once(
             f"!!! clients train on the same split they are evaluated on (\"{split}\"): perplexity "
             "measures memorisation, not generalisation; set `train-split`/`eval-split` apart !!!"
@@ -127,13 +129,13 @@ def resolve_train_split(cfg: Any) -> str:
     return split
 
 
-def _source(cfg: Any) -> str:
-    if cfg.data_dir:
-        return str(Path(cfg.data_dir).expanduser().resolve())
-    return f"hub:{cfg.dataset}/{cfg.dataset_config}"
+def _source(cfg: AppConfig) -> str:
+    if cfg.data.data_dir:
+        return str(Path(cfg.data.data_dir).expanduser().resolve())
+    return f"hub:{cfg.data.dataset}/{cfg.data.dataset_config}"
 
 
-def read_lines(cfg: Any, split: str) -> list[str]:
+def read_lines(cfg: AppConfig, split: str) -> list[str]:
     """The rows of `split` ("train", "validation", "test") as Hugging Face `wikitext` gives them.
 
     Raises
@@ -143,21 +145,21 @@ def read_lines(cfg: Any, split: str) -> list[str]:
     HubUnavailableError
         `data-dir` is "" and the Hub cannot be reached.
     """
-    if cfg.data_dir:
-        path = Path(cfg.data_dir).expanduser() / SPLIT_FILES[split]
+    if cfg.data.data_dir:
+        path = Path(cfg.data.data_dir).expanduser() / SPLIT_FILES[split]
         if not path.is_file():
             have = sorted(p.name for p in path.parent.glob("*")) if path.parent.is_dir() else "no such folder"
-            raise FileNotFoundError(f"`data-dir` = \"{cfg.data_dir}\": no {path.name} for split "
+            raise FileNotFoundError(f"`data-dir` = \"{cfg.data.data_dir}\": no {path.name} for split "
                                     f"\"{split}\" (found: {have})")
         with open(path, encoding="utf-8") as f:  # text mode: CRLF -> "\n"
             return ["" if not line.strip() else line for line in f]
     import datasets
 
-    require_hub("dataset", cfg.dataset)
+    require_hub("dataset", cfg.data.dataset)
     try:
-        rows = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)["text"]
+        rows = datasets.load_dataset(cfg.data.dataset, cfg.data.dataset_config, split=split)["text"]
     except (OSError, ConnectionError) as exc:
-        raise hub_unavailable("dataset", cfg.dataset, exc) from exc
+        raise hub_unavailable("dataset", cfg.data.dataset, exc) from exc
     return ["" if not row.strip() else row for row in rows]
 
 
@@ -177,8 +179,8 @@ def split_articles(lines: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Tokens
 # --------------------------------------------------------------------------------------------
-def _tokenizer(cfg: Any) -> Any:
-    spec = cfg.tokenizer or cfg.model
+def _tokenizer(cfg: AppConfig) -> Any:
+    spec = cfg.model.tokenizer or cfg.model.model
     if spec not in _TOKENIZERS:
         _TOKENIZERS[spec] = build_tokenizer(cfg)
     return _TOKENIZERS[spec]
@@ -228,9 +230,9 @@ def _load_or_tokenize(tokenizer: Any, articles: list[str]) -> TokenizedSplit:
     return split
 
 
-def tokenized_split(cfg: Any, split: str) -> TokenizedSplit:
+def tokenized_split(cfg: AppConfig, split: str) -> TokenizedSplit:
     """The token stream of `split`, cached per (tokenizer, split, source)."""
-    key = (cfg.tokenizer or cfg.model, split, _source(cfg))
+    key = (cfg.model.tokenizer or cfg.model.model, split, _source(cfg))
     if key not in _SPLITS:
         articles = split_articles(read_lines(cfg, split))
         _SPLITS[key] = _load_or_tokenize(_tokenizer(cfg), articles)
@@ -274,16 +276,16 @@ def assign_articles(lengths: np.ndarray, num_partitions: int) -> np.ndarray:
     return owner
 
 
-def make_partitioner(cfg: Any, tokens: TokenizedSplit, num_partitions: int) -> Partitioner:
-    """The flwr-datasets partitioner of `cfg.partitioner`, its dataset already assigned.
+def make_partitioner(cfg: AppConfig, tokens: TokenizedSplit, num_partitions: int) -> Partitioner:
+    """The flwr-datasets partitioner of `cfg.data.partitioner`, its dataset already assigned.
 
     Its dataset has one row per unit we partition, in the random order of
-    `Dataset.shuffle(seed=cfg.seed)` (as flwr-datasets' `FederatedDataset` shuffles before
+    `Dataset.shuffle(seed=cfg.train.seed)` (as flwr-datasets' `FederatedDataset` shuffles before
     partitioning):
     - "iid": `IidPartitioner` (contiguous shards, sizes within one of each other); a row is a
-      block, column "block": its index in `pack_blocks(tokens.ids, cfg.block_size)`.
+      block, column "block": its index in `pack_blocks(tokens.ids, cfg.data.block_size)`.
     - "size-skew": `SizePartitioner` over the same block rows, the sizes drawn by
-      `split_sizes_dirichlet(n_blocks, num_partitions, cfg.partition_alpha, cfg.seed + 1)`.
+      `split_sizes_dirichlet(n_blocks, num_partitions, cfg.data.partition_alpha, cfg.train.seed + 1)`.
     - "articles": `NaturalIdPartitioner` by column "client"; a row is an article (columns
       "article": its index in `tokens`, "tokens": its length, "client": `assign_articles`
       over the rows in their shuffled order).
@@ -294,20 +296,20 @@ def make_partitioner(cfg: Any, tokens: TokenizedSplit, num_partitions: int) -> P
     from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, SizePartitioner
 
     partitioner: Partitioner
-    if cfg.partitioner == "articles":
+    if cfg.data.partitioner == "articles":
         lengths = np.diff(tokens.starts)
-        shuffled = datasets.Dataset.from_dict({"article": np.arange(len(lengths))}).shuffle(seed=cfg.seed)
+        shuffled = datasets.Dataset.from_dict({"article": np.arange(len(lengths))}).shuffle(seed=cfg.train.seed)
         order = _column(shuffled, "article")
         rows = datasets.Dataset.from_dict({"article": order, "tokens": lengths[order],
                                            "client": assign_articles(lengths[order], num_partitions)})
         partitioner = NaturalIdPartitioner(partition_by="client")
     else:
-        num_blocks = len(tokens.ids) // cfg.block_size
-        rows = datasets.Dataset.from_dict({"block": np.arange(num_blocks)}).shuffle(seed=cfg.seed)
-        if cfg.partitioner == "iid":
+        num_blocks = len(tokens.ids) // cfg.data.block_size
+        rows = datasets.Dataset.from_dict({"block": np.arange(num_blocks)}).shuffle(seed=cfg.train.seed)
+        if cfg.data.partitioner == "iid":
             partitioner = IidPartitioner(num_partitions)
         else:  # "size-skew"
-            sizes = split_sizes_dirichlet(num_blocks, num_partitions, cfg.partition_alpha, cfg.seed + 1)
+            sizes = split_sizes_dirichlet(num_blocks, num_partitions, cfg.data.partition_alpha, cfg.train.seed + 1)
             partitioner = SizePartitioner([int(s) for s in sizes])
     partitioner.dataset = rows
     return partitioner
@@ -333,31 +335,31 @@ def _partition_rows(partitioner: Partitioner, column: str) -> list[np.ndarray]:
     return rows
 
 
-def _partition(cfg: Any, split: str, num_partitions: int) -> list[torch.Tensor]:
-    """All partitions of the training split (uncapped), per `cfg.partitioner`."""
+def _partition(cfg: AppConfig, split: str, num_partitions: int) -> list[torch.Tensor]:
+    """All partitions of the training split (uncapped), per `cfg.data.partitioner`."""
     tokens = tokenized_split(cfg, split)
-    if cfg.partitioner == "articles":
+    if cfg.data.partitioner == "articles":
         if tokens.num_articles < num_partitions:
             raise ValueError(f"partitioner \"articles\": {tokens.num_articles} articles in \"{split}\" "
                              f"cannot cover {num_partitions} partitions")
         owned = _partition_rows(make_partitioner(cfg, tokens, num_partitions), "article")
         parts = [pack_blocks(np.concatenate([tokens.ids[tokens.starts[a]:tokens.starts[a + 1]] for a in o]),
-                             cfg.block_size) for o in owned]
+                             cfg.data.block_size) for o in owned]
     else:
-        blocks = pack_blocks(tokens.ids, cfg.block_size)
+        blocks = pack_blocks(tokens.ids, cfg.data.block_size)
         if len(blocks) < num_partitions:
-            raise ValueError(f"{len(blocks)} blocks of {cfg.block_size} tokens in \"{split}\" "
+            raise ValueError(f"{len(blocks)} blocks of {cfg.data.block_size} tokens in \"{split}\" "
                              f"cannot cover {num_partitions} partitions")
         owned = _partition_rows(make_partitioner(cfg, tokens, num_partitions), "block")
         parts = [blocks[torch.from_numpy(o)] for o in owned]
     for k, part in enumerate(parts):
         if len(part) == 0:
             raise ValueError(f"partition {k} of {num_partitions} has no block of `block-size` = "
-                             f"{cfg.block_size} tokens; use fewer partitions or a smaller block-size")
+                             f"{cfg.data.block_size} tokens; use fewer partitions or a smaller block-size")
     return parts
 
 
-def load_partition(cfg: Any, partition_id: int, num_partitions: int) -> torch.Tensor:
+def load_partition(cfg: AppConfig, partition_id: int, num_partitions: int) -> torch.Tensor:
     """The training blocks of one client: int64 tensor (n_blocks, block_size).
 
     Partitions are disjoint and deterministic from `seed`; `max-train-blocks` caps each one
@@ -373,18 +375,18 @@ def load_partition(cfg: Any, partition_id: int, num_partitions: int) -> torch.Te
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id {partition_id} is out of range [0, {num_partitions})")
     split = resolve_train_split(cfg)
-    key = (cfg.tokenizer or cfg.model, split, _source(cfg), cfg.partitioner, cfg.partition_alpha,
-           cfg.seed, cfg.block_size, num_partitions)
+    key = (cfg.model.tokenizer or cfg.model.model, split, _source(cfg), cfg.data.partitioner, cfg.data.partition_alpha,
+           cfg.train.seed, cfg.data.block_size, num_partitions)
     if key not in _BLOCKS:
         _BLOCKS[key] = _partition(cfg, split, num_partitions)
     part = _BLOCKS[key][partition_id]
-    return part[: cfg.max_train_blocks] if cfg.max_train_blocks > 0 else part
+    return part[: cfg.data.max_train_blocks] if cfg.data.max_train_blocks > 0 else part
 
 
-def joined_split(cfg: Any, split: str) -> np.ndarray:
+def joined_split(cfg: AppConfig, split: str) -> np.ndarray:
     """Token ids of `"\\n\\n".join(rows)` tokenized as one text: the stream of Hugging Face's
     "Perplexity of fixed-length models" guide (no eos tokens), cached in memory."""
-    key = (cfg.tokenizer or cfg.model, split, _source(cfg), "joined")
+    key = (cfg.model.tokenizer or cfg.model.model, split, _source(cfg), "joined")
     if key not in _SPLITS:
         text = "\n\n".join(read_lines(cfg, split))
         ids = np.asarray(_tokenizer(cfg)(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
@@ -392,30 +394,31 @@ def joined_split(cfg: Any, split: str) -> np.ndarray:
     return _SPLITS[key].ids
 
 
-def eval_token_stream(cfg: Any) -> np.ndarray:
+def eval_token_stream(cfg: AppConfig) -> np.ndarray:
     """The whole `eval-split` as one token stream, built as `eval-stream` says: "articles" (the
     training stream: articles tokenized one by one, an eos after each) or "joined" (rows joined
     with blank lines and tokenized as one text, as Hugging Face's perplexity guide does)."""
-    if getattr(cfg, "eval_stream", "articles") == "joined":
-        return joined_split(cfg, cfg.eval_split)
-    return tokenized_split(cfg, cfg.eval_split).ids
+    if cfg.data.eval_stream == "joined":
+        return joined_split(cfg, cfg.data.eval_split)
+    return tokenized_split(cfg, cfg.data.eval_split).ids
 
 
-def load_eval_blocks(cfg: Any) -> torch.Tensor:
+def load_eval_blocks(cfg: AppConfig) -> torch.Tensor:
     """The first `eval-max-blocks` blocks (0 = all) of `eval-split`: int64 (n, block_size)."""
-    blocks = pack_blocks(eval_token_stream(cfg), cfg.block_size)
+    blocks = pack_blocks(eval_token_stream(cfg), cfg.data.block_size)
     if len(blocks) == 0:
-        raise ValueError(f"`eval-split` \"{cfg.eval_split}\" has fewer than `block-size` = {cfg.block_size} tokens")
-    return blocks[: cfg.eval_max_blocks] if cfg.eval_max_blocks > 0 else blocks
+        raise ValueError(f"`eval-split` \"{cfg.data.eval_split}\" has fewer than `block-size` = "
+                         f"{cfg.data.block_size} tokens")
+    return blocks[: cfg.data.eval_max_blocks] if cfg.data.eval_max_blocks > 0 else blocks
 
 
-def load_eval_stream(cfg: Any) -> torch.Tensor:
+def load_eval_stream(cfg: AppConfig) -> torch.Tensor:
     """The eval tokens of the sliding-window protocol (`eval-stride` > 0): int64 (n,), the first
     `eval-max-blocks` x `block-size` tokens of the stream (the same tokens as the blocks), or
     with `eval-max-blocks` = 0 the whole stream, its tail shorter than a block included."""
     ids = torch.as_tensor(eval_token_stream(cfg), dtype=torch.int64)
-    cap = cfg.eval_max_blocks * cfg.block_size
+    cap = cfg.data.eval_max_blocks * cfg.data.block_size
     ids = ids[:cap] if cap > 0 else ids
     if len(ids) < 2:
-        raise ValueError(f"`eval-split` \"{cfg.eval_split}\" has fewer than 2 tokens to evaluate on")
+        raise ValueError(f"`eval-split` \"{cfg.data.eval_split}\" has fewer than 2 tokens to evaluate on")
     return ids.clone()

@@ -146,8 +146,8 @@ class EmulatedGrid:
         self.emulates_deployment = poll_s > 0
         # a poll shorter than Flower's 3 s is asyncfl-supernode's, which its nodes report
         self.node_report = {"idle-poll-s": poll_s} if 0 < poll_s < 3 else {}
-        self.rng = random.Random(self.cfg.seed)
-        self.nodes = {i + 1: _Node(i + 1, i, self.cfg.speed_of(i)) for i in range(num_nodes)}
+        self.rng = random.Random(self.cfg.train.seed)
+        self.nodes = {i + 1: _Node(i + 1, i, self.cfg.emulate.speed_of(i)) for i in range(num_nodes)}
         self._pending: list[_Pending] = []
         self._seq = 0
         self.tasks = 0
@@ -205,10 +205,10 @@ class EmulatedGrid:
         metrics: MutableMapping[str, Any] = (reply.content["metrics"] if "metrics" in reply.content.metric_records
                                              else MetricRecord())  # a MetricRecord either way
         steps = float(metrics.get("steps", 0) or 0)
-        full = max(self.cfg.local_steps, 1)
+        full = max(self.cfg.train.local_steps, 1)
         compute = self.task_s * (steps / full if steps else 1.0) if self.task_s else measured
-        if self.cfg.uplink_mbps:
-            compute += float(metrics.get("bytes", 0)) * 8 / (self.cfg.uplink_mbps * 1e6) / node.speed
+        if self.cfg.emulate.uplink_mbps:
+            compute += float(metrics.get("bytes", 0)) * 8 / (self.cfg.emulate.uplink_mbps * 1e6) / node.speed
         busy = node.busy_until > now
         noticed = now
         if not busy and self.poll_s:  # an idle SuperNode finds the message at its next poll

@@ -21,10 +21,13 @@ import socket
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from asyncfl.config import AppConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,23 +142,23 @@ def _from_hub_or_folder(key: str, spec: str, load: Any, **kwargs: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Device, tokenizer, model
 # --------------------------------------------------------------------------------------------
-def resolve_device(cfg: Any) -> torch.device:
-    """The torch device for `cfg.device`: "auto" = CUDA when available, else CPU.
+def resolve_device(cfg: AppConfig) -> torch.device:
+    """The torch device for `cfg.model.device`: "auto" = CUDA when available, else CPU.
 
     Raises
     ------
     RuntimeError
         `device` is "cuda" but CUDA is not available.
     """
-    if cfg.device == "auto":
+    if cfg.model.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if cfg.model.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError('run config `device` = "cuda" but CUDA is not available; use "auto" or "cpu"')
-    return torch.device(cfg.device)
+    return torch.device(cfg.model.device)
 
 
-def build_tokenizer(cfg: Any) -> Any:
-    """The GPT-2 tokenizer named by `cfg.tokenizer` (or `cfg.model`), with pad = eos.
+def build_tokenizer(cfg: AppConfig) -> Any:
+    """The GPT-2 tokenizer named by `cfg.model.tokenizer` (or `cfg.model.model`), with pad = eos.
 
     Raises
     ------
@@ -166,7 +169,7 @@ def build_tokenizer(cfg: Any) -> Any:
     """
     from transformers import AutoTokenizer
 
-    key, spec = ("tokenizer", cfg.tokenizer) if cfg.tokenizer else ("model", cfg.model)
+    key, spec = ("tokenizer", cfg.model.tokenizer) if cfg.model.tokenizer else ("model", cfg.model.model)
     tokenizer = _from_hub_or_folder(key, spec, AutoTokenizer.from_pretrained)
     if tokenizer.pad_token is None:  # GPT-2 has none; padding is only for convenience
         tokenizer.pad_token = tokenizer.eos_token
@@ -180,34 +183,34 @@ def _seeded(seed: int, make: Any) -> Any:
         return make()
 
 
-def _base_model(cfg: Any) -> torch.nn.Module:
+def _base_model(cfg: AppConfig) -> torch.nn.Module:
     """The un-wrapped causal LM: preset from scratch, pretrained, or random init of a config."""
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    if cfg.model_preset:
-        shape: dict[str, Any] = dict(_PRESETS[cfg.model_preset])  # GPT2Config keyword arguments
-        shape["n_positions"] = max(shape["n_positions"], cfg.block_size)
+    if cfg.model.model_preset:
+        shape: dict[str, Any] = dict(_PRESETS[cfg.model.model_preset])  # GPT2Config keyword arguments
+        shape["n_positions"] = max(shape["n_positions"], cfg.data.block_size)
         config = GPT2Config(vocab_size=50257, **shape)
-        return _seeded(cfg.seed, lambda: GPT2LMHeadModel(config))
-    if not cfg.pretrained:
-        config = _from_hub_or_folder("model", cfg.model, AutoConfig.from_pretrained)
-        return _seeded(cfg.seed, lambda: AutoModelForCausalLM.from_config(config))
+        return _seeded(cfg.train.seed, lambda: GPT2LMHeadModel(config))
+    if not cfg.model.pretrained:
+        config = _from_hub_or_folder("model", cfg.model.model, AutoConfig.from_pretrained)
+        return _seeded(cfg.train.seed, lambda: AutoModelForCausalLM.from_config(config))
     try:
-        return _from_hub_or_folder("model", cfg.model, AutoModelForCausalLM.from_pretrained)
+        return _from_hub_or_folder("model", cfg.model.model, AutoModelForCausalLM.from_pretrained)
     except OSError as exc:
-        if is_local_path(cfg.model):  # e.g. a folder with config.json but no weights
+        if is_local_path(cfg.model.model):  # e.g. a folder with config.json but no weights
             raise OSError(
-                f"`model` = \"{cfg.model}\" holds no loadable weights ({exc}); set "
+                f"`model` = \"{cfg.model.model}\" holds no loadable weights ({exc}); set "
                 "pretrained=false to random-init its config, or use `model-preset`"
             ) from exc
         raise
 
 
-def build_model(cfg: Any) -> torch.nn.Module:
+def build_model(cfg: AppConfig) -> torch.nn.Module:
     """Build the model described by `cfg`, on CPU in fp32, in train mode.
 
     `model-preset` "tiny"/"small" builds GPT-2 from scratch; else `model` is loaded (pretrained)
-    or its config random-initialised. Every random init is seeded by `cfg.seed`, so two calls
+    or its config random-initialised. Every random init is seeded by `cfg.train.seed`, so two calls
     (in any process) give bit-identical weights. With `lora-rank` > 0 the model is wrapped
     with peft LoRA on `c_attn`, `c_proj`, `c_fc` and the base is frozen.
 
@@ -220,16 +223,16 @@ def build_model(cfg: Any) -> torch.nn.Module:
     """
     model = _base_model(cfg)
     n_positions = getattr(model.config, "n_positions", None)
-    if n_positions is not None and cfg.block_size > n_positions:
-        raise ValueError(f"`block-size` = {cfg.block_size} exceeds the model's n_positions {n_positions}")
-    if cfg.lora_rank > 0:
+    if n_positions is not None and cfg.data.block_size > n_positions:
+        raise ValueError(f"`block-size` = {cfg.data.block_size} exceeds the model's n_positions {n_positions}")
+    if cfg.model.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
             target_modules=LORA_TARGETS, fan_in_fan_out=True, task_type="CAUSAL_LM",
         )
-        model = _seeded(cfg.seed + 1, lambda: get_peft_model(model, lora))
+        model = _seeded(cfg.train.seed + 1, lambda: get_peft_model(model, lora))
     return model.train()
 
 

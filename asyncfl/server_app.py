@@ -54,19 +54,19 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
     device = resolve_device(cfg)
     model = build_model(cfg).to(device).eval()
     tokenizer = build_tokenizer(cfg)
-    eval_blocks, eval_split = load_eval_blocks(cfg), cfg.eval_split
-    if cfg.eval_stride:  # sliding windows over the eval token stream (README, "Evaluation")
+    eval_blocks, eval_split = load_eval_blocks(cfg), cfg.data.eval_split
+    if cfg.data.eval_stride:  # sliding windows over the eval token stream (README, "Evaluation")
         stream = load_eval_stream(cfg)
-        evaluate_fn = lambda: evaluate_strided(model, stream, cfg.block_size, cfg.eval_stride,  # noqa: E731
-                                               cfg.eval_batch_size, device)
+        evaluate_fn = lambda: evaluate_strided(model, stream, cfg.data.block_size, cfg.data.eval_stride,  # noqa: E731
+                                               cfg.train.eval_batch_size, device)
     else:
-        evaluate_fn = lambda: evaluate(model, eval_blocks, cfg.eval_batch_size, device)  # noqa: E731
+        evaluate_fn = lambda: evaluate(model, eval_blocks, cfg.train.eval_batch_size, device)  # noqa: E731
     run_dir = run_dir_for(cfg)
-    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
-    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor=cfg.compressor,
-                           rule=cfg.rule if cfg.mode == "async" else "fedavg", num_clients=0,
+    ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
+    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.server.mode, compressor=cfg.compress.compressor,
+                           rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg", num_clients=0,
                            eval_split=eval_split, train_split=resolve_train_split(cfg),
-                           target_ppl=cfg.target_ppl or None, clock=clock.now, resume=ckpt is not None)
+                           target_ppl=cfg.stop.target_ppl or None, clock=clock.now, resume=ckpt is not None)
     log.info("asyncfl: run dir %s; training on split '%s', evaluating on '%s' (%d blocks)",
              run_dir, resolve_train_split(cfg), eval_split, len(eval_blocks))
     state = ServerState(
@@ -77,9 +77,9 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
     )
     strategy = AsyncFLStrategy(state, clock=clock)
     strategy.start(grid)  # ends with the final evaluation, of the model as saved
-    if cfg.checkpoint_every:
+    if cfg.output.checkpoint_every:
         Checkpointer(state).save(state)
-    if cfg.save_model:
+    if cfg.output.save_model:
         save_model(model, tokenizer, run_dir / "model")
     summary = recorder.finish(stop_reason=state.final_reason, extra=strategy.run_extras())
     log.info("asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s", state.final_reason,

@@ -16,10 +16,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from asyncfl.config import AppConfig
 
 _COMPILED: dict[int, torch.nn.Module] = {}  # id(model) -> torch.compile(model)
 
@@ -57,11 +60,11 @@ def _compiled(model: torch.nn.Module) -> torch.nn.Module:
     return compiled
 
 
-def num_steps(cfg: Any, num_blocks: int) -> int:
+def num_steps(cfg: AppConfig, num_blocks: int) -> int:
     """Optimizer steps for one task: `local-steps`, or ceil(local-epochs x blocks / batch-size)."""
-    if cfg.local_steps > 0:
-        return cfg.local_steps
-    return math.ceil(cfg.local_epochs * num_blocks / cfg.batch_size)
+    if cfg.train.local_steps > 0:
+        return cfg.train.local_steps
+    return math.ceil(cfg.train.local_epochs * num_blocks / cfg.train.batch_size)
 
 
 def batch_indices(num_blocks: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -73,7 +76,7 @@ def batch_indices(num_blocks: int, steps: int, batch_size: int, seed: int) -> to
 
 
 def train_local(
-    model: torch.nn.Module, blocks: torch.Tensor, cfg: Any, device: torch.device | str,
+    model: torch.nn.Module, blocks: torch.Tensor, cfg: AppConfig, device: torch.device | str,
     *, generator_seed: int, bf16: bool | None = None,
 ) -> TrainResult:
     """Train `model` in place on `blocks` with AdamW(`lr`, `weight-decay`).
@@ -101,12 +104,12 @@ def train_local(
     if blocks.ndim != 2 or len(blocks) == 0:
         raise ValueError(f"blocks must be a non-empty (N, block_size) tensor, got shape {tuple(blocks.shape)}")
     model.to(device).train()
-    forward = _compiled(model) if cfg.compile and device.type == "cuda" else model
+    forward = _compiled(model) if cfg.model.compile and device.type == "cuda" else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             fused=device.type == "cuda")
     steps = num_steps(cfg, len(blocks))
-    order = batch_indices(len(blocks), steps, cfg.batch_size, generator_seed).to(device)
+    order = batch_indices(len(blocks), steps, cfg.train.batch_size, generator_seed).to(device)
     data = blocks.to(device, non_blocking=True)
     loss_sum = torch.zeros((), device=device)
     _sync(device)
@@ -121,7 +124,7 @@ def train_local(
         loss_sum += loss.detach().float()
     mean_loss = loss_sum.item() / steps  # the one host sync
     seconds = time.perf_counter() - start
-    samples = steps * cfg.batch_size
+    samples = steps * cfg.train.batch_size
     tokens = samples * blocks.shape[1]
     return TrainResult(mean_loss, samples, tokens, steps, seconds, tokens / max(seconds, 1e-9))
 

@@ -42,23 +42,23 @@ from asyncfl.train import train_local
 log = logging.getLogger("asyncfl")
 
 # Keys that change the model a worker holds; anything else can vary per run without a rebuild.
-_MODEL_KEYS = ("model", "pretrained", "model_preset", "lora_rank", "lora_alpha", "lora_dropout",
-               "device", "seed", "block_size")
+_MODEL_KEYS = ("model", "pretrained", "model-preset", "lora-rank", "lora-alpha", "lora-dropout",
+               "device", "seed", "block-size")
 
 
 def task_seed(cfg: AppConfig, partition_id: int, version: int, repeat: int = 0) -> int:
     """A seed per (run seed, client, model version, repeat): fresh batches and sketches every
     task; `repeat` tells apart tasks that start from the same version (prefetch)."""
-    key = (cfg.seed, partition_id, version) if repeat == 0 else (cfg.seed, partition_id, version, repeat)
+    key = (cfg.train.seed, partition_id, version) if repeat == 0 else (cfg.train.seed, partition_id, version, repeat)
     return hash(key) & 0x7FFFFFFF
 
 
 def make_compressor(cfg: AppConfig, seed: int = 0):
-    if cfg.compressor == "none":
+    if cfg.compress.compressor == "none":
         return get_compressor("none")
-    return get_compressor(cfg.compressor, rank=cfg.rank, method=cfg.compress_method,
-                          dtype=cfg.wire_dtype, energy=cfg.energy or None,
-                          row_select=cfg.row_select, seed=seed)
+    return get_compressor(cfg.compress.compressor, rank=cfg.compress.rank, method=cfg.compress.compress_method,
+                          dtype=cfg.compress.wire_dtype, energy=cfg.compress.energy or None,
+                          row_select=cfg.compress.row_select, seed=seed)
 
 
 @dataclass
@@ -88,8 +88,8 @@ class Worker:
         blocks = load_partition(cfg, partition_id, num_partitions)
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            train_local(self.model, blocks, dataclasses.replace(cfg, local_steps=1), self.device,
-                        generator_seed=0)
+            one_step = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=1))
+            train_local(self.model, blocks, one_step, self.device, generator_seed=0)
         metrics: dict[str, Any] = {"partition-id": partition_id}
         if global_state is not None:
             self.held = (run_key, version, self._received(global_state))
@@ -98,7 +98,7 @@ class Worker:
         return metrics
 
     def matches(self, cfg: AppConfig) -> bool:
-        return all(getattr(cfg, k) == getattr(self.cfg, k) for k in _MODEL_KEYS)
+        return all(cfg.value(k) == self.cfg.value(k) for k in _MODEL_KEYS)
 
     def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor] | None, partition_id: int,
                  num_partitions: int, run_key: str = "", version: int = 0,
@@ -111,7 +111,7 @@ class Worker:
         t_start = time.perf_counter()
         seed = task_seed(cfg, partition_id, version, repeat)
         if local_steps:
-            cfg = dataclasses.replace(cfg, local_steps=int(local_steps))
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=int(local_steps)))
         self.cfg, self.compressor = cfg, make_compressor(cfg, seed)
         # 1. data (cached per process) and the received global weights
         blocks = load_partition(cfg, partition_id, num_partitions)
@@ -129,9 +129,9 @@ class Worker:
         # 2. local training; 3. delta = local - received (page: maybe a difference of two)
         stats, delta = self._train_delta(cfg, blocks, received, seed)
         page_diff = None
-        if cfg.rule == "page":
+        if cfg.server.rule == "page":
             page_diff, delta = self._page_estimate(cfg, blocks, run_key, partition_id, received, seed, delta)
-        shift = self._load_shift(cfg, run_key, partition_id) if cfg.rule == "shifted" else None
+        shift = self._load_shift(cfg, run_key, partition_id) if cfg.server.rule == "shifted" else None
         to_send = shift.residual(delta) if shift is not None else delta
         # -- error feedback (asyncfl/client_state.py): add what earlier payloads dropped --------
         ef = open_error_feedback(cfg, run_key, partition_id, version, repeat, self.device)
@@ -154,9 +154,9 @@ class Worker:
             shift.save(path)
         compute_s = time.perf_counter() - t_start
         # 4. heterogeneity emulation (real sleeps; reported wall-clock stays real)
-        sleep_s = (cfg.speed_of(partition_id) - 1.0) * compute_s
-        if cfg.uplink_mbps:
-            sleep_s += cm["bytes"] * 8 / (cfg.uplink_mbps * 1e6)
+        sleep_s = (cfg.emulate.speed_of(partition_id) - 1.0) * compute_s
+        if cfg.emulate.uplink_mbps:
+            sleep_s += cm["bytes"] * 8 / (cfg.emulate.uplink_mbps * 1e6)
         if sleep_s > 0:
             time.sleep(sleep_s)
         metrics = {
@@ -195,7 +195,7 @@ class Worker:
         task's start point is kept for the next one."""
         key = (run_key, partition_id)
         prev = self._page_prev.get(key)
-        fresh = prev is None or random.Random(seed).random() < cfg.page_p
+        fresh = prev is None or random.Random(seed).random() < cfg.server.page_p
         self._page_prev[key] = received
         if fresh or prev is None:  # (prev is None means fresh)
             return 0, delta
@@ -227,7 +227,7 @@ class Worker:
         return node_state_dir() / f"{safe}-p{partition_id}.pt"
 
     def _load_shift(self, cfg: AppConfig, run_key: str, partition_id: int) -> ClientShift:
-        shift = ClientShift(shift_alpha=cfg.shift_alpha)
+        shift = ClientShift(shift_alpha=cfg.server.shift_alpha)
         if shift.load(self._shift_path(run_key, partition_id), missing_ok=True):
             shift.load_state_dict({k: v.to(self.device) for k, v in shift.state_dict().items()})
         return shift

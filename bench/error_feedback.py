@@ -101,7 +101,7 @@ def one_run(args: argparse.Namespace, seed: int, method: str, ef: str, rank: int
     blocks = load_eval_blocks(cfg)
     worker = get_worker(cfg)
     run_key = f"{method}-{ef}-r{rank}-s{seed}-{os.getpid()}-{time.monotonic_ns()}"
-    ppl = [evaluate(server_model, blocks, cfg.eval_batch_size, device)["ppl"]]
+    ppl = [evaluate(server_model, blocks, cfg.train.eval_batch_size, device)["ppl"]]
     sent = dense = 0
     rec, efn = [], []
     t0 = time.perf_counter()
@@ -120,9 +120,9 @@ def one_run(args: argparse.Namespace, seed: int, method: str, ef: str, rank: int
         mean = fedavg_mean(updates, weights)
         with torch.no_grad():
             for k, v in x.items():
-                v.add_(mean[k], alpha=cfg.server_lr)
+                v.add_(mean[k], alpha=cfg.server.server_lr)
         load_trainable_state(server_model, x)
-        ppl.append(evaluate(server_model, blocks, cfg.eval_batch_size, device)["ppl"])
+        ppl.append(evaluate(server_model, blocks, cfg.train.eval_batch_size, device)["ppl"])
     return {"seed": seed, "method": method, "ef": ef, "rank": rank, "ppl": ppl,
             "bytes": sent, "dense_bytes": dense, "rec_error": statistics.fmean(rec) if rec else 0.0,
             "ef_norm_last": efn[-args.clients:] if efn else [], "seconds": time.perf_counter() - t0}

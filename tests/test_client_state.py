@@ -311,6 +311,6 @@ def test_ef21_outside_the_shifted_rule_is_a_config_error_naming_the_values(overr
 def test_error_feedback_values():
     with pytest.raises(ConfigError, match="`error-feedback` must be one of 'none', 'ef', 'ef21', got \"ef22\""):
         AppConfig.from_run_config({"error-feedback": "ef22"})
-    assert AppConfig.from_run_config({"error-feedback": "ef", "mode": "sync"}).error_feedback == "ef"
+    assert AppConfig.from_run_config({"error-feedback": "ef", "mode": "sync"}).compress.error_feedback == "ef"
     ok = AppConfig.from_run_config({"error-feedback": "ef21", "rule": "shifted", "shift-alpha": 1.0})
-    assert ok.error_feedback == "ef21"
+    assert ok.compress.error_feedback == "ef21"

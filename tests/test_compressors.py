@@ -365,18 +365,19 @@ def test_registry_names():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("svd", {}, r"unknown compressor 'svd'; expected one of \('none', 'pca', 'qrcp', 'cur'\)"),
+    ("svd", {}, "`compressor` must be one of 'none', 'pca', 'qrcp', 'cur', got 'svd'"),
     ("pca", {"ranks": 3}, r"unknown option\(s\) \['ranks'\] for compressor 'pca'; accepted"),
     ("pca", {"rank": 0}, "`rank` must be an int >= 1, got 0"),
     ("pca", {"rank": 2.5}, "`rank` must be an int"),
     ("pca", {"rank": True}, "`rank` must be an int"),
-    ("qrcp", {"method": "fast"}, r"`method` must be one of \('exact', 'randomized'\)"),
-    ("cur", {"dtype": "bf16"}, r"`dtype` must be one of \('fp16', 'fp32'\)"),
+    ("qrcp", {"method": "fast"}, "`method` must be one of 'exact', 'randomized', got 'fast'"),
+    ("cur", {"dtype": "bf16"}, "`dtype` must be one of 'fp16', 'fp32', got 'bf16'"),
     ("pca", {"energy": 1.5}, r"`energy` must be None or a float in \(0, 1\]"),
     ("pca", {"energy": -0.1}, "`energy`"),
     ("pca", {"oversample": -1}, "`oversample` must be an int >= 0"),
     ("pca", {"power_iters": 1.0}, "`power_iters` must be an int >= 0"),
-    ("cur", {"row_select": "random"}, "`row_select` must be one of"),
+    ("cur", {"row_select": "random"},
+     "`row_select` must be one of 'greedy', 'pivoted', 'uniform', 'leverage', got 'random'"),
     ("cur", {"seed": -1}, "`seed` must be an int >= 0"),
     ("none", {"min_ratio": 0}, "`min_ratio` must be a number > 0"),
 ])

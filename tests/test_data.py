@@ -99,12 +99,12 @@ def test_partitioners_are_flwr_datasets_and_give_the_clients_data(make_cfg):
         tokens = D.tokenized_split(cfg, "validation")
         partitioner = D.make_partitioner(cfg, tokens, n)
         assert type(partitioner) is cls and partitioner.num_partitions == n
-        blocks = D.pack_blocks(tokens.ids, cfg.block_size)
+        blocks = D.pack_blocks(tokens.ids, cfg.data.block_size)
         for k in range(n):
             rows = partitioner.load_partition(k).to_dict()
             if name == "articles":
                 text = np.concatenate([tokens.ids[tokens.starts[a]:tokens.starts[a + 1]] for a in rows["article"]])
-                expected = D.pack_blocks(text, cfg.block_size)
+                expected = D.pack_blocks(text, cfg.data.block_size)
             else:
                 expected = blocks[rows["block"]]
             assert torch.equal(D.load_partition(cfg, k, n), expected), (name, k)

@@ -131,4 +131,4 @@ def test_eval_stride_longer_than_the_window_is_a_config_error():
         AppConfig.from_run_config({"block-size": 64, "eval-stride": 65})
     with pytest.raises(ConfigError, match="`eval-stream` must be one of 'articles', 'joined', got \"hf\""):
         AppConfig.from_run_config({"eval-stream": "hf"})
-    assert AppConfig.from_run_config({"block-size": 64, "eval-stride": 64}).eval_stride == 64
+    assert AppConfig.from_run_config({"block-size": 64, "eval-stride": 64}).data.eval_stride == 64

@@ -186,10 +186,10 @@ def make_state(tmp_path, **overrides) -> ServerState:
     cfg = AppConfig.from_run_config(run_config)
     x = {k: v.clone() for k, v in X0.items()}
     run_dir = tmp_path / "run"
-    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor="none",
-                           rule=cfg.rule, num_clients=0, eval_split="test", train_split="validation",
-                           target_ppl=None, resume=bool(cfg.resume_from))
-    ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.server.mode, compressor="none",
+                           rule=cfg.server.rule, num_clients=0, eval_split="test", train_split="validation",
+                           target_ppl=None, resume=bool(cfg.output.resume_from))
+    ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
     return ServerState(
         cfg=cfg, x=x, device=torch.device("cpu"), rule_factory=lambda n: build_rule(cfg, n),
         selector=build_selector(cfg), recorder=recorder,
@@ -563,7 +563,7 @@ def test_update_log_needs_a_linear_rule():
 
     with pytest.raises(ConfigError, match="downlink.*fedasync"):
         AppConfig.from_run_config({"downlink": "log", "rule": "fedasync"})
-    assert AppConfig.from_run_config({"downlink": "log", "mode": "sync", "rule": "fedasync"}).downlink == "log"
+    assert AppConfig.from_run_config({"downlink": "log", "mode": "sync", "rule": "fedasync"}).compress.downlink == "log"
 
 
 # ------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def test_hinge_staleness(tau, expected):
 
 
 def test_staleness_rejects_bad_kind_params_and_taus():
-    with pytest.raises(ValueError, match="constant, polynomial, hinge"):
+    with pytest.raises(ValueError, match="`staleness` must be one of 'constant', 'polynomial', 'hinge', got 'linear'"):
         make_staleness_fn("linear", 0.5, 4)
     with pytest.raises(ValueError, match="`a`"):
         make_staleness_fn("polynomial", -0.1, 0)
@@ -468,7 +468,8 @@ def test_state_dict_round_trip_continues_identically(name):
 
 
 def test_make_rule_registry_errors():
-    with pytest.raises(ValueError, match="fedasync, fedbuff, asgd, dn, fadas, shifted, saga, saga-est, page"):
+    with pytest.raises(ValueError, match="`rule` must be one of 'fedasync', 'fedbuff', 'asgd', 'dn', 'fadas', "
+                                         "'shifted', 'saga', 'saga-est', 'page', 'fedavg', got 'fedprox'"):
         make_rule("fedprox", server_lr=1.0)
     with pytest.raises(ValueError, match="accepted arguments: server_lr, delay_adaptive"):
         make_rule("asgd", server_lr=1.0, beta=0.9)

@@ -119,7 +119,8 @@ def test_power_of_choice_takes_the_highest_loss_candidate():
 
 
 def test_make_selector_errors():
-    with pytest.raises(ValueError, match="same, uniform, loss-biased, time-aware"):
+    with pytest.raises(ValueError, match="`selection` must be one of 'same', 'uniform', 'loss-biased', "
+                                         "'time-aware', got 'round-robin'"):
         make_selector("round-robin")
     with pytest.raises(ValueError, match="accepted arguments: floor, power, decay, candidates"):
         make_selector("loss-biased", temperature=2.0)

@@ -127,7 +127,7 @@ def test_mismatched_initial_arrays_raise_and_change_nothing(tmp_path, bad, messa
         AsyncFLStrategy(state).start(grid, initial_arrays=ArrayRecord(bad), num_rounds=5, evaluate_fn=evaluate)
     assert_states_equal(state.x, X0)
     assert grid.sent == [] and grid.warmups == [] and evaluate.calls == []
-    assert state.cfg.num_rounds == 3  # the other arguments were not applied either
+    assert state.cfg.stop.num_rounds == 3  # the other arguments were not applied either
     assert [e["event"] for e in events(tmp_path)] == ["start"]
 
 
@@ -230,7 +230,7 @@ def test_train_config_reaches_every_task_and_timeout_is_the_task_ttl(tmp_path, c
         assert config["proximal-mu"] == 0.01 and config["tag"] == "exp-1"
         assert config["version"] >= 0 and config["run-key"] == "run"  # the loop's own entries stay
         assert m.metadata.ttl == 42.0
-    assert state.cfg.task_ttl_s == 42.0
+    assert state.cfg.server.task_ttl_s == 42.0
 
 
 def test_train_config_may_not_set_the_loops_own_entries(tmp_path):
@@ -252,7 +252,7 @@ def fast_keys(tmp_path, name: str) -> dict:
 def test_async_strategy_from_config_runs_and_writes_its_results(tmp_path):
     x0_before = fp32(X0)
     strategy = AsyncStrategy.from_config(X0, 'rule="asgd" server-lr=0.5', device="cpu", **fast_keys(tmp_path, "api"))
-    assert strategy.cfg.mode == "async" and strategy.cfg.rule == "asgd"
+    assert strategy.cfg.server.mode == "async" and strategy.cfg.server.rule == "asgd"
     assert strategy.s.x["w"] is not X0["w"]  # its own copy
     evaluate = Evaluations()
     result = strategy.start(FakeGrid({1: 1, 2: 2}), initial_arrays=ArrayRecord(INITIAL), num_rounds=3,
@@ -279,7 +279,7 @@ def test_async_strategy_from_config_runs_and_writes_its_results(tmp_path):
 
 def test_sync_fedavg_from_config_is_fedavg_rounds(tmp_path):
     strategy = SyncFedAvg.from_config(ArrayRecord(X0), server_lr=1.0, warmup=False, **fast_keys(tmp_path, "sync"))
-    assert strategy.cfg.mode == "sync"
+    assert strategy.cfg.server.mode == "sync"
     result = strategy.start(FakeGrid({1: 1, 2: 3}), num_rounds=2)
     assert strategy.s.rounds == 2 and result.evaluate_metrics_serverapp == {}  # no evaluate_fn: none
     assert_states_equal(as_tensors(result.arrays), replay_fedavg(X0, [1, 2], 2)[-1])
@@ -295,7 +295,7 @@ def test_from_config_rejects_unknown_keys_and_the_other_mode(tmp_path):
     with pytest.raises(ConfigError, match="`mode` is \"sync\" for this strategy"):
         SyncFedAvg.from_config(X0, mode="async", **fast_keys(tmp_path, "bad"))
     strategy = AsyncStrategy.from_config(X0, 'rule="fedbuff" buffer-size=3', **fast_keys(tmp_path, "ok"))
-    assert (strategy.cfg.rule, strategy.cfg.buffer_size) == ("fedbuff", 3)
+    assert (strategy.cfg.server.rule, strategy.cfg.server.buffer_size) == ("fedbuff", 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_task_reply_decodes_to_the_local_training_delta(make_cfg, tmp_path, monk
     for k in start:  # lossless payload: exactly local - received
         torch.testing.assert_close(update[k], local[k] - start[k])
     m = result.metrics
-    assert m["partition-id"] == 0 and m["num-examples"] == cfg.local_steps * cfg.batch_size
+    assert m["partition-id"] == 0 and m["num-examples"] == cfg.train.local_steps * cfg.train.batch_size
     assert m["train-loss"] > 0
     # bytes: the record's one wire Array (safetensors bytes, read by the library) and its key;
     # the tensor data alone is every trainable tensor in fp32 (lossless)

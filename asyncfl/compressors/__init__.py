@@ -8,6 +8,8 @@ Usage: ``c = get_compressor("pca", rank=10); record = c.encode_state(delta)`` on
 
 from __future__ import annotations
 
+from asyncfl.choices import CompressorName, check_choice, choices
+
 from .base import OPTION_NAMES, Compressor, CompressorOptions, should_compress
 from .codec import COMPRESSORS, Payload, PayloadError, decode_state
 from .cur import CURCompressor
@@ -18,7 +20,9 @@ from .qrcp import QRCPCompressor
 _REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls for cls in (IdentityCompressor, PCACompressor, QRCPCompressor, CURCompressor)
 }
-assert tuple(_REGISTRY) == COMPRESSORS
+if not tuple(_REGISTRY) == COMPRESSORS == choices(CompressorName):
+    raise ImportError(f"compressors {tuple(_REGISTRY)} / codec {COMPRESSORS} are not "
+                      f"asyncfl.choices.CompressorName {choices(CompressorName)}")
 
 
 def get_compressor(name: str, **options) -> Compressor:
@@ -37,8 +41,7 @@ def get_compressor(name: str, **options) -> Compressor:
     ValueError
         Unknown name, unknown option or bad option value (the message lists what is allowed).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown compressor {name!r}; expected one of {COMPRESSORS}")
+    check_choice("`compressor`", name, COMPRESSORS)
     return _REGISTRY[name](**options)
 
 

@@ -28,12 +28,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asyncfl.choices import CompressMethod, RowSelect, WireDtype, check_choice, choices
+
 from . import codec
 from .codec import LAYOUTS, Payload
 
-METHODS = ("exact", "randomized")
+METHODS = choices(CompressMethod)
 WIRE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-ROW_SELECT = ("greedy", "pivoted", "leverage", "uniform")
+ROW_SELECT = choices(RowSelect)
+if tuple(WIRE_DTYPES) != choices(WireDtype):
+    raise ImportError(f"wire dtypes {tuple(WIRE_DTYPES)} are not asyncfl.choices.WireDtype {choices(WireDtype)}")
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,7 @@ def _check_int(key: str, value, low: int) -> None:
 
 
 def _check_choice(key: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{key}` must be one of {allowed}, got {value!r}")
+    check_choice(f"`{key}`", value, allowed)
 
 
 OPTION_NAMES = tuple(f.name for f in fields(CompressorOptions))

@@ -131,11 +131,11 @@ class AsyncStrategy(AsyncFLStrategy):
         device = resolve_device(cfg)
         x = own_tensors(model_state, device)
         run_dir = run_dir_for(cfg)
-        ckpt = load_checkpoint(cfg.resume_from) if cfg.resume_from else None
-        recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.mode, compressor=cfg.compressor,
-                               rule=cfg.rule if cfg.mode == "async" else "fedavg", num_clients=0,
+        ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
+        recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.server.mode, compressor=cfg.compress.compressor,
+                               rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg", num_clients=0,
                                eval_split="evaluate_fn", train_split="clientapp",
-                               target_ppl=cfg.target_ppl or None, clock=clock.now, resume=ckpt is not None)
+                               target_ppl=cfg.stop.target_ppl or None, clock=clock.now, resume=ckpt is not None)
         state = ServerState(
             cfg=cfg, x=x, device=device, rule_factory=lambda n: build_rule(cfg, n),
             selector=build_selector(cfg), recorder=recorder,
@@ -161,7 +161,7 @@ class AsyncStrategy(AsyncFLStrategy):
         self._started = True
         result = super().start(grid, initial_arrays, num_rounds, timeout, train_config,
                                evaluate_config, evaluate_fn)
-        if self.cfg.checkpoint_every:
+        if self.cfg.output.checkpoint_every:
             Checkpointer(self.s).save(self.s)
         self.run_summary = self.s.recorder.finish(stop_reason=self.s.final_reason, extra=self.run_extras())
         return result

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+from asyncfl.choices import RuleName
 from asyncfl.config import AppConfig
 from asyncfl.strategies.registry import make_rule
 from asyncfl.strategies.rules import Rule
@@ -19,55 +21,56 @@ def server_lr(cfg: AppConfig, num_clients: int) -> float:
     with a mean over a table of all nodes (saga, page) with 1; fadas's AMSGrad step, which is
     per coordinate, not a multiple of a delta, with 1e-3. Measured: bench/README.md, "Async vs
     sync" (this is the 1/n of asgd and the K/n of fedbuff that won the sweeps there)."""
-    if cfg.server_lr:
-        return cfg.server_lr
+    if cfg.server.server_lr:
+        return cfg.server.server_lr
     n = max(num_clients, 1)
-    if cfg.mode == "sync" or cfg.rule in ("saga", "page"):
+    if cfg.server.mode == "sync" or cfg.server.rule in ("saga", "page"):
         return 1.0
-    if cfg.rule == "fedbuff":
-        return min(1.0, cfg.buffer_size / n)
-    if cfg.rule == "fadas":
+    if cfg.server.rule == "fedbuff":
+        return min(1.0, cfg.server.buffer_size / n)
+    if cfg.server.rule == "fadas":
         return 1e-3
     return 1.0 / n
 
 
 def build_rule(cfg: AppConfig, num_clients: int) -> Rule:
-    """The aggregation rule: `cfg.rule` in async mode, FedAvg(M) in sync mode."""
-    momentum = dict(momentum=cfg.server_momentum, nesterov=cfg.nesterov)
+    """The aggregation rule: `cfg.server.rule` in async mode, FedAvg(M) in sync mode."""
+    c = cfg.server
+    momentum: dict[str, Any] = dict(momentum=c.server_momentum, nesterov=c.nesterov)
     lr = server_lr(cfg, num_clients)
-    if cfg.mode == "sync":
+    if c.mode == "sync":
         return make_rule("fedavg", server_lr=lr, **momentum)
-    s = make_staleness_fn(cfg.staleness, cfg.staleness_a, cfg.staleness_b)
+    s = make_staleness_fn(c.staleness, c.staleness_a, c.staleness_b)
     n = max(num_clients, 1)
-    kwargs = {
-        "fedasync": dict(alpha=cfg.alpha, staleness_fn=s),
-        "fedbuff": dict(buffer_size=cfg.buffer_size, server_lr=lr, staleness_fn=s, **momentum),
-        "asgd": dict(server_lr=lr, delay_adaptive=cfg.delay_adaptive,
-                     concurrency=max(cfg.concurrency or n, 1), **momentum),
-        "dn": dict(buffer_size=cfg.buffer_size, server_lr=lr,
-                   momentum=cfg.server_momentum, staleness_fn=s),
-        "fadas": dict(buffer_size=cfg.buffer_size, server_lr=lr, beta1=cfg.fadas_beta1,
-                      beta2=cfg.fadas_beta2, eps=cfg.fadas_eps, tau_c=cfg.fadas_tau_c or n),
-        "shifted": dict(server_lr=lr, shift_alpha=cfg.shift_alpha, num_clients=n),
+    kwargs: dict[RuleName, dict[str, Any]] = {
+        "fedasync": dict(alpha=c.alpha, staleness_fn=s),
+        "fedbuff": dict(buffer_size=c.buffer_size, server_lr=lr, staleness_fn=s, **momentum),
+        "asgd": dict(server_lr=lr, delay_adaptive=c.delay_adaptive, concurrency=max(c.concurrency or n, 1),
+                     **momentum),
+        "dn": dict(buffer_size=c.buffer_size, server_lr=lr, momentum=c.server_momentum, staleness_fn=s),
+        "fadas": dict(buffer_size=c.buffer_size, server_lr=lr, beta1=c.fadas_beta1, beta2=c.fadas_beta2,
+                      eps=c.fadas_eps, tau_c=c.fadas_tau_c or n),
+        "shifted": dict(server_lr=lr, shift_alpha=c.shift_alpha, num_clients=n),
         "saga": dict(server_lr=lr),
         "saga-est": dict(server_lr=lr),
         "page": dict(server_lr=lr),
-    }[cfg.rule]
-    return make_rule(cfg.rule, **kwargs)
+    }
+    return make_rule(c.rule, **kwargs[c.rule])
 
 
 def build_selector(cfg: AppConfig) -> Selector:
-    if cfg.selection == "loss-biased":
-        return make_selector("loss-biased", floor=cfg.selection_floor)
-    if cfg.selection == "time-aware":
-        return make_selector("time-aware", floor=cfg.selection_floor, power=cfg.selection_power)
-    return make_selector(cfg.selection)
+    if cfg.server.selection == "loss-biased":
+        return make_selector("loss-biased", floor=cfg.server.selection_floor)
+    if cfg.server.selection == "time-aware":
+        return make_selector("time-aware", floor=cfg.server.selection_floor, power=cfg.server.selection_power)
+    return make_selector(cfg.server.selection)
 
 
 def run_dir_for(cfg: AppConfig) -> Path:
     """`<results-dir>/<run-name>` (default name `<mode>-<rule>-<compressor>-<time>`); resuming
     without a `run-name`, the checkpoint's own run folder."""
-    if cfg.resume_from and not cfg.run_name:
-        return Path(cfg.resume_from).resolve().parent  # continue the checkpoint's run
-    name = cfg.run_name or f"{cfg.mode}-{cfg.rule}-{cfg.compressor}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.results_dir) / name
+    if cfg.output.resume_from and not cfg.output.run_name:
+        return Path(cfg.output.resume_from).resolve().parent  # continue the checkpoint's run
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = cfg.output.run_name or f"{cfg.server.mode}-{cfg.server.rule}-{cfg.compress.compressor}-{stamp}"
+    return Path(cfg.output.results_dir) / name

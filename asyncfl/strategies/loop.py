@@ -48,7 +48,6 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from asyncfl import wire
 from asyncfl.compressors import PayloadError, decode_state
-from asyncfl.config import AppConfig
 from asyncfl.flower_hooks import grid_in_deployment
 from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
 from asyncfl.strategies.history import checked_arrays, copy_into, global_arrays
@@ -122,7 +121,7 @@ class AsyncFLStrategy(Strategy):
         self.inflight: dict[str, Task] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self._record_cache: tuple[int, ArrayRecord] | None = None
-        self.rng = random.Random(self.cfg.seed)
+        self.rng = random.Random(self.cfg.train.seed)
         self.warmup_s: float | None = None  # how long the warm-up took (None: none was done)
         self.checkpointer = Checkpointer(state)
         self._last_node_scan = 0.0
@@ -158,8 +157,8 @@ class AsyncFLStrategy(Strategy):
         c = self.cfg
         log.info(
             "asyncfl: mode=%s rule=%s compressor=%s(rank=%d, %s) selection=%s concurrency=%s",
-            c.mode, c.rule, c.compressor, c.rank, c.compress_method, c.selection,
-            c.concurrency or "all nodes",
+            c.server.mode, c.server.rule, c.compress.compressor, c.compress.rank, c.compress.compress_method,
+            c.server.selection, c.server.concurrency or "all nodes",
         )
 
     def start(
@@ -225,7 +224,7 @@ class AsyncFLStrategy(Strategy):
         self._use_start_arguments(initial_arrays, num_rounds, timeout, train_config, evaluate_config)
         self.summary()
         self.prefetch = self._prefetch_wanted(grid)
-        self.pack = self.cfg.pack == "on" or (self.cfg.pack == "auto" and _in_deployment(grid))
+        self.pack = self.cfg.server.pack == "on" or (self.cfg.server.pack == "auto" and _in_deployment(grid))
         if self.pack:
             log.info("asyncfl: arrays packed: the global weights travel as one Flower Array")
         self.downlink = self._downlink_wanted(grid)
@@ -257,12 +256,12 @@ class AsyncFLStrategy(Strategy):
         reason = "finished"
         try:
             self._wait_for_nodes(grid)
-            if self.cfg.warmup:
+            if self.cfg.server.warmup:
                 self._warm_up(grid)
             log.info("asyncfl: stops at: %s", self.s.limits())
             self.s.evaluate_and_log(self.elapsed(), round_=self.s.rounds)
             self.checkpointer = Checkpointer(self.s)
-            if self.cfg.mode == "sync":
+            if self.cfg.server.mode == "sync":
                 reason = self._run_sync(grid)
             else:
                 reason = self._run_async(grid)
@@ -291,7 +290,7 @@ class AsyncFLStrategy(Strategy):
             changes["num-rounds"] = num_rounds
         if timeout is not None:
             changes["task-ttl-s"] = timeout
-        cfg = AppConfig.from_run_config({**self.cfg.to_dict(), **changes}) if changes else self.cfg
+        cfg = self.cfg.updated(changes) if changes else self.cfg
         task_config = _checked_train_config(train_config)
         if evaluate_config:
             log.warning("asyncfl: evaluate_config ignored: evaluation is centralized (evaluate_fn), "
@@ -325,7 +324,7 @@ class AsyncFLStrategy(Strategy):
     def _idle(self) -> None:
         """Sleep one poll interval between looks at the grid (timed as `idle`)."""
         t0 = time.perf_counter()
-        self.clock.sleep(self.cfg.poll_interval_s)
+        self.clock.sleep(self.cfg.server.poll_interval_s)
         self.timer.add("idle", time.perf_counter() - t0)
 
     def elapsed(self) -> float:
@@ -357,11 +356,11 @@ class AsyncFLStrategy(Strategy):
             if self.downlink is not None:  # the weights now, so that first tasks are update logs
                 content["arrays"] = self._global_record()
             msg = Message(content, dst_node_id=node, message_type=WARMUP_MESSAGE_TYPE,
-                          ttl=self.cfg.node_wait_s)
+                          ttl=self.cfg.server.node_wait_s)
             ids = [i for i in grid.push_messages([msg]) if i]
             if ids:
                 pending[ids[0]] = node
-        deadline = t0 + self.cfg.node_wait_s
+        deadline = t0 + self.cfg.server.node_wait_s
         answered = 0
         while pending and self.clock.now() < deadline:
             for msg in grid.pull_messages(list(pending)):
@@ -378,11 +377,11 @@ class AsyncFLStrategy(Strategy):
                 if self.downlink is not None and metrics.get("holds-version") == self.s.version:
                     self.downlink.sent(node, self.s.version)  # it keeps them: send it logs
             if pending:
-                self.clock.sleep(self.cfg.poll_interval_s)
+                self.clock.sleep(self.cfg.server.poll_interval_s)
         self.warmup_s = self.clock.now() - t0
         if pending:
             log.warning("asyncfl: %d node(s) did not answer the warm-up within %.0f s; they start "
-                        "cold", len(pending), self.cfg.node_wait_s)
+                        "cold", len(pending), self.cfg.server.node_wait_s)
         self.s.recorder.restart_clock()  # the run clock counts training, not start-up
         self.s.recorder.log_event("warmup", seconds=round(self.warmup_s, 3), nodes=answered)
         log.info("asyncfl: %d node(s) warmed up in %.1f s; the run clock starts now", answered,
@@ -424,9 +423,9 @@ class AsyncFLStrategy(Strategy):
         if reply is None:
             return None if node.retired else task.node
         staleness = self.s.version - task.version
-        if self.cfg.max_staleness and staleness > self.cfg.max_staleness:
+        if self.cfg.server.max_staleness and staleness > self.cfg.server.max_staleness:
             self.s.recorder.log_drop(node=task.node, partition=node.partition, staleness=staleness,
-                                     reason=f"staleness {staleness} > max-staleness {self.cfg.max_staleness}")
+                                     reason=f"staleness {staleness} > max-staleness {self.cfg.server.max_staleness}")
             self._release_snapshots()
             return task.node
         t0 = time.perf_counter()
@@ -434,7 +433,7 @@ class AsyncFLStrategy(Strategy):
             self.snapshots.setdefault(self.s.version, {k: v.clone() for k, v in self.s.x.items()})
         base = self.snapshots.get(task.version)
         version_before = self.s.version
-        if self.cfg.balance and isinstance(self.s.rule, ASGD):
+        if self.cfg.server.balance and isinstance(self.s.rule, ASGD):
             self.s.rule.node_scale = self._balance_scales()
         applied = self.s.rule.apply(self.s.x, reply.update, staleness=staleness, node=task.node,
                                     base=base, info=reply.metrics)
@@ -451,7 +450,7 @@ class AsyncFLStrategy(Strategy):
 
     def _fill_slots(self, grid: Grid, finished: int | None) -> None:
         """Dispatch tasks until `concurrency` nodes are working (or no idle node is left)."""
-        limit = self.cfg.concurrency or len(self._alive_nodes())
+        limit = self.cfg.server.concurrency or len(self._alive_nodes())
         while self._working() < limit:
             idle = self._idle_nodes()
             if not idle:
@@ -465,7 +464,7 @@ class AsyncFLStrategy(Strategy):
     # Prefetch: queue a working node's next task shortly before it is expected to finish
     # ----------------------------------------------------------------------------------------
     def _prefetch_wanted(self, grid: Grid) -> bool:
-        c = self.cfg
+        c = self.cfg.server
         if c.mode != "async" or c.prefetch == "off":
             return False
         if c.prefetch == "auto":
@@ -488,11 +487,11 @@ class AsyncFLStrategy(Strategy):
         return True
 
     def _downlink_wanted(self, grid: Grid) -> DownlinkLog | None:
-        c = self.cfg
-        if c.downlink == "full":
+        c, z = self.cfg.server, self.cfg.compress
+        if z.downlink == "full":
             return None
         linear = (c.mode == "sync" or c.rule in LINEAR_RULES) and not c.server_momentum
-        if c.downlink == "auto" and (not linear or c.compressor == "none" or not _in_deployment(grid)):
+        if z.downlink == "auto" and (not linear or z.compressor == "none" or not _in_deployment(grid)):
             return None
         if not linear:
             log.info("asyncfl: downlink log off: %s steps with more than the payloads applied "
@@ -512,13 +511,13 @@ class AsyncFLStrategy(Strategy):
         budget = self.s.max_updates - self.s.updates - len(self.inflight)  # no work past the end (may be inf)
         # the push itself takes time (building and uploading the global weights: seconds for
         # the 124M shape), so it starts that much earlier
-        lead = self.cfg.prefetch_lead_s + max(self.push_s, default=0.0)
+        lead = self.cfg.server.prefetch_lead_s + max(self.push_s, default=0.0)
         peer_first = min((i.first_service for i in self.nodes.values() if i.first_service is not None),
                          default=None)
         for n, info in sorted(self.nodes.items()):
             if info.retired or info.inflight != 1 or budget <= 0:
                 continue
-            if self.cfg.prefetch == "auto" and info.polls_quickly():
+            if self.cfg.server.prefetch == "auto" and info.polls_quickly():
                 continue  # it notices the next task as soon as it is pushed
             running = next(t for t in self.inflight.values() if t.node == n)
             if info.next_task_due(running, now, lead, peer_first):
@@ -535,8 +534,8 @@ class AsyncFLStrategy(Strategy):
             if reason:
                 return reason
             nodes = self._idle_nodes()
-            if self.cfg.concurrency:
-                nodes = self.rng.sample(nodes, min(self.cfg.concurrency, len(nodes)))
+            if self.cfg.server.concurrency:
+                nodes = self.rng.sample(nodes, min(self.cfg.server.concurrency, len(nodes)))
             for n in nodes:
                 self._dispatch(grid, n)
             if not self.inflight:
@@ -550,7 +549,7 @@ class AsyncFLStrategy(Strategy):
                     return reason
             replies = []
             while self.inflight:
-                budget = self.cfg.time_budget_s
+                budget = self.cfg.stop.time_budget_s
                 if budget and self.elapsed() >= budget:
                     # a budget is a budget, as in async mode: the round in flight is dropped
                     # and the model stays the last completed round's (already evaluated)
@@ -590,15 +589,15 @@ class AsyncFLStrategy(Strategy):
     def _global_record(self) -> ArrayRecord:
         """The global trainable state as an ArrayRecord, built once per version."""
         if self._record_cache is None or self._record_cache[0] != self.s.version:
-            arrays = {k: _for_download(v, self.cfg.download_dtype) for k, v in self.s.x.items()}
+            arrays = {k: _for_download(v, self.cfg.compress.download_dtype) for k, v in self.s.x.items()}
             record = wire.to_record({k: v.numpy() for k, v in arrays.items()}) if self.pack else ArrayRecord(arrays)
             self._record_cache = (self.s.version, record)
         return self._record_cache[1]
 
     def _task_message(self, node: int, repeat: int = 0) -> Message:
         config = {**self.train_config, "version": self.s.version, "repeat": repeat,
-                  "run-key": self.s.run_key, "rule": self.cfg.rule, "downlink": "full", "pack": self.pack}
-        if self.cfg.dylu:
+                  "run-key": self.s.run_key, "rule": self.cfg.server.rule, "downlink": "full", "pack": self.pack}
+        if self.cfg.server.dylu:
             config["local-steps"] = self._dylu_steps(node)
         content = RecordDict()
         update_log = self.downlink.message_for(node, self.s.version) if self.downlink else None
@@ -610,7 +609,7 @@ class AsyncFLStrategy(Strategy):
             for i, record in enumerate(update_log.records):
                 content[f"log-{i}"] = record
         content["config"] = ConfigRecord(config)
-        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.task_ttl_s)
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.server.task_ttl_s)
 
     def _balance_scales(self) -> dict[int, float]:
         """`balance`: each live node's step factor from its measured task time."""
@@ -623,7 +622,7 @@ class AsyncFLStrategy(Strategy):
         `local-steps` for the fastest, so that all nodes' tasks take about as long. Speed =
         local steps per second of the ClientApp's own time (training, emulated slowness,
         encoding); a node not timed yet gets the full number."""
-        full = max(self.cfg.local_steps, 1)
+        full = max(self.cfg.train.local_steps, 1)
         mine = self.nodes[node].step_s
         fastest = min((i.step_s for i in self.nodes.values() if i.step_s and not i.retired), default=None)
         if mine is None or fastest is None:
@@ -689,7 +688,7 @@ class AsyncFLStrategy(Strategy):
                 raise PayloadError("reply has no ArrayRecord named 'arrays'")
             t0 = time.perf_counter()
             update = decode_state(record, reference=self.s.shapes, device=self.s.device,
-                                  max_rank=self.cfg.rank)
+                                  max_rank=self.cfg.compress.rank)
             self.s.sync_device()
             decode_s = time.perf_counter() - t0
             self.timer.add("decode", decode_s)
@@ -721,7 +720,7 @@ class AsyncFLStrategy(Strategy):
         self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
                                  reason=f"error reply code {code}: {reason}")
         log.warning("asyncfl: node %s error reply (code %s): %s", node_id, code, reason)
-        if code in _RETIRE_AT_ONCE or node.failures >= self.cfg.max_node_failures:
+        if code in _RETIRE_AT_ONCE or node.failures >= self.cfg.server.max_node_failures:
             self._retire(node_id, f"error code {code} after {node.failures} consecutive failure(s)")
 
     def _retire(self, node_id: int, why: str) -> None:
@@ -742,18 +741,18 @@ class AsyncFLStrategy(Strategy):
     # Nodes
     # ----------------------------------------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid) -> None:
-        deadline = time.monotonic() + self.cfg.node_wait_s
+        deadline = time.monotonic() + self.cfg.server.node_wait_s
         while True:
             self._scan_nodes(grid, force=True)
             alive = self._alive_nodes()
-            if len(alive) >= self.cfg.min_nodes:
+            if len(alive) >= self.cfg.server.min_nodes:
                 log.info("asyncfl: %d node(s) connected", len(alive))
                 self.s.prepare(len(alive))
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"only {len(alive)} node(s) connected after {self.cfg.node_wait_s:.0f} s, "
-                    f"`min-nodes` is {self.cfg.min_nodes}: start more SuperNodes or lower min-nodes"
+                    f"only {len(alive)} node(s) connected after {self.cfg.server.node_wait_s:.0f} s, "
+                    f"`min-nodes` is {self.cfg.server.min_nodes}: start more SuperNodes or lower min-nodes"
                 )
             time.sleep(0.5)
 

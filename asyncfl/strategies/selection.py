@@ -45,7 +45,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-SELECTORS = ("same", "uniform", "loss-biased", "time-aware")
+from asyncfl.choices import SelectionName, check_choice, choices
+
+SELECTORS = choices(SelectionName)
 
 
 def _nodes(idle: Sequence[int]) -> list[int]:
@@ -249,6 +251,8 @@ _REGISTRY: dict[str, type[Selector]] = {
     "same": SameSelector, "uniform": UniformSelector, "loss-biased": LossBiasedSelector,
     "time-aware": TimeAwareSelector,
 }
+if tuple(_REGISTRY) != SELECTORS or any(cls.name != name for name, cls in _REGISTRY.items()):
+    raise ImportError(f"selector registry {tuple(_REGISTRY)} is not asyncfl.choices.SelectionName {SELECTORS}")
 
 
 def make_selector(name: str, **kwargs: Any) -> Selector:
@@ -257,9 +261,7 @@ def make_selector(name: str, **kwargs: Any) -> Selector:
     Raises ``ValueError`` for an unknown name (listing ``SELECTORS``), unknown
     arguments (listing the accepted ones) or invalid values.
     """
-    if name not in _REGISTRY:
-        choices = ", ".join(SELECTORS)
-        raise ValueError(f"unknown selection {name!r}; choose one of {choices}")
+    check_choice("`selection`", name, SELECTORS)
     cls = _REGISTRY[name]
     sig = inspect.signature(cls)
     try:

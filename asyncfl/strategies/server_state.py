@@ -67,7 +67,7 @@ class ServerState:
         if self.resume is not None:
             self.restore(self.resume)
             self.recorder.log_event("resume", version=self.version, updates=self.updates,
-                                    path=self.cfg.resume_from)
+                                    path=self.cfg.output.resume_from)
             log.info("asyncfl: resumed at v=%d updates=%d", self.version, self.updates)
 
     @property
@@ -81,7 +81,7 @@ class ServerState:
     @property
     def server_round(self) -> int:
         """Flower's round number for this run: completed rounds (sync) or the version (async)."""
-        return self.rounds if self.cfg.mode == "sync" else self.version
+        return self.rounds if self.cfg.server.mode == "sync" else self.version
 
     def flush_rule(self) -> None:
         if self.rule.flush(self.x).stepped:  # a partly filled FedBuff buffer
@@ -93,44 +93,44 @@ class ServerState:
     def rounds_limit_applies(self) -> bool:
         """`num-rounds` stops the run unless the user set a budget or a target: then those do
         (a budget of 150 s must not end after 3 rounds because num-rounds kept its default)."""
-        return not (self.cfg.time_budget_s or self.cfg.target_ppl)
+        return not (self.cfg.stop.time_budget_s or self.cfg.stop.target_ppl)
 
     @property
     def max_updates(self) -> float:
         """Async: `max-updates`, else num-rounds x nodes when that applies, else unlimited."""
-        if self.cfg.max_updates:
-            return self.cfg.max_updates
+        if self.cfg.stop.max_updates:
+            return self.cfg.stop.max_updates
         if self.rounds_limit_applies:
-            return self.cfg.num_rounds * max(self.num_clients, 1)
+            return self.cfg.stop.num_rounds * max(self.num_clients, 1)
         return math.inf
 
     def limits(self) -> str:
         """The conditions that can stop this run, for the log."""
         cfg, out = self.cfg, []
-        if cfg.mode == "sync" and self.rounds_limit_applies:
-            out.append(f"num-rounds {cfg.num_rounds}")
-        if cfg.mode == "async" and math.isfinite(self.max_updates):
-            source = "" if cfg.max_updates else f" (num-rounds {cfg.num_rounds} x {self.num_clients} nodes)"
+        if cfg.server.mode == "sync" and self.rounds_limit_applies:
+            out.append(f"num-rounds {cfg.stop.num_rounds}")
+        if cfg.server.mode == "async" and math.isfinite(self.max_updates):
+            source = "" if cfg.stop.max_updates else f" (num-rounds {cfg.stop.num_rounds} x {self.num_clients} nodes)"
             out.append(f"max-updates {self.max_updates:.0f}{source}")
-        if cfg.time_budget_s:
-            out.append(f"time-budget-s {cfg.time_budget_s:g}")
-        if cfg.target_ppl:
-            out.append(f"target-ppl {cfg.target_ppl:g}")
-        if cfg.stop_rule != "none":
-            out.append(f"stop-rule {cfg.stop_rule}")
+        if cfg.stop.time_budget_s:
+            out.append(f"time-budget-s {cfg.stop.time_budget_s:g}")
+        if cfg.stop.target_ppl:
+            out.append(f"target-ppl {cfg.stop.target_ppl:g}")
+        if cfg.stop.stop_rule != "none":
+            out.append(f"stop-rule {cfg.stop.stop_rule}")
         return ", ".join(out) or "none (Ctrl-C)"
 
     def stop_reason(self, elapsed: float) -> str | None:
         cfg = self.cfg
-        if cfg.mode == "sync" and self.rounds_limit_applies and self.rounds >= cfg.num_rounds:
-            return f"num-rounds {cfg.num_rounds} reached"
-        if cfg.mode == "async" and self.updates >= self.max_updates:
+        if cfg.server.mode == "sync" and self.rounds_limit_applies and self.rounds >= cfg.stop.num_rounds:
+            return f"num-rounds {cfg.stop.num_rounds} reached"
+        if cfg.server.mode == "async" and self.updates >= self.max_updates:
             return f"max-updates {self.max_updates:.0f} reached"
-        if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
-            return f"time-budget-s {cfg.time_budget_s:g} reached"
+        if cfg.stop.time_budget_s and elapsed >= cfg.stop.time_budget_s:
+            return f"time-budget-s {cfg.stop.time_budget_s:g} reached"
         ppl = self.last_eval.get("ppl")
-        if cfg.target_ppl and ppl is not None and ppl <= cfg.target_ppl:
-            return f"target-ppl {cfg.target_ppl:g} reached (ppl {ppl:.2f})"
+        if cfg.stop.target_ppl and ppl is not None and ppl <= cfg.stop.target_ppl:
+            return f"target-ppl {cfg.stop.target_ppl:g} reached (ppl {ppl:.2f})"
         if self.bound is not None and self.delta_g is not None:
             clock = self.server_round
             if self.bound.should_stop(clock, self.delta_g):
@@ -152,7 +152,7 @@ class ServerState:
         self.history.add_evaluation(self.server_round, metrics)
         if self.initial_loss is None and "loss" in metrics:
             self.initial_loss = metrics["loss"]
-        if self.bound is None and self.cfg.stop_rule == "bound" and self.initial_loss is not None:
+        if self.bound is None and self.cfg.stop.stop_rule == "bound" and self.initial_loss is not None:
             self.bound = self.cfg.bound_rule(self.num_clients or 1, a1=self.initial_loss)
         fields = {k: v for k, v in metrics.items() if k not in ("version", "round", "updates")}
         self.recorder.log_eval(version=self.version, round=round_, updates=self.updates, **fields)
@@ -165,7 +165,7 @@ class ServerState:
         return metrics
 
     def evaluate_if_due(self, elapsed: float, per_round: bool = False) -> None:
-        every = self.cfg.eval_every
+        every = self.cfg.stop.eval_every
         count = self.rounds if per_round else self.updates
         if count % every == 0 and self._last_eval_at != (self.version, self.updates):
             self.evaluate_and_log(elapsed, round_=self.rounds)
@@ -207,7 +207,7 @@ class ServerState:
             **({"ef_norm": m["ef-norm"], "ef_reset": m.get("ef-reset")} if "ef-norm" in m else {}),
         )
         log.info("asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
-                 self.updates, f"{self.max_updates:.0f}" if self.cfg.mode == "async" and
+                 self.updates, f"{self.max_updates:.0f}" if self.cfg.server.mode == "async" and
                  math.isfinite(self.max_updates) else "-", self.version,
                  reply.node, m.get("partition-id"), staleness, weight,
                  float(m.get("train-loss", float("nan"))), float(m.get("bytes", 0)))
@@ -243,7 +243,7 @@ class Checkpointer:
     """Writes `<run_dir>/checkpoint.pt` every `checkpoint-every` accepted updates."""
 
     def __init__(self, state: ServerState) -> None:
-        self.every = state.cfg.checkpoint_every
+        self.every = state.cfg.output.checkpoint_every
         self.path = state.run_dir / "checkpoint.pt"
         self._last = state.updates
 

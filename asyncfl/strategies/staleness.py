@@ -26,7 +26,9 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-STALENESS_KINDS = ("constant", "polynomial", "hinge")
+from asyncfl.choices import StalenessKind, check_choice, choices
+
+STALENESS_KINDS = choices(StalenessKind)
 
 
 def check_staleness(staleness: int) -> int:
@@ -125,13 +127,15 @@ def make_staleness_fn(kind: str, a: float, b: float) -> Callable[[int], float]:
     ValueError
         Unknown ``kind`` (the message lists the valid kinds) or ``a``/``b`` < 0.
     """
+    check_choice("`staleness`", kind, STALENESS_KINDS)
     a, b = _check_param("a", a), _check_param("b", b)
     if kind == "constant":
         return ConstantStaleness()
     if kind == "polynomial":
         return PolynomialStaleness(a)
-    if kind == "hinge":
-        return HingeStaleness(a, b)
-    raise ValueError(
-        f"unknown staleness kind {kind!r}; choose one of {', '.join(STALENESS_KINDS)}"
-    )
+    return HingeStaleness(a, b)
+
+
+_KINDS = tuple(cls.kind for cls in (ConstantStaleness, PolynomialStaleness, HingeStaleness))
+if _KINDS != STALENESS_KINDS:
+    raise ImportError(f"staleness functions {_KINDS} are not asyncfl.choices.StalenessKind {STALENESS_KINDS}")
