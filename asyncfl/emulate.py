@@ -191,7 +191,7 @@ class EmulatedGrid:
 
     def _run(self, node: _Node, msg: Message) -> tuple[Message, float]:
         """The reply to `msg` (computed now, off the clock) and the virtual time it is ready."""
-        from asyncfl.client_app import handle_train, handle_warmup
+        from asyncfl.client.app import handle_train, handle_warmup
 
         now = self.clock.now()
         warmup = msg.metadata.message_type != "train"

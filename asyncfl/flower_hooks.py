@@ -12,11 +12,11 @@ the hook and applies asyncfl's change; on a flwr without the hook it either
 
 The hooks:
 
-* `EXECUTOR` and `CLIENTAPP_RUNTIME`: `asyncfl-superexec` (asyncfl/launcher.py) wraps the SuperExec's
+* `EXECUTOR` and `CLIENTAPP_RUNTIME`: `asyncfl-superexec` (asyncfl/deploy/launcher.py) wraps the SuperExec's
   `get_executor` and runs ClientApp tasks through Flower's `run_clientapp` in forked children.
-* `SUPERNODE_POLLS`: `asyncfl-supernode` (asyncfl/supernode.py) swaps the module-global `time` of
+* `SUPERNODE_POLLS`: `asyncfl-supernode` (asyncfl/deploy/supernode.py) swaps the module-global `time` of
   the SuperNode loop to shorten its 3 s idle poll and 0.5 s reply poll.
-* `SERVER_PULLS`, `SUPERNODE_PULLS`: asyncfl/pulls.py swaps the `pull_objects` of the ServerApp's
+* `SERVER_PULLS`, `SUPERNODE_PULLS`: asyncfl/deploy/pulls.py swaps the `pull_objects` of the ServerApp's
   HTTP grid and of the SuperNode loop for one with a short first retry.
 * `HTTP_GRID`: the grid class of a deployed ServerApp (below).
 

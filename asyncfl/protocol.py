@@ -15,7 +15,7 @@ class UpdateLog:
     """The global weights of version `target` as the weights of `base` plus
     sum_i coefs[i] * decode(records[i]): built by the server
     (`asyncfl.strategies.downlink.DownlinkLog.message_for`), applied by the client's worker
-    (`asyncfl.worker.Worker.run_task`), which must hold the weights of `base`."""
+    (`asyncfl.client.worker.Worker.run_task`), which must hold the weights of `base`."""
 
     base: int
     coefs: list[float]

@@ -32,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
         log.error("asyncfl: bad run config: %s", exc)
         raise SystemExit(2) from None
     if grid_in_deployment(grid):  # deployment: replies are pulled from the SuperLink
-        from asyncfl.pulls import ENV, SERVER_MODULE, install_fast_pulls, retry_from_env
+        from asyncfl.deploy.pulls import ENV, SERVER_MODULE, install_fast_pulls, retry_from_env
 
         try:
             retry_s = retry_from_env()

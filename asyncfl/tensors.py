@@ -1,7 +1,7 @@
 """Checks and copies of state dicts (name -> tensor) and of their coefficients.
 
 Shared by the server's update rules (`asyncfl.strategies.rules`) and the client's state
-(`asyncfl.client_state`), so neither imports the other for them.
+(`asyncfl.client.state`), so neither imports the other for them.
 """
 
 from __future__ import annotations

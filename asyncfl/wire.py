@@ -6,7 +6,7 @@ low-rank payload of the GPT-2 shape has ~250 factor arrays, the full weights 148
 record travels as a single `Array` under the key `KEY` whose bytes are a safetensors buffer
 (https://huggingface.co/docs/safetensors): any safetensors reader opens them
 (`safetensors.numpy.load(record[KEY].data)`). The same bytes are the node worker's task and
-reply files (`asyncfl.node_worker`): a message's arrays are encoded once, by the sender.
+reply files (`asyncfl.client.node_worker`): a message's arrays are encoded once, by the sender.
 
 Layout (the safetensors format):
 

@@ -5,7 +5,7 @@
 
 In deployment every task message starts a fresh `flwr-clientapp` process, and the SuperNode,
 its SuperExec and the reply path poll on fixed intervals. This runs the real local deployment
-(scripts/local_deployment.py: TLS SuperLink, authenticated SuperNodes, tiny preset on CPU) once
+(asyncfl/deploy/local.py: TLS SuperLink, authenticated SuperNodes, tiny preset on CPU) once
 per settings profile and reads the server's events.jsonl:
 
     overhead = service_s - client_s
@@ -36,7 +36,7 @@ idle poll by queueing a node's next task before the running one ends (`prefetch`
 * `process-log`: packed-log with the SuperNodes in process isolation, each next to a
   `flower-superexec` (Flower's executor: a fresh `flwr-clientapp` process per message).
 * `forked-log`, `forked`: packed-log / packed in process isolation next to `asyncfl-superexec`
-  (asyncfl/launcher.py: ClientApp processes forked from a zygote that imported Flower's runtime
+  (asyncfl/deploy/launcher.py: ClientApp processes forked from a zygote that imported Flower's runtime
   once); `forked-log` is what `scripts/local-deployment.sh` runs by default with rule asgd.
 `--breakdown` repeats the `tuned` run with FLWR_LOG_LEVEL=DEBUG (timestamped Flower logs) and
 splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), process start
@@ -44,7 +44,7 @@ splits each SuperNode cycle into: idle poll (reply sent -> next task pulled), pr
 finished -> reply sent).
 
 Separately (no deployment), medians of `--repeats` fresh interpreters: Python start, Flower's
-ClientApp process imports, `import asyncfl.client_app`, and building the model in a fresh
+ClientApp process imports, `import asyncfl.client.app`, and building the model in a fresh
 process -- where a new ClientApp process spends its time before the handler runs.
 
 Results: printed as markdown and written as JSON (`--out`).
@@ -67,13 +67,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "scripts"))
-import local_deployment as ld  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from asyncfl.deploy import local as ld  # noqa: E402
 
 _POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}
 # name -> (environment, run-config overrides, how SuperNodes run ClientApps, the SuperNode's idle
 # poll: 0 = Flower's flower-supernode, 3 s; else asyncfl-supernode's); each isolates one
-# mechanism. Executors (scripts/local_deployment.py): "subprocess" = Flower's default isolation,
+# mechanism. Executors (asyncfl/deploy/local.py): "subprocess" = Flower's default isolation,
 # "flower" = process isolation with flower-superexec, "asyncfl" = process isolation with
 # asyncfl-superexec (ClientApp processes forked from a warm zygote).
 PROFILES = {
@@ -241,7 +241,7 @@ def fresh_process_times(repeats: int) -> dict:
     probes = {
         "python_start": [py, "-c", "pass"],
         "flwr_clientapp_imports": [py, "-c", "import flwr.supernode.cli.flwr_clientapp"],
-        "import_asyncfl_client_app": [py, "-c", "import asyncfl.client_app"],
+        "import_asyncfl_client_app": [py, "-c", "import asyncfl.client.app"],
         "import_and_build_tiny_model": [py, "-c", (
             "from asyncfl.config import AppConfig; from asyncfl.model import build_model; "
             "build_model(AppConfig.from_run_config({'model-preset': 'tiny', 'device': 'cpu'}))")],
@@ -291,7 +291,7 @@ class GpuMemory:
                         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                     except OSError:
                         cmd = ""
-                    self.kind[pid] = ("node worker" if "asyncfl.node_worker" in cmd else
+                    self.kind[pid] = ("node worker" if "asyncfl.client.node_worker" in cmd else
                                       "serverapp" if "serverapp" in cmd or "flwr-simulation" in cmd
                                       else "clientapp" if "clientapp" in cmd else "other")
 

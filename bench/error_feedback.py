@@ -1,6 +1,6 @@
 """Error feedback: per-round eval perplexity of compressed sync FedAvg with and without EF.
 
-In-process (no Flower transport, no Ray): each client task is `asyncfl.worker.Worker.run_task`,
+In-process (no Flower transport, no Ray): each client task is `asyncfl.client.worker.Worker.run_task`,
 the same code a ClientApp runs, so the error-feedback residual goes through its real store
 (node-local disk under a temporary `ASYNCFL_NODE_DIR`, as in simulation). The server half is
 the sync loop's arithmetic: every client trains from the global weights, its payload is
@@ -85,13 +85,13 @@ def one_run(args: argparse.Namespace, seed: int, method: str, ef: str, rank: int
     """Sync FedAvg for `args.rounds` rounds; eval perplexity before and after every round."""
     import torch
 
+    from asyncfl.client.worker import get_worker
     from asyncfl.compressors import decode_state
     from asyncfl.config import AppConfig
     from asyncfl.data import load_eval_blocks
     from asyncfl.model import build_model, load_trainable_state, trainable_state
     from asyncfl.strategies.rules import fedavg_mean
     from asyncfl.train import evaluate
-    from asyncfl.worker import get_worker
 
     cfg = AppConfig.from_run_config(run_config(args, seed, method, ef, rank))
     device = torch.device(args.device)

@@ -4,7 +4,7 @@
     python bench/train_throughput.py --device cuda --preset small --batch-size 16 --block-size 1024 --compile
 
 1. bare: `asyncfl.train.train_local` on a model built by `asyncfl.model.build_model`;
-2. in FL: `asyncfl.client_app.handle_train(Message, Context)` with the global trainable state
+2. in FL: `asyncfl.client.app.handle_train(Message, Context)` with the global trainable state
    in an `ArrayRecord` (deserialize, load, train, delta, encode, reply), same config and data.
 Each path gets a warm-up call (model build, data, torch.compile), then `--repeats` timed calls
 of `--steps` steps each, the two paths alternating so both see the same machine load; device
@@ -103,7 +103,7 @@ def fl_handler(args: argparse.Namespace):
     """Set up `client_app.handle_train` on a synthetic train Message; returns a timed call like
     `bare_loop`, or None when the ClientApp cannot be imported."""
     try:
-        from asyncfl.client_app import handle_train
+        from asyncfl.client.app import handle_train
     except ImportError as exc:
         print(f"client_app not available ({exc})")
         return None

@@ -1,4 +1,4 @@
-"""Error feedback (asyncfl.client_state): hand-computed residuals, the running-sum invariant,
+"""Error feedback (asyncfl.client.state): hand-computed residuals, the running-sum invariant,
 the worker's two-task round trip on disk (simulation) and in the node worker's memory
 (deployment), resets that never crash, and the config rules of `error-feedback`."""
 
@@ -9,12 +9,12 @@ import logging
 import pytest
 import torch
 
-from asyncfl import client_state
-from asyncfl.client_state import ErrorFeedback, marker_path, residual_path
+from asyncfl.client import state as client_state
+from asyncfl.client.state import ErrorFeedback, marker_path, residual_path
+from asyncfl.client.worker import Worker, make_compressor, task_seed
 from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig, ConfigError
 from asyncfl.model import build_model, trainable_state
-from asyncfl.worker import Worker, make_compressor, task_seed
 
 F64 = torch.float64
 
@@ -240,7 +240,7 @@ def test_memory_store_keeps_nothing_on_disk_and_reports_a_lost_residual(make_cfg
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def remote_ef(node_dir, shared_dir):
-    from asyncfl.node_worker import control, socket_path
+    from asyncfl.client.node_worker import control, socket_path
     from tests.conftest import TINY_OFFLINE
 
     run_config = {**TINY_OFFLINE, "compressor": "pca", "rank": 2, "error-feedback": "ef",
@@ -252,7 +252,7 @@ def remote_ef(node_dir, shared_dir):
 
 def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from_zero(remote_ef, node_dir, tmp_path,
                                                                                        monkeypatch):
-    from asyncfl.node_worker import control, run_remote, socket_path
+    from asyncfl.client.node_worker import control, run_remote, socket_path
     from asyncfl.wire import to_record
 
     run_config, node = remote_ef

@@ -12,19 +12,18 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from asyncfl.deploy import local as ld
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SCRIPT = ROOT / "scripts" / "local-deployment.sh"
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import local_deployment as ld  # noqa: E402
 from test_docker import free_port_block  # noqa: E402
 
 

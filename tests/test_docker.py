@@ -7,7 +7,7 @@ Without a Docker engine (the main CI test run):
   ClientApp SuperExec, partition ids 0..N-1, each service naming its program (entrypoint); TLS
   and SuperNode auth flags on; volumes for data, certificates, results and caches; the GPU
   override reserves one distinct GPU per ClientApp;
-* every flower-*/flwr flag used in the compose files, in scripts/local_deployment.py and in the
+* every flower-*/flwr flag used in the compose files, in asyncfl/deploy/local.py and in the
   commands of docs/deployment.md exists in the installed CLI's --help;
 * the flwr image tags, Dockerfile FLWR_VERSION and docker/local.env equal the installed flwr and
   lie in the range pinned in pyproject.toml; the base image is a build argument (Flower's image
@@ -35,7 +35,6 @@ import random
 import re
 import shlex
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -43,6 +42,9 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+
+from asyncfl.deploy import compose as compose_demo
+from asyncfl.deploy import local as ld
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -56,9 +58,6 @@ FLWR_VERSION_DEFAULT = re.compile(r"\$\{FLWR_VERSION:-([^}]+)\}")
 # ${ASYNCFL_X_IMAGE:-default}: the image variables and their defaults (one nesting level).
 IMAGE_VARIABLE = re.compile(r"^\$\{(ASYNCFL_\w+_IMAGE):-(.*)\}$")
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import compose_demo  # noqa: E402
-import local_deployment as ld  # noqa: E402
 
 # Which program each service runs: the image's entrypoint.
 PROGRAM = {"superlink": "flower-superlink", "supernode": "flower-supernode", "superexec": "flower-superexec"}
@@ -130,7 +129,7 @@ def test_compose_has_superlink_serverapp_and_a_superexec_per_supernode(compose):
         executor = services[f"superexec-clientapp-{i}"]["command"]
         assert arg(executor, "--runtime-api-address") == f"supernode-{i}:{arg(node, '--port')}"
         assert f"supernode-{i}" in services[f"superexec-clientapp-{i}"]["depends_on"]
-        # ClientApps forked warm (asyncfl/launcher.py); the ServerApp's SuperExec is Flower's own
+        # ClientApps forked warm (asyncfl/deploy/launcher.py); the ServerApp's SuperExec is Flower's own
         assert program_of(f"superexec-clientapp-{i}", services[f"superexec-clientapp-{i}"]) == "asyncfl-superexec"
         assert program_of(f"supernode-{i}", services[f"supernode-{i}"]) == "flower-supernode"
     assert program_of("superexec-serverapp", services["superexec-serverapp"]) == "flower-superexec"

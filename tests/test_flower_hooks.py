@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from asyncfl import flower_hooks, launcher, pulls, supernode
+from asyncfl import flower_hooks
+from asyncfl.deploy import launcher, pulls, supernode
 from asyncfl.flower_hooks import HookMissingError
 
 ROOT = Path(__file__).resolve().parents[1]

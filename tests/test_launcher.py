@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncfl import launcher
+from asyncfl.deploy import launcher
 
 
 def _gone(pid: int) -> bool:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "asyncfl"
-SUBPACKAGES = ("asyncfl.strategies", "asyncfl.compressors")  # one layer each
-CLIENT = ("asyncfl.client_app", "asyncfl.node_worker", "asyncfl.worker", "asyncfl.client_state", "asyncfl.node")
+SUBPACKAGES = ("asyncfl.client", "asyncfl.strategies", "asyncfl.compressors", "asyncfl.deploy")  # one layer each
+CLIENT = ("asyncfl.client",)
 SERVER = ("asyncfl.server_app", "asyncfl.strategies")
 
 
@@ -148,6 +148,6 @@ def test_client_and_server_sides_do_not_import_each_other():
 
 def test_client_app_module_loads_no_torch():
     """A per-message `flwr-clientapp` process imports the ClientApp module: it stays light."""
-    code = "import asyncfl.client_app, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import asyncfl.client.app, sys; assert 'torch' not in sys.modules, 'torch imported'"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

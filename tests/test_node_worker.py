@@ -8,10 +8,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from asyncfl import wire
+from asyncfl.client.node_worker import control, run_remote, socket_path
+from asyncfl.client.worker import Worker
 from asyncfl.compressors import decode_state
 from asyncfl.model import build_model, trainable_state
-from asyncfl.node_worker import control, run_remote, socket_path
-from asyncfl.worker import Worker
 from tests.conftest import TINY_OFFLINE
 
 
@@ -115,7 +115,7 @@ def test_worker_exits_when_its_owner_is_gone_and_on_sigterm(tmp_path):
 
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     sock = tmp_path / "w.sock"
-    worker = subprocess.Popen([sys.executable, "-m", "asyncfl.node_worker", str(sock), str(owner.pid)])
+    worker = subprocess.Popen([sys.executable, "-m", "asyncfl.client.node_worker", str(sock), str(owner.pid)])
     deadline = time.monotonic() + 60
     while not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -124,7 +124,7 @@ def test_worker_exits_when_its_owner_is_gone_and_on_sigterm(tmp_path):
     owner.wait()
     assert worker.wait(timeout=30) == 0 and not sock.exists()  # followed its owner out
 
-    worker = subprocess.Popen([sys.executable, "-m", "asyncfl.node_worker", str(sock)])
+    worker = subprocess.Popen([sys.executable, "-m", "asyncfl.client.node_worker", str(sock)])
     while not sock.exists() and time.monotonic() < deadline + 60:
         time.sleep(0.1)
     os.kill(worker.pid, signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""asyncfl.pulls: the short first retry of Flower's object pulls."""
+"""asyncfl.deploy.pulls: the short first retry of Flower's object pulls."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import types
 import pytest
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
 
-from asyncfl import pulls
+from asyncfl.deploy import pulls
 
 
 def late_object_store(ready_after_s: float):

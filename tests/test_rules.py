@@ -12,7 +12,7 @@ import statistics
 import pytest
 import torch
 
-from asyncfl.client_state import ClientShift
+from asyncfl.client.state import ClientShift
 from asyncfl.strategies import (
     ASGD,
     FADAS,

@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from asyncfl import supernode
-from asyncfl.node import node_report
+from asyncfl.client.node import node_report
+from asyncfl.deploy import supernode
 from asyncfl.strategies.nodes import NodeInfo
 
 
@@ -39,7 +39,7 @@ def test_short_poll_time_maps_flowers_polls_and_forwards_the_rest():
 
 def test_the_installed_flower_has_the_hook_and_installing_swaps_only_its_time(monkeypatch):
     module = importlib.import_module("flwr.supernode.start_client_internal")
-    assert supernode.hook_present(module), "this flwr's SuperNode loop changed: revisit asyncfl/supernode.py"
+    assert supernode.hook_present(module), "this flwr's SuperNode loop changed: revisit asyncfl/deploy/supernode.py"
     import time as real_time
 
     monkeypatch.setattr(module, "time", real_time)  # restored after the test

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from asyncfl.client.worker import Worker
 from asyncfl.compressors import decode_state
 from asyncfl.model import build_model, trainable_state
-from asyncfl.worker import Worker
 
 
 def fresh_global(cfg):
@@ -138,7 +138,7 @@ def test_client_handler_answers_wire_and_plain_weights_alike(make_cfg, tmp_path,
     Array, bit for bit."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-    from asyncfl.client_app import handle_train
+    from asyncfl.client.app import handle_train
     from asyncfl.wire import KEY, to_record
     from tests.conftest import TINY_OFFLINE
 

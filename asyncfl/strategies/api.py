@@ -19,8 +19,8 @@ One run per strategy object.
 
 What the ClientApp must do
 --------------------------
-The strategy talks to nodes as asyncfl's own ClientApp (`asyncfl.client_app`) expects, and a
-ClientApp of yours must answer the same way (`asyncfl.client_app.handle_train` is the reference):
+The strategy talks to nodes as asyncfl's own ClientApp (`asyncfl.client.app`) expects, and a
+ClientApp of yours must answer the same way (`asyncfl.client.app.handle_train` is the reference):
 
 Training task (`MessageType.TRAIN`, `@app.train()`), content:
 

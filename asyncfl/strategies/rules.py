@@ -16,7 +16,7 @@ client got its copy.
   (Koloskova et al. 2022; Mishchenko et al. 2022).
 - ``shifted`` (seed notes, Alg. 2): the client sends ``D = C(delta - h_i)``; the server
   steps ``x <- x + gamma (h + D)`` with ``h = (1/n) sum_i h_i`` *before* updating the
-  shifts ``h_i += alpha D``, ``h += (alpha/n) D``. ``asyncfl.client_state.ClientShift`` is
+  shifts ``h_i += alpha D``, ``h += (alpha/n) D``. ``asyncfl.client.state.ClientShift`` is
   the client half.
 - ``saga`` (seed notes, Alg. 5): latest update ``u_i`` per node;
   ``x <- x + gamma mean_i u_i``.
@@ -316,7 +316,7 @@ class Shifted(Rule):
     """Compressed differences against per-node shifts h_i (seed notes, Algorithm 2).
 
     ``server_lr`` gamma > 0; ``shift_alpha`` alpha in [0, 1], equal to the clients'
-    ``shift_alpha`` (``asyncfl.client_state.ClientShift``; 0: no shifts, identical to asgd,
+    ``shift_alpha`` (``asyncfl.client.state.ClientShift``; 0: no shifts, identical to asgd,
     no state kept); ``num_clients`` n >= 1 in ``h = (1/n) sum_i h_i``, counting nodes that have not
     reported yet (their h_i = 0). A node beyond n grows n by one and ``forget`` shrinks
     it, so h stays the mean over current members. Memory: (reporting nodes + 1) models.

@@ -15,7 +15,7 @@ was sent), standing in for the notes' gradient ``-grad f_i(x^{pi})``; ``saga`` (
   batches and dropout -- from the version it was sent and from the one of its previous task --
   and sends the *difference* of the two deltas, which the server adds to its table entry:
   ``g_i <- g_i + (d(x^{pi}) - d(x^{prev}))``. Either way the server steps with the table mean,
-  ``x <- x + lr mean_i g_i``. The client half is ``asyncfl.worker``.
+  ``x <- x + lr mean_i g_i``. The client half is ``asyncfl.client.worker``.
   The reply metric ``page-diff`` (1 or 0) says which kind an update is. A difference for a
   node without a table entry (its earlier update was dropped) is not applied; that client's
   next fresh estimate starts its entry.

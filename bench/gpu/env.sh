@@ -9,9 +9,9 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# asyncfl-superexec (asyncfl/launcher.py) and asyncfl-supernode (asyncfl/supernode.py) are console
+# asyncfl-superexec (asyncfl/deploy/launcher.py) and asyncfl-supernode (asyncfl/deploy/supernode.py) are console
 # scripts of the installed project; here the project runs from the checkout, so put equivalent
 # commands on PATH.
-printf '#!/bin/sh\nexec python3 -m asyncfl.launcher "$@"\n' > /tmp/site/bin/asyncfl-superexec
-printf '#!/bin/sh\nexec python3 -m asyncfl.supernode "$@"\n' > /tmp/site/bin/asyncfl-supernode
+printf '#!/bin/sh\nexec python3 -m asyncfl.deploy.launcher "$@"\n' > /tmp/site/bin/asyncfl-superexec
+printf '#!/bin/sh\nexec python3 -m asyncfl.deploy.supernode "$@"\n' > /tmp/site/bin/asyncfl-supernode
 chmod +x /tmp/site/bin/asyncfl-superexec /tmp/site/bin/asyncfl-supernode

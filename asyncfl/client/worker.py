@@ -11,7 +11,7 @@ Notes
   node-local disk (`ASYNCFL_NODE_DIR`, default `~/.cache/asyncfl/node-state`), not in
   `context.state`, which would travel with every message.
 * With `error-feedback` = "ef" the client adds the residual its earlier payloads dropped to the
-  delta before encoding and keeps what this one drops (`asyncfl.client_state`).
+  delta before encoding and keeps what this one drops (`asyncfl.client.state`).
 * Heterogeneity emulation sleeps after the real work: a client with speed factor f sleeps
   (f - 1) x its measured compute time, and `uplink-mbps` adds bytes x 8 / rate.
 """
@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from asyncfl.client_state import ClientShift, open_error_feedback
+from asyncfl.client.node import node_state_dir
+from asyncfl.client.state import ClientShift, open_error_feedback
 from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
 from asyncfl.data import load_partition
 from asyncfl.model import build_model, load_trainable_state, resolve_device, trainable_state
-from asyncfl.node import node_state_dir
 from asyncfl.protocol import UpdateLog
 from asyncfl.train import train_local
 
@@ -133,7 +133,7 @@ class Worker:
             page_diff, delta = self._page_estimate(cfg, blocks, run_key, partition_id, received, seed, delta)
         shift = self._load_shift(cfg, run_key, partition_id) if cfg.server.rule == "shifted" else None
         to_send = shift.residual(delta) if shift is not None else delta
-        # -- error feedback (asyncfl/client_state.py): add what earlier payloads dropped --------
+        # -- error feedback (asyncfl/client/state.py): add what earlier payloads dropped --------
         ef = open_error_feedback(cfg, run_key, partition_id, version, repeat, self.device)
         to_send = ef.add(to_send) if ef is not None else to_send
         # ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ client's bookkeeping exactly as it is without EF: the residual assumes delivery.
 
 Where the residual lives, per (run key, partition):
 
-* In the node's persistent worker (deployment, `asyncfl.node_worker`): in that process's
+* In the node's persistent worker (deployment, `asyncfl.client.node_worker`): in that process's
   memory, on the model's device. It is never written to disk (a 124M residual is 500 MB). A
   small marker file under `ASYNCFL_NODE_DIR` records that one was held; a restarted worker
   finds the marker without the residual, starts again from e = 0, logs a warning and reports
@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from asyncfl import node
+from asyncfl.client import node
 from asyncfl.tensors import State, Tensors, aligned, check_real, copy_state
 
 if TYPE_CHECKING:
@@ -272,7 +272,7 @@ def _store(run_key: str, partition_id: int, stamp: Stamp, e: State | None) -> No
                 pass
 
 
-# ---- the shifted rule's client half (its h_i is stored by `asyncfl.worker`) ----------------
+# ---- the shifted rule's client half (its h_i is stored by `asyncfl.client.worker`) ----------------
 class ClientShift:
     """Client half of the ``shifted`` rule (``asyncfl.strategies.rules.Shifted``): send
     ``C(residual(delta))``, then ``update(D)``.

@@ -2,7 +2,7 @@
 
 This module imports only flwr, numpy and the config, so a per-message ClientApp process in
 deployment starts fast; the training code is imported where it runs (here in simulation, or
-in the node's persistent worker, see `asyncfl.node_worker`).
+in the node's persistent worker, see `asyncfl.client.node_worker`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from asyncfl.client.node import node_report, partition_of
+from asyncfl.client.node_worker import run_remote
 from asyncfl.config import AppConfig
 from asyncfl.flower_hooks import clientapp_in_deployment
 from asyncfl.logs import setup_logging
-from asyncfl.node import node_report, partition_of
-from asyncfl.node_worker import run_remote
 from asyncfl.protocol import UpdateLog
 from asyncfl.wire import arrays_of
 
@@ -51,7 +51,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         node = {"partition-id": pid, "num-partitions": num_partitions}
         record, metrics = run_remote(dict(context.run_config), node, task, records)
     else:  # simulation: this process (a Ray actor) lives for the whole run
-        from asyncfl.worker import get_worker
+        from asyncfl.client.worker import get_worker
 
         global_state = None if logs is not None else _torch_views(arrays_of(msg.content["arrays"]))
         result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
@@ -102,7 +102,7 @@ def handle_warmup(msg: Message, context: Context) -> Message:
         node = {"partition-id": pid, "num-partitions": num_partitions}
         _, metrics = run_remote(dict(context.run_config), node, task, [] if weights is None else [weights])
     else:
-        from asyncfl.worker import get_worker
+        from asyncfl.client.worker import get_worker
 
         arrays = {} if weights is None else arrays_of(weights)
         metrics = get_worker(cfg).warm_up(cfg, pid, num_partitions, _torch_views(arrays) or None,

@@ -4,7 +4,7 @@ In Flower's deployment runtime every message starts a fresh `flwr-clientapp` pro
 client would import torch and transformers, build GPT-2 and load its data again for every
 update (measured: 15-20 s per update on the H100 host). With `persistent-worker` on, the
 ClientApp process stays light (flwr + numpy): it hands the task to a long-lived worker process
-on the same node, started on first use, that holds the `asyncfl.worker.Worker` (model, data,
+on the same node, started on first use, that holds the `asyncfl.client.worker.Worker` (model, data,
 compiled graph) across tasks, exactly as a Ray actor does in simulation.
 
 Protocol (Unix socket, one JSON line each way, no pickle): the request names the run config,
@@ -38,9 +38,10 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from asyncfl import node, wire
+from asyncfl import wire
+from asyncfl.client import node
+from asyncfl.client.node import node_state_dir, partition_of
 from asyncfl.config import AppConfig
-from asyncfl.node import node_state_dir, partition_of
 from asyncfl.protocol import UpdateLog
 
 IDLE_EXIT_S = 1800.0
@@ -89,7 +90,7 @@ def _spawn(path: Path) -> None:
     env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
     with open(log_dir / f"{path.stem}.log", "ab") as log:
         owner = str(os.getppid())  # the SuperExec that runs ClientApp processes for this node
-        subprocess.Popen([sys.executable, "-m", "asyncfl.node_worker", str(path), owner], env=env,
+        subprocess.Popen([sys.executable, "-m", "asyncfl.client.node_worker", str(path), owner], env=env,
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 
@@ -178,7 +179,7 @@ class _Handler(socketserver.StreamRequestHandler):
 def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from asyncfl.worker import get_worker
+    from asyncfl.client.worker import get_worker
 
     cfg = AppConfig.from_run_config(req["run_config"])
     pid, n = partition_of(req["node_config"])

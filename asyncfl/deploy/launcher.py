@@ -189,7 +189,7 @@ class Zygote:
         parent, child = socket.socketpair()
         self.conn = parent
         self.reader = parent.makefile("rb")
-        cmd = [sys.executable, "-m", "asyncfl.launcher", _ZYGOTE_FLAG, str(child.fileno())]
+        cmd = [sys.executable, "-m", "asyncfl.deploy.launcher", _ZYGOTE_FLAG, str(child.fileno())]
         self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()
         self.conn.settimeout(start_timeout)

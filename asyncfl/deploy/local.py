@@ -5,7 +5,7 @@ N `flower-supernode`s (each with its own key pair, registered with `flwr superno
 own Runtime API port and `partition-id=i num-partitions=N` node config), then
 `flwr run <app> <connection> --stream` to completion. How the SuperNodes run ClientApps
 (`--executor`): `asyncfl` (default) runs each SuperNode in process isolation next to its own
-`asyncfl-superexec` (ClientApp processes forked from a warm zygote, see asyncfl/launcher.py),
+`asyncfl-superexec` (ClientApp processes forked from a warm zygote, see asyncfl/deploy/launcher.py),
 over TLS with a SuperExec shared secret; `flower` does the same with Flower's
 `flower-superexec`; `subprocess` leaves the SuperNode in Flower's default subprocess isolation
 (it starts its own SuperExec). Certificates, keys, one private FLWR_HOME
@@ -16,7 +16,7 @@ spawns under it go with it) and is stopped by that id on exit, failure, Ctrl-C o
 processes the app started in a session of their own (asyncfl's node-local model worker) are
 found by our private FLWR_HOME in their environment and stopped too.
 
-Usage (the .sh wrapper next to this file passes its arguments through):
+Usage (`scripts/local-deployment.sh` runs `python -m asyncfl.deploy.local` with its arguments):
 
     scripts/local-deployment.sh N [--run-config "k=v ..."] [--insecure] [--work-dir DIR] ...
     scripts/local-deployment.sh N --run "mode=\"sync\" run-name=\"a\"" --run "run-name=\"b\"" ...
@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the source checkout this module lies in
 MAKE_CERTS = REPO / "scripts" / "make-certs.sh"
 CONNECTION = "asyncfl-local"
 HOST = "127.0.0.1"
@@ -312,7 +312,7 @@ class Deployment:
         return self.executor != "subprocess"
 
     def supernode_cmd(self, index: int, partition_id: int) -> list[str]:
-        if self.idle_poll_s:  # flower-supernode with short polls (asyncfl/supernode.py)
+        if self.idle_poll_s:  # flower-supernode with short polls (asyncfl/deploy/supernode.py)
             cmd = ["asyncfl-supernode", "--idle-poll-s", f"{self.idle_poll_s:g}"]
         else:
             cmd = ["flower-supernode"]

@@ -23,7 +23,7 @@ the polls are short it adds `idle-poll-s=<S>` to the node's `--node-config`; the
 it with every reply, and `prefetch = "auto"` queues no tasks ahead for such a node.
 
 It also makes the loop's object pulls retry after 0.02 s instead of 1 s when it sees a task
-before the server has finished uploading it (`asyncfl.pulls`; env `ASYNCFL_PULL_RETRY_S`).
+before the server has finished uploading it (`asyncfl.deploy.pulls`; env `ASYNCFL_PULL_RETRY_S`).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"asyncfl-supernode: {exc}; run flower-supernode for Flower's own polls") from None
     if installed:
         _log(f"idle poll {idle_s:g} s, reply poll {reply_s:g} s (Flower's: 3 s, 0.5 s)")
-        from asyncfl.pulls import ENV, SUPERNODE_MODULE, install_fast_pulls, retry_from_env
+        from asyncfl.deploy.pulls import ENV, SUPERNODE_MODULE, install_fast_pulls, retry_from_env
 
         try:
             retry_s = retry_from_env()

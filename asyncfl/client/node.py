@@ -1,7 +1,7 @@
 """What a client node knows about itself (no torch): its partition, its report to the server,
 and where its local state lives.
 
-Imported by the ClientApp, the node's persistent worker (`asyncfl.node_worker`), the worker
+Imported by the ClientApp, the node's persistent worker (`asyncfl.client.node_worker`), the worker
 and the client state alike, so none of them imports another for these. (Whether this process runs
 in Flower's deployment runtime: `asyncfl.flower_hooks.clientapp_in_deployment`.)
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from asyncfl.config import ConfigError
 
-SERVING = False  # True in the node's persistent worker process (`asyncfl.node_worker.serve`): it owns one partition
+# True in the node's persistent worker process (`asyncfl.client.node_worker.serve`): it owns one partition
+SERVING = False
 
 
 def node_state_dir() -> Path:

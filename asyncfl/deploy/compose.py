@@ -45,10 +45,9 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-import local_deployment as ld  # noqa: E402  (flwr CLI helpers: register, ls, run)
+from asyncfl.deploy import local as ld  # flwr CLI helpers: register, ls, run
+
+REPO = Path(__file__).resolve().parents[2]  # the source checkout: compose files, docker/, scripts/
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 LOCAL_ENV = REPO / "docker" / "local.env"
@@ -435,7 +434,6 @@ class Demo:
 
     # -- the run ---------------------------------------------------------------------------------
     def run_config(self) -> Path:
-        sys.path.insert(0, str(REPO))
         from asyncfl.config import ConfigError, merged_toml
 
         overrides = (f'tokenizer="/data/gpt2" data-dir="/data/wikitext-2-raw" results-dir="/results" '
