@@ -388,7 +388,57 @@ class Shifted(Rule):
         self._shifts = {int(i): _copy(t) for i, t in d["shifts"].items()}
 
 
-class SAGA(Rule):
+class TableRule(Rule):
+    """A rule over a table of each node's latest entry u_i and their running sum (so a step is
+    O(model size)); memory is m + 1 models for m nodes in the table. Subclasses: `SAGA` here,
+    `saga-est` and `page` in `asyncfl.strategies.variance`."""
+
+    def __init__(self, server_lr: float) -> None:
+        self.server_lr = _lr(server_lr)
+        self._table: dict[int, State] = {}  # latest entry u_i per node
+        self._sum: State | None = None  # sum_i u_i
+
+    def _entry(self, x: State, node: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+        """Node's entry aligned with x (None if it has none) and the running sum's tensors."""
+        prev = self._table.get(node)
+        olds = None if prev is None else _aligned(x, prev, f"{self.name} table")
+        self._sum, sums = _lazy(self._sum, x, f"{self.name} sum")
+        return olds, sums
+
+    def _store(self, x: State, node: int, us: list[torch.Tensor], olds: list[torch.Tensor] | None,
+               sums: list[torch.Tensor]) -> None:
+        """Replace node's entry by ``us`` and keep the sum (call under ``torch.no_grad()``)."""
+        if olds is None:
+            olds = [u.clone() for u in us]
+        else:
+            torch._foreach_sub_(sums, olds)
+            torch._foreach_copy_(olds, us)
+        torch._foreach_add_(sums, us)
+        self._table[node] = dict(zip(x, olds))
+
+    def forget(self, node: int) -> None:  # noqa: D102
+        old = self._table.pop(node, None)
+        if old is None or self._sum is None:
+            return
+        with torch.no_grad():
+            if self._table:
+                torch._foreach_sub_(list(self._sum.values()), list(old.values()))
+            else:  # exactly zero, not the float residue of adding and removing
+                torch._foreach_zero_(list(self._sum.values()))
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"table": dict(self._table)}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore the table and recompute the running sum exactly (no float drift)."""
+        self._table = {int(i): _copy(t) for i, t in d["table"].items()}
+        self._sum = None
+        for t in self._table.values():
+            self._sum, sums = _lazy(self._sum, t, f"{self.name} table")
+            torch._foreach_add_(sums, list(t.values()))
+
+
+class SAGA(TableRule):
     """Revised SAGA (seed notes, Algorithm 5): ``x <- x + gamma (1/m) sum_i u_i``.
 
     ``server_lr`` gamma > 0. u_i is node i's latest update and m the number of nodes in
@@ -400,51 +450,17 @@ class SAGA(Rule):
 
     name = "saga"
 
-    def __init__(self, server_lr: float) -> None:
-        self.server_lr = _lr(server_lr)
-        self._table: dict[int, State] = {}  # latest update u_i per node
-        self._sum: State | None = None  # sum_i u_i
-
     def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
               base: Tensors | None = None,
               info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
-        prev = self._table.get(node)
-        olds = None if prev is None else _aligned(x, prev, "saga table")
-        self._sum, sums = _lazy(self._sum, x, "saga sum")
+        olds, sums = self._entry(x, node)
         with torch.no_grad():
-            if olds is None:
-                olds = [u.clone() for u in us]
-            else:
-                torch._foreach_sub_(sums, olds)
-                torch._foreach_copy_(olds, us)
-            torch._foreach_add_(sums, us)
-            self._table[node] = dict(zip(x, olds))
+            self._store(x, node, us, olds, sums)
             weight = self.server_lr / len(self._table)
             torch._foreach_add_(list(x.values()), sums, alpha=weight)
         return Applied(weight, True)
-
-    def forget(self, node: int) -> None:  # noqa: D102
-        old = self._table.pop(node, None)
-        if old is None or self._sum is None:
-            return
-        with torch.no_grad():
-            if self._table:
-                torch._foreach_sub_(list(self._sum.values()), list(old.values()))
-            else:
-                torch._foreach_zero_(list(self._sum.values()))
-
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"table": dict(self._table)}
-
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore the table and recompute the running sum exactly (no float drift)."""
-        self._table = {int(i): _copy(t) for i, t in d["table"].items()}
-        self._sum = None
-        for t in self._table.values():
-            self._sum, sums = _lazy(self._sum, t, "saga table")
-            torch._foreach_add_(sums, list(t.values()))
 
 
 def fedavg_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> State:

@@ -28,46 +28,11 @@ from typing import Any
 
 import torch
 
-from asyncfl.strategies.rules import (
-    Applied,
-    Rule,
-    State,
-    Tensors,
-    _aligned,
-    _copy,
-    _lazy,
-    _lr,
-)
+from asyncfl.strategies.rules import Applied, State, TableRule, Tensors, _aligned
 from asyncfl.strategies.staleness import check_staleness
 
 
-class _Table(Rule):
-    """Latest entry per node plus their running sum (so a step is O(model size))."""
-
-    def __init__(self, server_lr: float) -> None:
-        self.server_lr = _lr(server_lr)
-        self._table: dict[int, State] = {}
-        self._sum: State | None = None
-
-    def forget(self, node: int) -> None:  # noqa: D102
-        old = self._table.pop(node, None)
-        if old is not None and self._sum is not None:
-            with torch.no_grad():
-                torch._foreach_sub_(list(self._sum.values()), list(old.values()))
-
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"table": dict(self._table)}
-
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore the table and recompute the sum exactly."""
-        self._table = {int(i): _copy(t) for i, t in d["table"].items()}
-        self._sum = None
-        for t in self._table.values():
-            self._sum, sums = _lazy(self._sum, t, "table sum")
-            torch._foreach_add_(sums, list(t.values()))
-
-
-class SagaEstimator(_Table):
+class SagaEstimator(TableRule):
     """SAGA estimator (seed notes, Algorithm 4): ``x += lr (d - u_i + mean_j u_j)``, then
     ``u_i <- d``. Memory: reporting nodes + 1 models."""
 
@@ -78,24 +43,17 @@ class SagaEstimator(_Table):
         check_staleness(staleness)
         us = _aligned(x, update, "update")
         xs, lr = list(x.values()), self.server_lr
-        old = self._table.get(node)
-        olds = None if old is None else _aligned(x, old, "saga-est table")
-        self._sum, sums = _lazy(self._sum, x, "saga-est sum")
+        olds, sums = self._entry(x, node)
         with torch.no_grad():
             torch._foreach_add_(xs, us, alpha=lr)
             if olds is not None:  # a newcomer's entry is taken as the mean: no correction
                 torch._foreach_sub_(xs, olds, alpha=lr)
                 torch._foreach_add_(xs, sums, alpha=lr / len(self._table))
-                torch._foreach_sub_(sums, olds)
-                torch._foreach_copy_(olds, us)
-            else:
-                olds = [u.clone() for u in us]
-            torch._foreach_add_(sums, us)
-            self._table[node] = dict(zip(x, olds))
+            self._store(x, node, us, olds, sums)
         return Applied(lr, True)
 
 
-class Page(_Table):
+class Page(TableRule):
     """PAGE over the SAGA table (seed notes, Algorithm 6): a fresh update replaces node i's
     entry, a difference (``info["page-diff"] == 1``) is added to it; then
     ``x += lr mean_j g_j``."""
@@ -110,23 +68,16 @@ class Page(_Table):
         if flag not in (0, 1):
             raise ValueError(f"page: metric `page-diff` must be 0 or 1, got {flag!r}")
         kind = "diff" if flag else "fresh"
-        old = self._table.get(node)
-        if kind == "diff" and old is None:
+        if kind == "diff" and node not in self._table:
             return Applied(0.0, False)  # nothing to add it to (see the module notes)
-        olds = None if old is None else _aligned(x, old, "page table")
-        self._sum, sums = _lazy(self._sum, x, "page sum")
+        olds, sums = self._entry(x, node)
         with torch.no_grad():
-            if olds is None:
-                olds = [u.clone() for u in us]
-                torch._foreach_add_(sums, us)
-            elif kind == "diff":
+            if olds is not None and kind == "diff":  # g_i += d: the entry and the sum
                 torch._foreach_add_(olds, us)
                 torch._foreach_add_(sums, us)
-            else:
-                torch._foreach_sub_(sums, olds)
-                torch._foreach_copy_(olds, us)
-                torch._foreach_add_(sums, us)
-            self._table[node] = dict(zip(x, olds))
+                self._table[node] = dict(zip(x, olds))
+            else:  # a fresh estimate (or a node's first) replaces its entry
+                self._store(x, node, us, olds, sums)
             weight = self.server_lr / len(self._table)
             torch._foreach_add_(list(x.values()), sums, alpha=weight)
         return Applied(weight, True)
