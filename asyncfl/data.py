@@ -117,13 +117,13 @@ def resolve_train_split(cfg: AppConfig) -> str:
     split = cfg.data.train_split
     if cfg.data.data_dir and split == "train" and not (Path(cfg.data.data_dir) / SPLIT_FILES["train"]).exists():
         _warn_once(
-            f"`data-dir` = \"{cfg.data.data_dir}\" has no {SPLIT_FILES['train']}: offline runs TRAIN ON "
-            f"\"validation\" and evaluate on `eval-split` = \"{cfg.data.eval_split}\""
+            f'`data-dir` = "{cfg.data.data_dir}" has no {SPLIT_FILES["train"]}: offline runs TRAIN ON '
+            f'"validation" and evaluate on `eval-split` = "{cfg.data.eval_split}"'
         )
         split = "validation"
     if split == cfg.data.eval_split:
         _warn_once(
-            f"!!! clients train on the same split they are evaluated on (\"{split}\"): perplexity "
+            f'!!! clients train on the same split they are evaluated on ("{split}"): perplexity '
             "measures memorisation, not generalisation; set `train-split`/`eval-split` apart !!!"
         )
     return split
@@ -149,8 +149,9 @@ def read_lines(cfg: AppConfig, split: str) -> list[str]:
         path = Path(cfg.data.data_dir).expanduser() / SPLIT_FILES[split]
         if not path.is_file():
             have = sorted(p.name for p in path.parent.glob("*")) if path.parent.is_dir() else "no such folder"
-            raise FileNotFoundError(f"`data-dir` = \"{cfg.data.data_dir}\": no {path.name} for split "
-                                    f"\"{split}\" (found: {have})")
+            raise FileNotFoundError(
+                f'`data-dir` = "{cfg.data.data_dir}": no {path.name} for split "{split}" (found: {have})'
+            )
         with open(path, encoding="utf-8") as f:  # text mode: CRLF -> "\n"
             return ["" if not line.strip() else line for line in f]
     import datasets
@@ -300,8 +301,9 @@ def make_partitioner(cfg: AppConfig, tokens: TokenizedSplit, num_partitions: int
         lengths = np.diff(tokens.starts)
         shuffled = datasets.Dataset.from_dict({"article": np.arange(len(lengths))}).shuffle(seed=cfg.train.seed)
         order = _column(shuffled, "article")
-        rows = datasets.Dataset.from_dict({"article": order, "tokens": lengths[order],
-                                           "client": assign_articles(lengths[order], num_partitions)})
+        rows = datasets.Dataset.from_dict(
+            {"article": order, "tokens": lengths[order], "client": assign_articles(lengths[order], num_partitions)}
+        )
         partitioner = NaturalIdPartitioner(partition_by="client")
     else:
         num_blocks = len(tokens.ids) // cfg.data.block_size
@@ -328,8 +330,11 @@ def _partition_rows(partitioner: Partitioner, column: str) -> list[np.ndarray]:
     captured = io.StringIO()
     with contextlib.redirect_stderr(captured):
         rows = [_column(partitioner.load_partition(k), column) for k in range(partitioner.num_partitions)]
-    other = [line for line in re.split(r"[\r\n]", captured.getvalue())
-             if line.strip() and not line.startswith("Generating partition_id_to_indices")]
+    other = [
+        line
+        for line in re.split(r"[\r\n]", captured.getvalue())
+        if line.strip() and not line.startswith("Generating partition_id_to_indices")
+    ]
     if other:
         sys.stderr.write("\n".join(other) + "\n")
     return rows
@@ -340,22 +345,32 @@ def _partition(cfg: AppConfig, split: str, num_partitions: int) -> list[torch.Te
     tokens = tokenized_split(cfg, split)
     if cfg.data.partitioner == "articles":
         if tokens.num_articles < num_partitions:
-            raise ValueError(f"partitioner \"articles\": {tokens.num_articles} articles in \"{split}\" "
-                             f"cannot cover {num_partitions} partitions")
+            raise ValueError(
+                f'partitioner "articles": {tokens.num_articles} articles in "{split}" '
+                f"cannot cover {num_partitions} partitions"
+            )
         owned = _partition_rows(make_partitioner(cfg, tokens, num_partitions), "article")
-        parts = [pack_blocks(np.concatenate([tokens.ids[tokens.starts[a]:tokens.starts[a + 1]] for a in o]),
-                             cfg.data.block_size) for o in owned]
+        parts = [
+            pack_blocks(
+                np.concatenate([tokens.ids[tokens.starts[a] : tokens.starts[a + 1]] for a in o]), cfg.data.block_size
+            )
+            for o in owned
+        ]
     else:
         blocks = pack_blocks(tokens.ids, cfg.data.block_size)
         if len(blocks) < num_partitions:
-            raise ValueError(f"{len(blocks)} blocks of {cfg.data.block_size} tokens in \"{split}\" "
-                             f"cannot cover {num_partitions} partitions")
+            raise ValueError(
+                f'{len(blocks)} blocks of {cfg.data.block_size} tokens in "{split}" '
+                f"cannot cover {num_partitions} partitions"
+            )
         owned = _partition_rows(make_partitioner(cfg, tokens, num_partitions), "block")
         parts = [blocks[torch.from_numpy(o)] for o in owned]
     for k, part in enumerate(parts):
         if len(part) == 0:
-            raise ValueError(f"partition {k} of {num_partitions} has no block of `block-size` = "
-                             f"{cfg.data.block_size} tokens; use fewer partitions or a smaller block-size")
+            raise ValueError(
+                f"partition {k} of {num_partitions} has no block of `block-size` = "
+                f"{cfg.data.block_size} tokens; use fewer partitions or a smaller block-size"
+            )
     return parts
 
 
@@ -375,8 +390,16 @@ def load_partition(cfg: AppConfig, partition_id: int, num_partitions: int) -> to
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id {partition_id} is out of range [0, {num_partitions})")
     split = resolve_train_split(cfg)
-    key = (cfg.model.tokenizer or cfg.model.model, split, _source(cfg), cfg.data.partitioner, cfg.data.partition_alpha,
-           cfg.train.seed, cfg.data.block_size, num_partitions)
+    key = (
+        cfg.model.tokenizer or cfg.model.model,
+        split,
+        _source(cfg),
+        cfg.data.partitioner,
+        cfg.data.partition_alpha,
+        cfg.train.seed,
+        cfg.data.block_size,
+        num_partitions,
+    )
     if key not in _BLOCKS:
         _BLOCKS[key] = _partition(cfg, split, num_partitions)
     part = _BLOCKS[key][partition_id]
@@ -407,8 +430,9 @@ def load_eval_blocks(cfg: AppConfig) -> torch.Tensor:
     """The first `eval-max-blocks` blocks (0 = all) of `eval-split`: int64 (n, block_size)."""
     blocks = pack_blocks(eval_token_stream(cfg), cfg.data.block_size)
     if len(blocks) == 0:
-        raise ValueError(f"`eval-split` \"{cfg.data.eval_split}\" has fewer than `block-size` = "
-                         f"{cfg.data.block_size} tokens")
+        raise ValueError(
+            f'`eval-split` "{cfg.data.eval_split}" has fewer than `block-size` = {cfg.data.block_size} tokens'
+        )
     return blocks[: cfg.data.eval_max_blocks] if cfg.data.eval_max_blocks > 0 else blocks
 
 
@@ -420,5 +444,5 @@ def load_eval_stream(cfg: AppConfig) -> torch.Tensor:
     cap = cfg.data.eval_max_blocks * cfg.data.block_size
     ids = ids[:cap] if cap > 0 else ids
     if len(ids) < 2:
-        raise ValueError(f"`eval-split` \"{cfg.data.eval_split}\" has fewer than 2 tokens to evaluate on")
+        raise ValueError(f'`eval-split` "{cfg.data.eval_split}" has fewer than 2 tokens to evaluate on')
     return ids.clone()

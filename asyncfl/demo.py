@@ -95,29 +95,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="asyncfl-demo",
         description="Quick start: async (asgd) and sync FedAvg on the offline tiny config, "
-                    "each for the same wall-clock budget with heterogeneous clients, then one "
-                    "comparison table and plot.")
-    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                   help=f"time-budget-s of each run (default {DEFAULT_BUDGET_S:g})")
-    p.add_argument("--speeds", default=DEFAULT_SPEEDS,
-                   help=f'client-speeds: slow-down factor by partition (default "{DEFAULT_SPEEDS}")')
-    p.add_argument("--supernodes", type=int, default=DEFAULT_SUPERNODES,
-                   help=f"simulated clients (default {DEFAULT_SUPERNODES})")
-    p.add_argument("--set", dest="overrides", default="", metavar="'K=V ...'",
-                   help="more run-config overrides for both runs, e.g. 'compressor=\"qrcp\"'")
-    p.add_argument("--base", type=Path, default=None,
-                   help="base run-config TOML (default: <app>/configs/offline-tiny.toml)")
-    p.add_argument("--app", type=Path, default=None,
-                   help="the Flower app folder (default: this checkout, else the current directory)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: <app>/results/quickstart)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="OMP/MKL/OpenBLAS threads of every process when not set in the environment "
-                        "(default 1: 4 clients and the server share the cores; 0 = leave as is)")
-    p.add_argument("--timeout-s", type=float, default=300.0,
-                   help="seconds each run may take beyond its budget (default 300)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="write the run configs and print the commands, run nothing")
+        "each for the same wall-clock budget with heterogeneous clients, then one "
+        "comparison table and plot.",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"time-budget-s of each run (default {DEFAULT_BUDGET_S:g})",
+    )
+    p.add_argument(
+        "--speeds",
+        default=DEFAULT_SPEEDS,
+        help=f'client-speeds: slow-down factor by partition (default "{DEFAULT_SPEEDS}")',
+    )
+    p.add_argument(
+        "--supernodes", type=int, default=DEFAULT_SUPERNODES, help=f"simulated clients (default {DEFAULT_SUPERNODES})"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        default="",
+        metavar="'K=V ...'",
+        help="more run-config overrides for both runs, e.g. 'compressor=\"qrcp\"'",
+    )
+    p.add_argument(
+        "--base", type=Path, default=None, help="base run-config TOML (default: <app>/configs/offline-tiny.toml)"
+    )
+    p.add_argument(
+        "--app",
+        type=Path,
+        default=None,
+        help="the Flower app folder (default: this checkout, else the current directory)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <app>/results/quickstart)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP/MKL/OpenBLAS threads of every process when not set in the environment "
+        "(default 1: 4 clients and the server share the cores; 0 = leave as is)",
+    )
+    p.add_argument(
+        "--timeout-s", type=float, default=300.0, help="seconds each run may take beyond its budget (default 300)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="write the run configs and print the commands, run nothing")
     return p
 
 
@@ -132,8 +154,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--timeout-s must be > 0, got {args.timeout_s:g}")
     args.app = (args.app or default_app()).resolve()
     if not _is_app(args.app):
-        parser.error(f"{args.app} is not the asyncfl Flower app (no pyproject.toml with [tool.flwr.app]); "
-                     "run from the repository root or pass --app")
+        parser.error(
+            f"{args.app} is not the asyncfl Flower app (no pyproject.toml with [tool.flwr.app]); "
+            "run from the repository root or pass --app"
+        )
     args.base = (args.base or args.app / "configs" / "offline-tiny.toml").resolve()
     args.out = (args.out or args.app / "results" / "quickstart").resolve()
     return args
@@ -146,14 +170,16 @@ def _toml_str(value: str) -> str:
 def run_overrides(mode: str, args: argparse.Namespace) -> str:
     """The `k=v ...` overrides of one run. Later items win: DEMO_OVERRIDES, then the user's
     `--set`, then the keys that make the two runs what they are."""
-    return " ".join([
-        DEMO_OVERRIDES,
-        args.overrides,
-        f"time-budget-s={float(args.budget_s)!r} max-updates=0",
-        f"client-speeds={_toml_str(args.speeds)} min-nodes={args.supernodes}",
-        f"results-dir={_toml_str(str(args.out))} run-name={_toml_str(mode)}",
-        MODE_OVERRIDES[mode],
-    ]).strip()
+    return " ".join(
+        [
+            DEMO_OVERRIDES,
+            args.overrides,
+            f"time-budget-s={float(args.budget_s)!r} max-updates=0",
+            f"client-speeds={_toml_str(args.speeds)} min-nodes={args.supernodes}",
+            f"results-dir={_toml_str(str(args.out))} run-name={_toml_str(mode)}",
+            MODE_OVERRIDES[mode],
+        ]
+    ).strip()
 
 
 def absolute_paths(toml_text: str, app: Path) -> str:
@@ -184,13 +210,20 @@ def write_run_configs(args: argparse.Namespace) -> dict[str, Path]:
 
 def federation_config(supernodes: int) -> str:
     """Every client its own Ray actor (virtual CPUs), so all run at once in both modes."""
-    return (f"num-supernodes={supernodes} client-resources-num-cpus=1 "
-            f"init-args-num-cpus={supernodes}")
+    return f"num-supernodes={supernodes} client-resources-num-cpus=1 init-args-num-cpus={supernodes}"
 
 
 def flwr_command(app: Path, run_config: Path, supernodes: int) -> list[str]:
-    return ["flwr", "run", str(app), "--stream", "--run-config", str(run_config),
-            "--federation-config", federation_config(supernodes)]
+    return [
+        "flwr",
+        "run",
+        str(app),
+        "--stream",
+        "--run-config",
+        str(run_config),
+        "--federation-config",
+        federation_config(supernodes),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,15 +235,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flwr_env(home: Path, threads: int, base: Mapping[str, str] | None = None,
-             ports: Sequence[int] | None = None) -> dict[str, str]:
+def flwr_env(
+    home: Path, threads: int, base: Mapping[str, str] | None = None, ports: Sequence[int] | None = None
+) -> dict[str, str]:
     """The environment of `flwr run` (and so of the SuperLink it starts and all below it)."""
     env = dict(os.environ if base is None else base)
     ports = list(ports) if ports is not None else [free_port(), free_port()]
     while ports[1] == ports[0]:
         ports[1] = free_port()
-    env.update({"FLWR_HOME": str(home), NO_DEP_INSTALL: "1", "RAY_DEDUP_LOGS": "0",
-                **{var: str(p) for var, p in zip(PORT_VARS, ports)}})
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            NO_DEP_INSTALL: "1",
+            "RAY_DEDUP_LOGS": "0",
+            **{var: str(p) for var, p in zip(PORT_VARS, ports)},
+        }
+    )
     # Flower's commands (flwr, flower-superlink, flwr-simulation, ...) of this interpreter's
     # environment first, so a virtual environment works without being activated
     bindir = str(Path(sys.executable).parent)
@@ -280,13 +320,19 @@ def _tee(src: TextIO, sinks: Sequence[TextIO]) -> None:
                 sink.flush()
 
 
-def run_streamed(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path,
-                 timeout_s: float) -> str:
+def run_streamed(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path, timeout_s: float) -> str:
     """Run `cmd`, copying its output to stdout and `log_path`; return the output. A command
     still running after `timeout_s` is killed (DemoError)."""
     with log_path.open("w", encoding="utf-8") as log_fh:
-        proc = subprocess.Popen(list(cmd), env=dict(env), cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        proc = subprocess.Popen(
+            list(cmd),
+            env=dict(env),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         copier = threading.Thread(target=_tee, args=(proc.stdout, [sys.stdout, log_fh]), daemon=True)
         copier.start()
         try:
@@ -294,8 +340,9 @@ def run_streamed(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, log_path
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise DemoError(f"`{shlex.join(cmd)}` still running after {timeout_s:.0f} s; "
-                            f"output in {log_path}") from None
+            raise DemoError(
+                f"`{shlex.join(cmd)}` still running after {timeout_s:.0f} s; output in {log_path}"
+            ) from None
         finally:
             copier.join(timeout=5)
     return log_path.read_text(encoding="utf-8", errors="replace")
@@ -304,15 +351,22 @@ def run_streamed(cmd: Sequence[str], env: Mapping[str, str], cwd: Path, log_path
 def run_status(env: Mapping[str, str], cwd: Path, run_id: str) -> str:
     """The run's status from `flwr ls` ("" when the SuperLink does not answer)."""
     try:
-        res = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"], env=dict(env),
-                             cwd=cwd, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            ["flwr", "ls", "--run-id", run_id, "--format", "json"],
+            env=dict(env),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return str(json.loads(res.stdout)["runs"][0]["status"])
     except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, IndexError, TypeError, OSError):
         return ""
 
 
-def wait_for_summary(run_dir: Path, since: float, output: str, env: Mapping[str, str], cwd: Path,
-                     timeout_s: float, poll_s: float = 2.0) -> Path:
+def wait_for_summary(
+    run_dir: Path, since: float, output: str, env: Mapping[str, str], cwd: Path, timeout_s: float, poll_s: float = 2.0
+) -> Path:
     """`flwr run` exits 0 even when the ServerApp fails, and `--stream` may return before the
     run ends: the run succeeded when its summary.json is written (after `since`). Until then
     follow the run with `flwr ls`; DemoError if it finished without one, or timed out."""
@@ -327,8 +381,9 @@ def wait_for_summary(run_dir: Path, since: float, output: str, env: Mapping[str,
             # the summary may land between the check above and the status
             if summary.exists() and summary.stat().st_mtime >= since:
                 return summary
-            raise DemoError(f"the run wrote no {summary} (run status: {status or 'unknown'}); "
-                            "see the Flower output above")
+            raise DemoError(
+                f"the run wrote no {summary} (run status: {status or 'unknown'}); see the Flower output above"
+            )
         time.sleep(poll_s)
 
 
@@ -339,8 +394,7 @@ def run_one(mode: str, run_config: Path, args: argparse.Namespace, env: Mapping[
     limit = args.budget_s + args.timeout_s
     t0 = time.monotonic()
     output = run_streamed(cmd, env, args.app, args.out / f"{mode}.log", limit)
-    wait_for_summary(args.out / mode, since, output, env, args.app,
-                     max(limit - (time.monotonic() - t0), 10.0))
+    wait_for_summary(args.out / mode, since, output, env, args.app, max(limit - (time.monotonic() - t0), 10.0))
     say(f"{mode} run done in {time.monotonic() - t0:.0f} s: {args.out / mode}")
     return args.out / mode
 
@@ -354,15 +408,19 @@ def headline(async_dir: Path, sync_dir: Path) -> list[str]:
     from asyncfl.results import load_run, ppl_at, time_to_ppl
 
     (a, a_ev), (s, s_ev) = load_run(async_dir), load_run(sync_dir)
-    lines = [f"async ({a['rule']}): final ppl {_ppl(a['final_eval_ppl'])} after {a['updates_applied']} "
-             f"updates in {a['wall_clock_s']:.1f} s",
-             f"sync (FedAvg): final ppl {_ppl(s['final_eval_ppl'])} after {s['updates_applied']} "
-             f"updates in {s['wall_clock_s']:.1f} s"]
+    lines = [
+        f"async ({a['rule']}): final ppl {_ppl(a['final_eval_ppl'])} after {a['updates_applied']} "
+        f"updates in {a['wall_clock_s']:.1f} s",
+        f"sync (FedAvg): final ppl {_ppl(s['final_eval_ppl'])} after {s['updates_applied']} "
+        f"updates in {s['wall_clock_s']:.1f} s",
+    ]
     if s["wall_clock_s"] > a["wall_clock_s"]:  # async stopped first (max-updates, target-ppl)
         lines[-1] += f" (ppl {_ppl(ppl_at(s_ev, a['wall_clock_s']))} at {a['wall_clock_s']:.1f} s)"
     if not s["updates_applied"]:  # a round lasts as long as its slowest client's task
-        return lines + [f"sync completed no round within {s['wall_clock_s']:.1f} s (its first round "
-                        "waits for the slowest client): nothing to compare; raise --budget-s"]
+        return lines + [
+            f"sync completed no round within {s['wall_clock_s']:.1f} s (its first round "
+            "waits for the slowest client): nothing to compare; raise --budget-s"
+        ]
     target = s["final_eval_ppl"]
     if target is None:
         return lines + ["sync logged no evaluation: nothing to compare"]
@@ -370,8 +428,10 @@ def headline(async_dir: Path, sync_dir: Path) -> list[str]:
     if t_async is None or t_sync is None:  # (sync reaches its own final ppl: t_sync is set)
         lines.append(f"async did not reach sync's final ppl {target:.1f} within its budget")
     else:
-        lines.append(f"async reached sync's final ppl {target:.1f} at {t_async:.1f} s, sync at "
-                     f"{t_sync:.1f} s" + (f": {t_sync / t_async:.1f}x sooner" if t_async > 0 else ""))
+        lines.append(
+            f"async reached sync's final ppl {target:.1f} at {t_async:.1f} s, sync at "
+            f"{t_sync:.1f} s" + (f": {t_sync / t_async:.1f}x sooner" if t_async > 0 else "")
+        )
     return lines
 
 
@@ -392,10 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     home = args.out / "flwr-home"
     env = flwr_env(home, args.threads)
-    say(f"async (the defaults) and sync FedAvg, {args.supernodes} clients with speeds "
-        f"{args.speeds}, {args.budget_s:g} s each; run configs {configs['async']}, {configs['sync']}")
-    say(f"Flower: FLWR_HOME={home}, {NO_DEP_INSTALL}=1 (the installed environment is used), local "
-        f"SuperLink on 127.0.0.1:{env[PORT_VARS[0]]}")
+    say(
+        f"async (the defaults) and sync FedAvg, {args.supernodes} clients with speeds "
+        f"{args.speeds}, {args.budget_s:g} s each; run configs {configs['async']}, {configs['sync']}"
+    )
+    say(
+        f"Flower: FLWR_HOME={home}, {NO_DEP_INSTALL}=1 (the installed environment is used), local "
+        f"SuperLink on 127.0.0.1:{env[PORT_VARS[0]]}"
+    )
     if args.dry_run:
         prefix = [f"{var}={env[var]}" for var in ("FLWR_HOME", NO_DEP_INSTALL, *PORT_VARS)]
         for path in configs.values():
@@ -423,8 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(compare(run_dirs, out), end="")
     for line in headline(*run_dirs):
         say(line)
-    say(f"plot: {out / 'comparison.png'}; table: {out / 'comparison.md'} "
-        f"(total {time.monotonic() - t0:.0f} s)")
+    say(f"plot: {out / 'comparison.png'}; table: {out / 'comparison.md'} (total {time.monotonic() - t0:.0f} s)")
     return 0
 
 

@@ -127,19 +127,25 @@ class EmulatedGrid:
         message); 0 = it notices a message at once (simulation).
     """
 
-    def __init__(self, run_config: Mapping[str, Any], num_nodes: int, clock: VirtualClock, *,
-                 task_s: float = 0.0, overhead_s: float = 0.0, poll_s: float = 0.0,
-                 jitter: float = 0.0) -> None:
+    def __init__(
+        self,
+        run_config: Mapping[str, Any],
+        num_nodes: int,
+        clock: VirtualClock,
+        *,
+        task_s: float = 0.0,
+        overhead_s: float = 0.0,
+        poll_s: float = 0.0,
+        jitter: float = 0.0,
+    ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
-        for name, value in (("task_s", task_s), ("overhead_s", overhead_s), ("poll_s", poll_s),
-                            ("jitter", jitter)):
+        for name, value in (("task_s", task_s), ("overhead_s", overhead_s), ("poll_s", poll_s), ("jitter", jitter)):
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.cfg = AppConfig.from_run_config(run_config)
         # the clients do not sleep: their slowness is applied on the virtual clock
-        self.client_run_config = {**run_config, "client-speeds": "", "uplink-mbps": 0.0,
-                                  "persistent-worker": "off"}
+        self.client_run_config = {**run_config, "client-speeds": "", "uplink-mbps": 0.0, "persistent-worker": "off"}
         self.clock = clock
         self.task_s, self.overhead_s, self.poll_s, self.jitter = task_s, overhead_s, poll_s, jitter
         # an idle poll is a deployment's: `prefetch = "auto"` takes its deployment behaviour
@@ -184,10 +190,13 @@ class EmulatedGrid:
 
     # ---- one task ----------------------------------------------------------------------------
     def _context(self, node: _Node) -> Context:
-        return Context(run_id=1, node_id=node.node_id, state=RecordDict(),
-                       node_config={"partition-id": node.partition, "num-partitions": len(self.nodes),
-                                    **self.node_report},
-                       run_config=self.client_run_config)
+        return Context(
+            run_id=1,
+            node_id=node.node_id,
+            state=RecordDict(),
+            node_config={"partition-id": node.partition, "num-partitions": len(self.nodes), **self.node_report},
+            run_config=self.client_run_config,
+        )
 
     def _run(self, node: _Node, msg: Message) -> tuple[Message, float]:
         """The reply to `msg` (computed now, off the clock) and the virtual time it is ready."""
@@ -202,8 +211,9 @@ class EmulatedGrid:
             return reply, now
         self.tasks += 1
         measured = time.perf_counter() - t0
-        metrics: MutableMapping[str, Any] = (reply.content["metrics"] if "metrics" in reply.content.metric_records
-                                             else MetricRecord())  # a MetricRecord either way
+        metrics: MutableMapping[str, Any] = (
+            reply.content["metrics"] if "metrics" in reply.content.metric_records else MetricRecord()
+        )  # a MetricRecord either way
         steps = float(metrics.get("steps", 0) or 0)
         full = max(self.cfg.train.local_steps, 1)
         compute = self.task_s * (steps / full if steps else 1.0) if self.task_s else measured
@@ -225,9 +235,16 @@ class EmulatedGrid:
         return reply, end
 
 
-def run_emulated(run_config: Mapping[str, Any], num_nodes: int, *, task_s: float = 0.0,
-                 overhead_s: float = 0.0, poll_s: float = 0.0, jitter: float = 0.0,
-                 server_time: bool = True) -> dict[str, Any]:
+def run_emulated(
+    run_config: Mapping[str, Any],
+    num_nodes: int,
+    *,
+    task_s: float = 0.0,
+    overhead_s: float = 0.0,
+    poll_s: float = 0.0,
+    jitter: float = 0.0,
+    server_time: bool = True,
+) -> dict[str, Any]:
     """One emulated run of `run_config` with `num_nodes` nodes; returns its summary (the run
     folder is written as by a real run: events.jsonl, summary.json, results.md, plot.png)."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -236,8 +253,9 @@ def run_emulated(run_config: Mapping[str, Any], num_nodes: int, *, task_s: float
 
     cfg = AppConfig.from_run_config(run_config)
     clock = VirtualClock(server_time=server_time)
-    grid = EmulatedGrid(run_config, num_nodes, clock, task_s=task_s, overhead_s=overhead_s,
-                        poll_s=poll_s, jitter=jitter)
+    grid = EmulatedGrid(
+        run_config, num_nodes, clock, task_s=task_s, overhead_s=overhead_s, poll_s=poll_s, jitter=jitter
+    )
     # Flower stamps messages with the running task's identity; outside its runtime, set one
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -246,9 +264,15 @@ def run_emulated(run_config: Mapping[str, Any], num_nodes: int, *, task_s: float
         summary = run(cast("Grid", grid), cfg, clock=cast("Clock", clock))
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-    summary["emulation"] = {"nodes": num_nodes, "task_s": task_s, "overhead_s": overhead_s,
-                            "poll_s": poll_s, "jitter": jitter, "server_time": server_time,
-                            "tasks": grid.tasks}
+    summary["emulation"] = {
+        "nodes": num_nodes,
+        "task_s": task_s,
+        "overhead_s": overhead_s,
+        "poll_s": poll_s,
+        "jitter": jitter,
+        "server_time": server_time,
+        "tasks": grid.tasks,
+    }
     return summary
 
 
@@ -266,17 +290,26 @@ def parse_run_config(spec: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m asyncfl.emulate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-config", action="append", default=[],
-                   help="a TOML file or 'key=value ...' pairs; repeat to layer overrides")
+    p.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        help="a TOML file or 'key=value ...' pairs; repeat to layer overrides",
+    )
     p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--task-s", type=float, default=0.0,
-                   help="compute seconds per task with `local-steps` steps (0 = measured)")
+    p.add_argument(
+        "--task-s", type=float, default=0.0, help="compute seconds per task with `local-steps` steps (0 = measured)"
+    )
     p.add_argument("--overhead-s", type=float, default=0.0, help="seconds per task beyond compute")
     p.add_argument("--poll-s", type=float, default=0.0, help="idle SuperNode poll (deployment: 3)")
-    p.add_argument("--jitter", type=float, default=0.0,
-                   help="sigma of the log-normal factor on each task's compute time")
-    p.add_argument("--no-server-time", action="store_true",
-                   help="the server's own work takes no virtual time (reproducible, parallel runs)")
+    p.add_argument(
+        "--jitter", type=float, default=0.0, help="sigma of the log-normal factor on each task's compute time"
+    )
+    p.add_argument(
+        "--no-server-time",
+        action="store_true",
+        help="the server's own work takes no virtual time (reproducible, parallel runs)",
+    )
     args = p.parse_args(argv)
     from asyncfl.logs import setup_logging
 
@@ -285,14 +318,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in args.run_config:
             run_config.update(parse_run_config(spec))
-        summary = run_emulated(run_config, args.nodes, task_s=args.task_s,
-                               overhead_s=args.overhead_s, poll_s=args.poll_s, jitter=args.jitter,
-                               server_time=not args.no_server_time)
+        summary = run_emulated(
+            run_config,
+            args.nodes,
+            task_s=args.task_s,
+            overhead_s=args.overhead_s,
+            poll_s=args.poll_s,
+            jitter=args.jitter,
+            server_time=not args.no_server_time,
+        )
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"final ppl {summary.get('final_eval_ppl')}, {summary['updates_applied']} updates in "
-          f"{summary['wall_clock_s']:.1f} virtual s ({summary['stop_reason']})")
+    print(
+        f"final ppl {summary.get('final_eval_ppl')}, {summary['updates_applied']} updates in "
+        f"{summary['wall_clock_s']:.1f} virtual s ({summary['stop_reason']})"
+    )
     return 0
 
 

@@ -98,13 +98,20 @@ def missing_in(hook: Hook, module: Any) -> str | None:
 
 
 def missing_message(hook: Hook, reason: str) -> str:
-    return (f"{hook.used_by} needs Flower's {hook.where} ({hook.expects}); flwr {flwr_version()} "
-            f"lacks it: {reason}. asyncfl supports flwr{SUPPORTED} (these hooks verified on "
-            f"{', '.join(VERIFIED)})")
+    return (
+        f"{hook.used_by} needs Flower's {hook.where} ({hook.expects}); flwr {flwr_version()} "
+        f"lacks it: {reason}. asyncfl supports flwr{SUPPORTED} (these hooks verified on "
+        f"{', '.join(VERIFIED)})"
+    )
 
 
-def available(hooks: Sequence[Hook], *, required: bool = False, fallback: str = "running Flower unchanged",
-              say: Callable[[str], Any] | None = None) -> bool:
+def available(
+    hooks: Sequence[Hook],
+    *,
+    required: bool = False,
+    fallback: str = "running Flower unchanged",
+    say: Callable[[str], Any] | None = None,
+) -> bool:
     """True when the installed flwr has every hook in `hooks`. Otherwise: `HookMissingError`
     when `required`, else one warning through `say` (default: the "asyncfl" logger) ending in
     `fallback` (what happens instead), and False."""
@@ -120,9 +127,15 @@ def available(hooks: Sequence[Hook], *, required: bool = False, fallback: str = 
     return True
 
 
-def install(hook: Hook, apply: Callable[[ModuleType], None], *, needs: Sequence[Hook] = (),
-            required: bool = False, fallback: str = "running Flower unchanged",
-            say: Callable[[str], Any] | None = None) -> bool:
+def install(
+    hook: Hook,
+    apply: Callable[[ModuleType], None],
+    *,
+    needs: Sequence[Hook] = (),
+    required: bool = False,
+    fallback: str = "running Flower unchanged",
+    say: Callable[[str], Any] | None = None,
+) -> bool:
     """Check `hook` (and the hooks in `needs`), then `apply(module)` to `hook`'s module. True if
     applied; a missing hook raises or warns as in `available`, and Flower is left unchanged."""
     if not available([hook, *needs], required=required, fallback=fallback, say=say):
@@ -144,10 +157,23 @@ def _missing_params(fn: Any, names: Sequence[str], where: str) -> str | None:
 # The hooks
 # ------------------------------------------------------------------------------------------
 # what ForkingExecutor reads of every ExecutionSpec
-SPEC_FIELDS = ("task_type", "runtime_api_address", "token", "insecure", "root_certificates_path",
-               "parent_pid", "runtime_dependency_install")
-RUN_CLIENTAPP_PARAMS = ("runtime_api_address", "token", "insecure", "certificates", "parent_pid",
-                        "runtime_dependency_install")
+SPEC_FIELDS = (
+    "task_type",
+    "runtime_api_address",
+    "token",
+    "insecure",
+    "root_certificates_path",
+    "parent_pid",
+    "runtime_dependency_install",
+)
+RUN_CLIENTAPP_PARAMS = (
+    "runtime_api_address",
+    "token",
+    "insecure",
+    "certificates",
+    "parent_pid",
+    "runtime_dependency_install",
+)
 
 
 def _check_executor(module: ModuleType) -> str | None:
@@ -178,19 +204,24 @@ def _check_executor(module: ModuleType) -> str | None:
 
 
 EXECUTOR = Hook(
-    name="superexec-executor", module="flwr.supercore.superexec.run_superexec", attribute="get_executor",
+    name="superexec-executor",
+    module="flwr.supercore.superexec.run_superexec",
+    attribute="get_executor",
     expects="called by the SuperExec as get_executor(executor_type, ...) to build its executor, "
-            "SubprocessExecutor for ExecutorType.SUBPROCESS, with ExecutionSpec fields "
-            f"{', '.join(SPEC_FIELDS)} and LaunchResult.accepted()",
+    "SubprocessExecutor for ExecutorType.SUBPROCESS, with ExecutionSpec fields "
+    f"{', '.join(SPEC_FIELDS)} and LaunchResult.accepted()",
     used_by="asyncfl-superexec's forked ClientApp processes (--fork on, ASYNCFL_FORK)",
-    check=_check_executor)
+    check=_check_executor,
+)
 
 CLIENTAPP_RUNTIME = Hook(
-    name="clientapp-runtime", module="flwr.supernode.runtime.run_clientapp", attribute="run_clientapp",
-    expects="the function a deployed ClientApp process runs its task in, taking "
-            f"{', '.join(RUN_CLIENTAPP_PARAMS)}",
+    name="clientapp-runtime",
+    module="flwr.supernode.runtime.run_clientapp",
+    attribute="run_clientapp",
+    expects=f"the function a deployed ClientApp process runs its task in, taking {', '.join(RUN_CLIENTAPP_PARAMS)}",
     used_by="asyncfl-superexec's forked ClientApp processes and the ClientApp's deployment check",
-    check=lambda m: _missing_params(m.run_clientapp, RUN_CLIENTAPP_PARAMS, "run_clientapp"))
+    check=lambda m: _missing_params(m.run_clientapp, RUN_CLIENTAPP_PARAMS, "run_clientapp"),
+)
 
 FLOWER_IDLE_POLL_S = 3.0  # the sleeps in flwr/supernode/start_client_internal.py (1.41, 1.42)
 FLOWER_REPLY_POLL_S = 0.5
@@ -208,33 +239,45 @@ def _check_polls(module: ModuleType) -> str | None:
 
 
 SUPERNODE_POLLS = Hook(
-    name="supernode-polls", module="flwr.supernode.start_client_internal", attribute="time",
+    name="supernode-polls",
+    module="flwr.supernode.start_client_internal",
+    attribute="time",
     expects=f"the SuperNode loop sleeps through its module-global `time`: time.sleep({FLOWER_IDLE_POLL_S:g}) "
-            f"when idle, time.sleep({FLOWER_REPLY_POLL_S:g}) between reply and object polls",
+    f"when idle, time.sleep({FLOWER_REPLY_POLL_S:g}) between reply and object polls",
     used_by="asyncfl-supernode's short polls (--idle-poll-s, --reply-poll-s)",
-    check=_check_polls)
+    check=_check_polls,
+)
 
 
 def pull_objects_hook(module: str, used_by: str) -> Hook:
     """The `pull_objects` that `module` imported from flwr.supercore.inflatable.inflatable_utils."""
     return Hook(
-        name=f"pull-objects:{module}", module=module, attribute="pull_objects",
+        name=f"pull-objects:{module}",
+        module=module,
+        attribute="pull_objects",
         expects="the function it pulls a message's objects with, taking initial_backoff (its first "
-                "retry, 1 s) and doubling it",
+        "retry, 1 s) and doubling it",
         used_by=used_by,
-        check=lambda m: _missing_params(m.pull_objects, ("initial_backoff",), "pull_objects"))
+        check=lambda m: _missing_params(m.pull_objects, ("initial_backoff",), "pull_objects"),
+    )
 
 
-SERVER_PULLS = pull_objects_hook("flwr.superlink.grid.http_grid",
-                                 "the ServerApp's short first retry of object pulls (ASYNCFL_PULL_RETRY_S)")
-SUPERNODE_PULLS = pull_objects_hook("flwr.supernode.start_client_internal",
-                                    "asyncfl-supernode's short first retry of object pulls (ASYNCFL_PULL_RETRY_S)")
+SERVER_PULLS = pull_objects_hook(
+    "flwr.superlink.grid.http_grid", "the ServerApp's short first retry of object pulls (ASYNCFL_PULL_RETRY_S)"
+)
+SUPERNODE_PULLS = pull_objects_hook(
+    "flwr.supernode.start_client_internal",
+    "asyncfl-supernode's short first retry of object pulls (ASYNCFL_PULL_RETRY_S)",
+)
 
 HTTP_GRID = Hook(
-    name="http-grid", module="flwr.superlink.grid", attribute="HttpGrid",
+    name="http-grid",
+    module="flwr.superlink.grid",
+    attribute="HttpGrid",
     expects="the Grid class flwr-serverapp hands a ServerApp in deployment (simulation: InMemoryGrid)",
     used_by="the ServerApp's deployment check (prefetch, pack and downlink 'auto', object-pull retry)",
-    check=lambda m: None if inspect.isclass(m.HttpGrid) else "HttpGrid is not a class")
+    check=lambda m: None if inspect.isclass(m.HttpGrid) else "HttpGrid is not a class",
+)
 
 HOOKS = (EXECUTOR, CLIENTAPP_RUNTIME, SUPERNODE_POLLS, SERVER_PULLS, SUPERNODE_PULLS, HTTP_GRID)
 

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 OFFLINE_HINT = (
     "run offline with local files via the keys `model-preset`, `tokenizer` and `data-dir`, e.g. "
-    "--run-config 'model-preset=\"tiny\" tokenizer=\"../shared/data/gpt2\" "
-    "data-dir=\"../shared/data/wikitext-2-raw\"', "
+    '--run-config \'model-preset="tiny" tokenizer="../shared/data/gpt2" '
+    'data-dir="../shared/data/wikitext-2-raw"\', '
     "or set HF_HUB_OFFLINE=1 to use copies already in the local Hugging Face cache"
 )
 LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2 Conv1D layers: attention in/out, MLP in/out
@@ -102,7 +102,7 @@ def hub_unavailable(key: str, value: str, cause: BaseException | None = None) ->
     host, port = _hub_address()
     why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     return HubUnavailableError(
-        f"`{key}` = \"{value}\" is a Hugging Face Hub id, but the Hub ({host}:{port}) cannot be "
+        f'`{key}` = "{value}" is a Hugging Face Hub id, but the Hub ({host}:{port}) cannot be '
         f"reached and no copy is in the local cache{why}. To fix: {OFFLINE_HINT}."
     )
 
@@ -126,7 +126,7 @@ def _from_hub_or_folder(key: str, spec: str, load: Any, **kwargs: Any) -> Any:
     """
     if is_local_path(spec):
         if not Path(spec).expanduser().exists():
-            raise FileNotFoundError(f"`{key}` = \"{spec}\": no such file or folder (cwd {os.getcwd()})")
+            raise FileNotFoundError(f'`{key}` = "{spec}": no such file or folder (cwd {os.getcwd()})')
         return load(str(Path(spec).expanduser()), **kwargs)
     if _hub_offline_env() or not hub_reachable():
         from huggingface_hub import snapshot_download
@@ -200,7 +200,7 @@ def _base_model(cfg: AppConfig) -> torch.nn.Module:
     except OSError as exc:
         if is_local_path(cfg.model.model):  # e.g. a folder with config.json but no weights
             raise OSError(
-                f"`model` = \"{cfg.model.model}\" holds no loadable weights ({exc}); set "
+                f'`model` = "{cfg.model.model}" holds no loadable weights ({exc}); set '
                 "pretrained=false to random-init its config, or use `model-preset`"
             ) from exc
         raise
@@ -229,8 +229,12 @@ def build_model(cfg: AppConfig) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
-            target_modules=LORA_TARGETS, fan_in_fan_out=True, task_type="CAUSAL_LM",
+            r=cfg.model.lora_rank,
+            lora_alpha=cfg.model.lora_alpha,
+            lora_dropout=cfg.model.lora_dropout,
+            target_modules=LORA_TARGETS,
+            fan_in_fan_out=True,
+            task_type="CAUSAL_LM",
         )
         model = _seeded(cfg.train.seed + 1, lambda: get_peft_model(model, lora))
     return model.train()
@@ -264,9 +268,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model = _unwrap(model)
     lora = _is_lora(model)
     return {
-        name: p.detach()
-        for name, p in model.named_parameters()
-        if p.requires_grad and (not lora or "lora_" in name)
+        name: p.detach() for name, p in model.named_parameters() if p.requires_grad and (not lora or "lora_" in name)
     }
 
 
@@ -299,8 +301,7 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, Any]) -> No
             src = torch.from_numpy(np.asarray(src)) if not isinstance(src, torch.Tensor) else src
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(
-                    f"trainable tensor `{name}`: shape {tuple(src.shape)} does not match "
-                    f"the model's {tuple(dst.shape)}"
+                    f"trainable tensor `{name}`: shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}"
                 )
             dst.copy_(src)
 

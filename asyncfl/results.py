@@ -32,9 +32,19 @@ from typing import Any
 EVENTS_FILE, SUMMARY_FILE = "events.jsonl", "summary.json"
 RESULTS_FILE, PLOT_FILE = "results.md", "plot.png"
 _RESERVED = ("event", "t", "time")  # set by the recorder; a caller field may not override them
-_COMPARE_KEYS = ("mode", "rule", "compressor", "updates_applied", "wall_clock_s",
-                 "initial_eval_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s",
-                 "bytes_uploaded", "compression_ratio")
+_COMPARE_KEYS = (
+    "mode",
+    "rule",
+    "compressor",
+    "updates_applied",
+    "wall_clock_s",
+    "initial_eval_ppl",
+    "final_eval_ppl",
+    "best_eval_ppl",
+    "time_to_target_s",
+    "bytes_uploaded",
+    "compression_ratio",
+)
 
 
 class RunDataError(ValueError):
@@ -192,16 +202,33 @@ class RunRecorder:
         its last value. False starts a new log (an existing one is overwritten).
     """
 
-    def __init__(self, run_dir: Path | str, *, config: Mapping[str, Any], mode: str,
-                 compressor: str, rule: str, num_clients: int, eval_split: str,
-                 train_split: str, target_ppl: float | None,
-                 clock: Callable[[], float] = time.monotonic, resume: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path | str,
+        *,
+        config: Mapping[str, Any],
+        mode: str,
+        compressor: str,
+        rule: str,
+        num_clients: int,
+        eval_split: str,
+        train_split: str,
+        target_ppl: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        resume: bool = False,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         target = float(target_ppl) if target_ppl and target_ppl > 0 else None  # config: 0 = off
         self.meta: dict[str, Any] = {
-            "mode": mode, "compressor": compressor, "rule": rule, "num_clients": int(num_clients),
-            "train_split": train_split, "eval_split": eval_split, "target_ppl": target}
+            "mode": mode,
+            "compressor": compressor,
+            "rule": rule,
+            "num_clients": int(num_clients),
+            "train_split": train_split,
+            "eval_split": eval_split,
+            "target_ppl": target,
+        }
         to_dict = getattr(config, "to_dict", None)
         self.config = json_safe(to_dict() if callable(to_dict) else dict(config))
         self.totals = Totals(target_ppl=target)
@@ -249,77 +276,127 @@ class RunRecorder:
             raise ValueError(f"event field(s) {clash} are set by the recorder; rename them")
         if self._fh.closed:
             raise RuntimeError(f"the recorder of {self.run_dir} is finished; cannot log {kind!r}")
-        event = json_safe({"event": kind, "t": round(self.elapsed_s, 6), "time": time.time(),
-                           **fields})
+        event = json_safe({"event": kind, "t": round(self.elapsed_s, 6), "time": time.time(), **fields})
         self._fh.write(json.dumps(event, allow_nan=False) + "\n")
         self._fh.flush()
         self.totals.add(event)
         return event
 
-    def log_update(self, *, version: int, node: int, staleness: int, bytes: int,  # noqa: A002
-                   dense_bytes: int, partition: int | None = None, weight: float | None = None,
-                   train_loss: float | None = None, rec_error: float | None = None,
-                   decode_apply_s: float | None = None, **extra: Any) -> dict[str, Any]:
+    def log_update(
+        self,
+        *,
+        version: int,
+        node: int,
+        staleness: int,
+        bytes: int,  # noqa: A002
+        dense_bytes: int,
+        partition: int | None = None,
+        weight: float | None = None,
+        train_loss: float | None = None,
+        rec_error: float | None = None,
+        decode_apply_s: float | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """Log one applied client update (`bytes` as uploaded, `dense_bytes` uncompressed)."""
-        return self._log("update", {
-            "version": version, "node": node, "partition": partition, "staleness": staleness,
-            "weight": weight, "train_loss": train_loss, "bytes": bytes,
-            "dense_bytes": dense_bytes, "rec_error": rec_error,
-            "decode_apply_s": decode_apply_s, **extra})
+        return self._log(
+            "update",
+            {
+                "version": version,
+                "node": node,
+                "partition": partition,
+                "staleness": staleness,
+                "weight": weight,
+                "train_loss": train_loss,
+                "bytes": bytes,
+                "dense_bytes": dense_bytes,
+                "rec_error": rec_error,
+                "decode_apply_s": decode_apply_s,
+                **extra,
+            },
+        )
 
-    def log_drop(self, *, node: int, reason: str, partition: int | None = None,
-                 staleness: int | None = None, **extra: Any) -> dict[str, Any]:
+    def log_drop(
+        self, *, node: int, reason: str, partition: int | None = None, staleness: int | None = None, **extra: Any
+    ) -> dict[str, Any]:
         """Log one rejected update (too stale, invalid payload, error reply)."""
-        return self._log("drop", {"node": node, "partition": partition, "staleness": staleness,
-                                  "reason": reason, **extra})
+        return self._log(
+            "drop", {"node": node, "partition": partition, "staleness": staleness, "reason": reason, **extra}
+        )
 
-    def log_eval(self, *, version: int, loss: float | None = None, ppl: float | None = None,
-                 round: int | None = None,  # noqa: A002 - the name the server loop uses
-                 top1: float | None = None, top5: float | None = None,
-                 **extra: Any) -> dict[str, Any]:
+    def log_eval(
+        self,
+        *,
+        version: int,
+        loss: float | None = None,
+        ppl: float | None = None,
+        round: int | None = None,  # noqa: A002 - the name the server loop uses
+        top1: float | None = None,
+        top5: float | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """Log one evaluation; `updates` (applied so far) is added unless given."""
-        return self._log("eval", {
-            "version": version, "round": round, "updates": self.totals.updates, "loss": loss,
-            "ppl": ppl, "top1": top1, "top5": top5, **extra})
+        return self._log(
+            "eval",
+            {
+                "version": version,
+                "round": round,
+                "updates": self.totals.updates,
+                "loss": loss,
+                "ppl": ppl,
+                "top1": top1,
+                "top5": top5,
+                **extra,
+            },
+        )
 
     def log_event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Log anything else: node retired, checkpoint, resume, stop reason, ..."""
         return self._log(kind, fields)
 
-    def summary(self, *, stop_reason: str | None = None,
-                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def summary(self, *, stop_reason: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The summary as it stands now (what `finish` writes to summary.json)."""
         return self._summary(stop_reason, extra, round(self.elapsed_s, 6))
 
-    def _summary(self, stop_reason: str | None, extra: Mapping[str, Any] | None,
-                 wall_clock_s: float) -> dict[str, Any]:
+    def _summary(self, stop_reason: str | None, extra: Mapping[str, Any] | None, wall_clock_s: float) -> dict[str, Any]:
         """Build the summary dict from the totals."""
         tot, m = self.totals, self.meta
         ppls = [e["ppl"] for e in tot.evals if e.get("ppl") is not None]
         first, last = (tot.evals[0], tot.evals[-1]) if tot.evals else ({}, {})
-        return json_safe({
-            **{k: m[k] for k in ("mode", "compressor", "rule", "num_clients")},
-            "updates_applied": tot.updates, "updates_dropped": tot.drops,
-            "drop_reasons": dict(tot.drop_reasons), "num_evals": len(tot.evals),
-            "wall_clock_s": wall_clock_s, "initial_eval_ppl": first.get("ppl"),
-            "final_eval_ppl": last.get("ppl"), "final_eval_loss": last.get("loss"),
-            "final_eval_top1": last.get("top1"), "final_eval_top5": last.get("top5"),
-            "best_eval_ppl": min(ppls, default=None),
-            "bytes_uploaded": tot.bytes_uploaded, "bytes_uploaded_dense_equiv": tot.bytes_dense,
-            "compression_ratio": (tot.bytes_dense / tot.bytes_uploaded
-                                  if tot.bytes_uploaded else None),
-            "bytes_down_total": tot.bytes_down,
-            "mean_encode_s": tot.encode_sum_s / tot.encode_n if tot.encode_n else None,
-            "mean_staleness": tot.staleness_sum / tot.staleness_n if tot.staleness_n else None,
-            "max_staleness": tot.staleness_max,
-            "mean_decode_apply_ms": (1e3 * tot.decode_apply_sum_s / tot.decode_apply_n
-                                     if tot.decode_apply_n else None),
-            "time_to_target_s": tot.time_to_target_s, "target_ppl": m["target_ppl"],
-            "train_split": m["train_split"], "eval_split": m["eval_split"],
-            "stop_reason": stop_reason, "config": self.config, "extra": dict(extra or {})})
+        return json_safe(
+            {
+                **{k: m[k] for k in ("mode", "compressor", "rule", "num_clients")},
+                "updates_applied": tot.updates,
+                "updates_dropped": tot.drops,
+                "drop_reasons": dict(tot.drop_reasons),
+                "num_evals": len(tot.evals),
+                "wall_clock_s": wall_clock_s,
+                "initial_eval_ppl": first.get("ppl"),
+                "final_eval_ppl": last.get("ppl"),
+                "final_eval_loss": last.get("loss"),
+                "final_eval_top1": last.get("top1"),
+                "final_eval_top5": last.get("top5"),
+                "best_eval_ppl": min(ppls, default=None),
+                "bytes_uploaded": tot.bytes_uploaded,
+                "bytes_uploaded_dense_equiv": tot.bytes_dense,
+                "compression_ratio": (tot.bytes_dense / tot.bytes_uploaded if tot.bytes_uploaded else None),
+                "bytes_down_total": tot.bytes_down,
+                "mean_encode_s": tot.encode_sum_s / tot.encode_n if tot.encode_n else None,
+                "mean_staleness": tot.staleness_sum / tot.staleness_n if tot.staleness_n else None,
+                "max_staleness": tot.staleness_max,
+                "mean_decode_apply_ms": (
+                    1e3 * tot.decode_apply_sum_s / tot.decode_apply_n if tot.decode_apply_n else None
+                ),
+                "time_to_target_s": tot.time_to_target_s,
+                "target_ppl": m["target_ppl"],
+                "train_split": m["train_split"],
+                "eval_split": m["eval_split"],
+                "stop_reason": stop_reason,
+                "config": self.config,
+                "extra": dict(extra or {}),
+            }
+        )
 
-    def finish(self, *, stop_reason: str,
-               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def finish(self, *, stop_reason: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Log a "finish" event, close the log, write summary.json, results.md and plot.png.
 
         `stop_reason` says why the run ended (max-updates, time-budget, target-ppl, ...);
@@ -328,12 +405,15 @@ class RunRecorder:
         event = self._log("finish", {"stop_reason": stop_reason})
         self.close()
         summary = self._summary(stop_reason, extra, event["t"])
-        _write_atomic(self.run_dir / SUMMARY_FILE,
-                      json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        _write_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
         _write_atomic(self.run_dir / RESULTS_FILE, results_markdown(summary, self.totals.evals))
         try:
-            plot_runs(self.run_dir / PLOT_FILE, [("", self.totals.evals)],
-                      title=_title(summary), target_ppl=summary["target_ppl"])
+            plot_runs(
+                self.run_dir / PLOT_FILE,
+                [("", self.totals.evals)],
+                title=_title(summary),
+                target_ppl=summary["target_ppl"],
+            )
         except Exception as exc:  # noqa: BLE001 - a plot problem must not fail a finished run
             logging.getLogger(__name__).warning("could not write %s: %s", PLOT_FILE, exc)
         return summary
@@ -360,8 +440,7 @@ def _fmt(value: Any, spec: str = "") -> str:
 def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    scale, unit = next(((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if n >= s),
-                       (1, "B"))
+    scale, unit = next(((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if n >= s), (1, "B"))
     return f"{n / scale:.2f} {unit}" if scale > 1 else f"{n} B"
 
 
@@ -371,19 +450,28 @@ def _title(summary: Mapping[str, Any]) -> str:
 
 def results_markdown(summary: Mapping[str, Any], evals: Sequence[Mapping[str, Any]]) -> str:
     """Render results.md: title, data splits, one table row per evaluation, then totals."""
-    lines = [f"# {_title(summary)} ({summary['num_clients']} clients)", "",
-             f"Clients train on the `{summary['train_split']}` split; the server evaluates on "
-             f"`{summary['eval_split']}`."]
+    lines = [
+        f"# {_title(summary)} ({summary['num_clients']} clients)",
+        "",
+        f"Clients train on the `{summary['train_split']}` split; the server evaluates on `{summary['eval_split']}`.",
+    ]
     if summary["train_split"] == "validation":
-        lines[-1] += (" Offline run: training used the validation split (no train file), so "
-                      "numbers are not directly comparable to runs trained on `train`.")
-    lines += ["", "| round | updates | elapsed s | eval loss | eval ppl | top-1 acc | top-5 acc |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines[-1] += (
+            " Offline run: training used the validation split (no train file), so "
+            "numbers are not directly comparable to runs trained on `train`."
+        )
+    lines += [
+        "",
+        "| round | updates | elapsed s | eval loss | eval ppl | top-1 acc | top-5 acc |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for i, e in enumerate(evals):  # no round given (async): number the evaluations from 0
         rnd = e["round"] if e.get("round") is not None else i
-        lines.append(f"| {rnd} | {_fmt(e.get('updates'))} | {_fmt(e.get('t'), '.1f')} | "
-                     f"{_fmt(e.get('loss'), '.4f')} | {_fmt(e.get('ppl'), '.2f')} | "
-                     f"{_fmt(e.get('top1'), '.4f')} | {_fmt(e.get('top5'), '.4f')} |")
+        lines.append(
+            f"| {rnd} | {_fmt(e.get('updates'))} | {_fmt(e.get('t'), '.1f')} | "
+            f"{_fmt(e.get('loss'), '.4f')} | {_fmt(e.get('ppl'), '.2f')} | "
+            f"{_fmt(e.get('top1'), '.4f')} | {_fmt(e.get('top5'), '.4f')} |"
+        )
     return "\n".join(lines + [""] + _totals_lines(summary)) + "\n"
 
 
@@ -399,21 +487,29 @@ def _totals_lines(s: Mapping[str, Any]) -> list[str]:
         tts = s["time_to_target_s"]
         reached = "not reached" if tts is None else f"{tts:.1f} s"
         target = f"{reached} (ppl <= {s['target_ppl']:g})"
-    return ["## Totals", "",
-            f"- updates applied: {s['updates_applied']}; dropped: {s['updates_dropped']}"
-            + (f" ({drops})" if drops else ""),
-            f"- bytes uploaded: {_fmt_bytes(s['bytes_uploaded'])} vs "
-            f"{_fmt_bytes(s['bytes_uploaded_dense_equiv'])} dense (compression ratio {ratio})",
-            f"- bytes downloaded (tasks of the applied updates): {_fmt_bytes(s.get('bytes_down_total'))}",
-            f"- staleness: mean {_fmt(s['mean_staleness'], '.2f')}, max {_fmt(s['max_staleness'])}",
-            f"- client encode: mean {_fmt(enc_ms, '.2f')} ms per update",
-            f"- decode+apply: mean {_fmt(s['mean_decode_apply_ms'], '.2f')} ms per update",
-            f"- wall-clock: {s['wall_clock_s']:.1f} s; time to target: {target}",
-            f"- stop reason: {s['stop_reason']}"]
+    return [
+        "## Totals",
+        "",
+        f"- updates applied: {s['updates_applied']}; dropped: {s['updates_dropped']}"
+        + (f" ({drops})" if drops else ""),
+        f"- bytes uploaded: {_fmt_bytes(s['bytes_uploaded'])} vs "
+        f"{_fmt_bytes(s['bytes_uploaded_dense_equiv'])} dense (compression ratio {ratio})",
+        f"- bytes downloaded (tasks of the applied updates): {_fmt_bytes(s.get('bytes_down_total'))}",
+        f"- staleness: mean {_fmt(s['mean_staleness'], '.2f')}, max {_fmt(s['max_staleness'])}",
+        f"- client encode: mean {_fmt(enc_ms, '.2f')} ms per update",
+        f"- decode+apply: mean {_fmt(s['mean_decode_apply_ms'], '.2f')} ms per update",
+        f"- wall-clock: {s['wall_clock_s']:.1f} s; time to target: {target}",
+        f"- stop reason: {s['stop_reason']}",
+    ]
 
 
-def plot_runs(path: Path | str, runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], *,
-              title: str, target_ppl: float | None = None) -> None:
+def plot_runs(
+    path: Path | str,
+    runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+    *,
+    title: str,
+    target_ppl: float | None = None,
+) -> None:
     """Plot eval perplexity vs wall-clock seconds for (label, eval events) pairs into a PNG."""
     from matplotlib.figure import Figure  # not pyplot: no global backend state; PNG uses Agg
 
@@ -451,8 +547,7 @@ def load_run(run_dir: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RunDataError(f"{path}: missing (did the run finish? events.jsonl keeps "
-                           "what it logged)") from None
+        raise RunDataError(f"{path}: missing (did the run finish? events.jsonl keeps what it logged)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunDataError(f"{path}: unreadable or not JSON ({exc})") from None
     missing = [k for k in _COMPARE_KEYS if not isinstance(summary, dict) or k not in summary]
@@ -464,17 +559,39 @@ def load_run(run_dir: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]
 def comparison_markdown(runs: Sequence[tuple[str, Mapping[str, Any], Sequence[Mapping]]]) -> str:
     """One table row per (label, summary, events); adds ppl at the shortest run's wall-clock."""
     t_equal = min(s["wall_clock_s"] for _, s, _ in runs)
-    header = ["run", "mode", "rule", "compressor", "updates", "wall-clock s", "initial ppl",
-              "final ppl", "best ppl", "time to target s", "bytes uploaded",
-              "compression ratio", f"ppl @ {t_equal:.1f} s"]
+    header = [
+        "run",
+        "mode",
+        "rule",
+        "compressor",
+        "updates",
+        "wall-clock s",
+        "initial ppl",
+        "final ppl",
+        "best ppl",
+        "time to target s",
+        "bytes uploaded",
+        "compression ratio",
+        f"ppl @ {t_equal:.1f} s",
+    ]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, s, events in runs:
         ratio = "-" if s["compression_ratio"] is None else f"{s['compression_ratio']:.1f}x"
-        cells = [label, s["mode"], s["rule"], s["compressor"], _fmt(s["updates_applied"]),
-                 _fmt(s["wall_clock_s"], ".1f"), _fmt(s["initial_eval_ppl"], ".2f"),
-                 _fmt(s["final_eval_ppl"], ".2f"), _fmt(s["best_eval_ppl"], ".2f"),
-                 _fmt(s["time_to_target_s"], ".1f"), _fmt_bytes(s["bytes_uploaded"]), ratio,
-                 _fmt(ppl_at(events, t_equal), ".2f")]
+        cells = [
+            label,
+            s["mode"],
+            s["rule"],
+            s["compressor"],
+            _fmt(s["updates_applied"]),
+            _fmt(s["wall_clock_s"], ".1f"),
+            _fmt(s["initial_eval_ppl"], ".2f"),
+            _fmt(s["final_eval_ppl"], ".2f"),
+            _fmt(s["best_eval_ppl"], ".2f"),
+            _fmt(s["time_to_target_s"], ".1f"),
+            _fmt_bytes(s["bytes_uploaded"]),
+            ratio,
+            _fmt(ppl_at(events, t_equal), ".2f"),
+        ]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(rows) + "\n"
 
@@ -487,9 +604,12 @@ def compare(run_dirs: Sequence[Path | str], out: Path | str = ".") -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table, encoding="utf-8")
     targets = {s["target_ppl"] for _, s, _ in loaded}
-    plot_runs(out / "comparison.png", [(label, ev) for label, _, ev in loaded],
-              title="eval perplexity vs wall-clock",
-              target_ppl=targets.pop() if len(targets) == 1 else None)
+    plot_runs(
+        out / "comparison.png",
+        [(label, ev) for label, _, ev in loaded],
+        title="eval perplexity vs wall-clock",
+        target_ppl=targets.pop() if len(targets) == 1 else None,
+    )
     return table
 
 
@@ -506,8 +626,9 @@ def _read_results(run_dir: Path | str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: `compare RUN_DIR ... [--out DIR]` or `show RUN_DIR`; returns exit code."""
-    parser = argparse.ArgumentParser(prog="python -m asyncfl.results",
-                                     description="Inspect and compare asyncfl run outputs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m asyncfl.results", description="Inspect and compare asyncfl run outputs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     cmp_ = sub.add_parser("compare", help="tabulate and plot finished runs side by side")
     cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -55,25 +55,48 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
     model = build_model(cfg).to(device).eval()
     tokenizer = build_tokenizer(cfg)
     eval_blocks, eval_split = load_eval_blocks(cfg), cfg.data.eval_split
-    if cfg.data.eval_stride:  # sliding windows over the eval token stream (README, "Evaluation")
-        stream = load_eval_stream(cfg)
-        evaluate_fn = lambda: evaluate_strided(model, stream, cfg.data.block_size, cfg.data.eval_stride,  # noqa: E731
-                                               cfg.train.eval_batch_size, device)
-    else:
-        evaluate_fn = lambda: evaluate(model, eval_blocks, cfg.train.eval_batch_size, device)  # noqa: E731
+    stream = load_eval_stream(cfg) if cfg.data.eval_stride else None
+
+    def evaluate_fn() -> dict[str, float]:
+        if stream is not None:  # sliding windows over the eval token stream (README, "Evaluation")
+            return evaluate_strided(
+                model, stream, cfg.data.block_size, cfg.data.eval_stride, cfg.train.eval_batch_size, device
+            )
+        return evaluate(model, eval_blocks, cfg.train.eval_batch_size, device)
+
     run_dir = run_dir_for(cfg)
     ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
-    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.server.mode, compressor=cfg.compress.compressor,
-                           rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg", num_clients=0,
-                           eval_split=eval_split, train_split=resolve_train_split(cfg),
-                           target_ppl=cfg.stop.target_ppl or None, clock=clock.now, resume=ckpt is not None)
-    log.info("asyncfl: run dir %s; training on split '%s', evaluating on '%s' (%d blocks)",
-             run_dir, resolve_train_split(cfg), eval_split, len(eval_blocks))
+    recorder = RunRecorder(
+        run_dir,
+        config=cfg.to_dict(),
+        mode=cfg.server.mode,
+        compressor=cfg.compress.compressor,
+        rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg",
+        num_clients=0,
+        eval_split=eval_split,
+        train_split=resolve_train_split(cfg),
+        target_ppl=cfg.stop.target_ppl or None,
+        clock=clock.now,
+        resume=ckpt is not None,
+    )
+    log.info(
+        "asyncfl: run dir %s; training on split '%s', evaluating on '%s' (%d blocks)",
+        run_dir,
+        resolve_train_split(cfg),
+        eval_split,
+        len(eval_blocks),
+    )
     state = ServerState(
-        cfg=cfg, x=trainable_state(model), device=device, rule_factory=lambda n: build_rule(cfg, n),
-        selector=build_selector(cfg), recorder=recorder,
+        cfg=cfg,
+        x=trainable_state(model),
+        device=device,
+        rule_factory=lambda n: build_rule(cfg, n),
+        selector=build_selector(cfg),
+        recorder=recorder,
         evaluate_fn=evaluate_fn,
-        run_key=run_dir.name, run_dir=run_dir, resume=ckpt,
+        run_key=run_dir.name,
+        run_dir=run_dir,
+        resume=ckpt,
     )
     strategy = AsyncFLStrategy(state, clock=clock)
     strategy.start(grid)  # ends with the final evaluation, of the model as saved
@@ -82,7 +105,12 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
     if cfg.output.save_model:
         save_model(model, tokenizer, run_dir / "model")
     summary = recorder.finish(stop_reason=state.final_reason, extra=strategy.run_extras())
-    log.info("asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s", state.final_reason,
-             summary.get("initial_eval_ppl") or float("nan"), summary.get("final_eval_ppl") or float("nan"),
-             summary.get("wall_clock_s") or 0.0, run_dir)
+    log.info(
+        "asyncfl: done (%s): ppl %.2f -> %.2f in %.1f s; results in %s",
+        state.final_reason,
+        summary.get("initial_eval_ppl") or float("nan"),
+        summary.get("final_eval_ppl") or float("nan"),
+        summary.get("wall_clock_s") or 0.0,
+        run_dir,
+    )
     return summary

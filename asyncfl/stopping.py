@@ -45,8 +45,7 @@ def _require(ok: bool, message: str) -> None:
 
 def _finite(name: str, value: float) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    _require(ok and math.isfinite(value),
-             f"`{name}` must be a finite number, got {value!r}")
+    _require(ok and math.isfinite(value), f"`{name}` must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -77,10 +76,8 @@ class BoundStopRule:
         (L/mu) A1 <= x (the message shows the constants and the computed value).
     """
 
-    def __init__(self, n: int, mu: float, rho_bar: float, L: float, A1: float,
-                 C: float, D: float, eta: float) -> None:
-        _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
-                 f"`n` must be an int >= 1, got {n!r}")
+    def __init__(self, n: int, mu: float, rho_bar: float, L: float, A1: float, C: float, D: float, eta: float) -> None:
+        _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"`n` must be an int >= 1, got {n!r}")
         for name, value in (("mu", mu), ("L", L), ("A1", A1), ("eta", eta)):
             _require(_finite(name, value) > 0, f"`{name}` must be > 0, got {value}")
         for name, value in (("rho_bar", rho_bar), ("C", C), ("D", D)):
@@ -90,14 +87,18 @@ class BoundStopRule:
         self.lam = 1.0 - n * mu * (1.0 + 3.0 * rho_bar / 8.0)
         self.x = 4.0 * L * (eta * C + D) / (mu * (8.0 + 3.0 * rho_bar))
         consts = f"n={n}, mu={mu}, rho_bar={rho_bar}"
-        _require(0.0 < self.lam < 1.0,
-                 f"lambda = 1 - n*mu*(1 + 3*rho_bar/8) = {self.lam:.6g} with {consts} "
-                 "must be in (0, 1) for the bound to converge; lower mu or n")
+        _require(
+            0.0 < self.lam < 1.0,
+            f"lambda = 1 - n*mu*(1 + 3*rho_bar/8) = {self.lam:.6g} with {consts} "
+            "must be in (0, 1) for the bound to converge; lower mu or n",
+        )
         self.initial = L / mu * A1 - self.x  # the bound's (L/mu) A1 - x
-        _require(self.initial > 0,
-                 f"(L/mu)*A1 = {L / mu * A1:.6g} must exceed x = 4L(eta*C + D)/(mu(8 + "
-                 f"3*rho_bar)) = {self.x:.6g} (L={L}, A1={A1}, C={C}, D={D}, "
-                 f"eta={eta}, {consts})")
+        _require(
+            self.initial > 0,
+            f"(L/mu)*A1 = {L / mu * A1:.6g} must exceed x = 4L(eta*C + D)/(mu(8 + "
+            f"3*rho_bar)) = {self.x:.6g} (L={L}, A1={A1}, C={C}, D={D}, "
+            f"eta={eta}, {consts})",
+        )
 
     def threshold(self, delta_g: float) -> float:
         """t* for target gap ``delta_g``: ``inf`` if never attained, <= 0 if at once."""
@@ -111,5 +112,4 @@ class BoundStopRule:
         return version >= self.threshold(delta_g)
 
     def __repr__(self) -> str:
-        return (f"BoundStopRule(lambda={self.lam:.6g}, x={self.x:.6g}, "
-                f"initial={self.initial:.6g})")
+        return f"BoundStopRule(lambda={self.lam:.6g}, x={self.x:.6g}, initial={self.initial:.6g})"

@@ -27,16 +27,14 @@ def aligned(ref: Tensors, other: Any, what: str) -> list[Tensor]:
     missing = [k for k in ref if k not in other]
     extra = [k for k in other if k not in ref]
     if missing or extra:
-        raise ValueError(f"{what} keys differ from the global state: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
+        raise ValueError(f"{what} keys differ from the global state: missing {missing[:5]}, unexpected {extra[:5]}")
     out = []
     for k, r in ref.items():
         t = other[k]
         if not isinstance(t, Tensor):
             raise ValueError(f"{what}[{k!r}] must be a tensor, got {type(t).__name__}")
         if t.shape != r.shape:
-            raise ValueError(f"{what}[{k!r}] has shape {tuple(t.shape)}, "
-                             f"the global tensor has {tuple(r.shape)}")
+            raise ValueError(f"{what}[{k!r}] has shape {tuple(t.shape)}, the global tensor has {tuple(r.shape)}")
         out.append(t.to(device=r.device, dtype=r.dtype))
     return out
 

@@ -76,8 +76,13 @@ def batch_indices(num_blocks: int, steps: int, batch_size: int, seed: int) -> to
 
 
 def train_local(
-    model: torch.nn.Module, blocks: torch.Tensor, cfg: AppConfig, device: torch.device | str,
-    *, generator_seed: int, bf16: bool | None = None,
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: AppConfig,
+    device: torch.device | str,
+    *,
+    generator_seed: int,
+    bf16: bool | None = None,
 ) -> TrainResult:
     """Train `model` in place on `blocks` with AdamW(`lr`, `weight-decay`).
 
@@ -106,8 +111,7 @@ def train_local(
     model.to(device).train()
     forward = _compiled(model) if cfg.model.compile and device.type == "cuda" else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
     steps = num_steps(cfg, len(blocks))
     order = batch_indices(len(blocks), steps, cfg.train.batch_size, generator_seed).to(device)
     data = blocks.to(device, non_blocking=True)
@@ -130,7 +134,10 @@ def train_local(
 
 
 def evaluate(
-    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device | str,
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
 ) -> dict[str, float | int]:
     """Next-token metrics of `model` on `blocks` (every position but the last of each block).
 
@@ -155,11 +162,13 @@ def evaluate(
             target = batch[:, 1:]
             top5 = logits.topk(5, dim=-1).indices  # (B, T-1, 5), sorted: [..., 0] is top-1
             hits5 = (top5 == target.unsqueeze(-1)).any(-1)
-            totals += torch.stack([
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").double(),
-                (top5[..., 0] == target).sum().double(),
-                hits5.sum().double(),
-            ])
+            totals += torch.stack(
+                [
+                    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").double(),
+                    (top5[..., 0] == target).sum().double(),
+                    hits5.sum().double(),
+                ]
+            )
     model.train(was_training)
     n = blocks.shape[0] * (blocks.shape[1] - 1)
     loss, top1, top5 = (totals / n).tolist()
@@ -195,7 +204,11 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 
 def evaluate_strided(
-    model: torch.nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int,
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    window: int,
+    stride: int,
+    batch_size: int,
     device: torch.device | str,
 ) -> dict[str, float | int]:
     """Next-token metrics with Hugging Face's strided sliding window ("Perplexity of
@@ -237,13 +250,21 @@ def evaluate_strided(
             logits = logits[:, :-1][scored].float()  # (scored tokens, V)
             target = x[:, 1:][scored]
             top5 = logits.topk(5, dim=-1).indices
-            totals += torch.stack([
-                F.cross_entropy(logits, target, reduction="sum").double(),
-                (top5[:, 0] == target).sum().double(),
-                (top5 == target[:, None]).any(-1).sum().double(),
-            ])
+            totals += torch.stack(
+                [
+                    F.cross_entropy(logits, target, reduction="sum").double(),
+                    (top5[:, 0] == target).sum().double(),
+                    (top5 == target[:, None]).any(-1).sum().double(),
+                ]
+            )
             n += sum(e - b - f for b, e, f in batch)  # = scored.sum(), without a host sync
     model.train(was_training)
     loss, top1, top5 = (totals / n).tolist()
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "top1": top1, "top5": top5,
-            "tokens": n, "windows": len(wins)}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "top1": top1,
+        "top5": top5,
+        "tokens": n,
+        "windows": len(wins),
+    }

@@ -46,9 +46,23 @@ STYPE = "safetensors"  # its Array.stype
 KEY_METADATA = "__metadata__"  # the header entry of the text metadata (safetensors' name)
 MAX_HEADER = 100_000_000  # bytes of JSON header accepted (the safetensors library's limit)
 # safetensors dtype codes accepted on the wire, and their numpy dtypes (little endian)
-DTYPES: dict[str, np.dtype] = {code: np.dtype(t) for code, t in (
-    ("BOOL", "|b1"), ("U8", "|u1"), ("I8", "|i1"), ("U16", "<u2"), ("I16", "<i2"), ("U32", "<u4"),
-    ("I32", "<i4"), ("U64", "<u8"), ("I64", "<i8"), ("F16", "<f2"), ("F32", "<f4"), ("F64", "<f8"))}
+DTYPES: dict[str, np.dtype] = {
+    code: np.dtype(t)
+    for code, t in (
+        ("BOOL", "|b1"),
+        ("U8", "|u1"),
+        ("I8", "|i1"),
+        ("U16", "<u2"),
+        ("I16", "<i2"),
+        ("U32", "<u4"),
+        ("I32", "<i4"),
+        ("U64", "<u8"),
+        ("I64", "<i8"),
+        ("F16", "<f2"),
+        ("F32", "<f4"),
+        ("F64", "<f8"),
+    )
+}
 _CODE = {(dt.kind, dt.itemsize): code for code, dt in DTYPES.items()}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
@@ -67,8 +81,7 @@ def _wire_array(name: str, a: Any) -> np.ndarray:
     a = np.asarray(a)
     code = _CODE.get((a.dtype.kind, a.dtype.itemsize))
     if code is None:
-        raise TypeError(f"array '{name}': dtype {a.dtype} cannot travel; accepted: bool, "
-                        f"(u)int8-64, float16/32/64")
+        raise TypeError(f"array '{name}': dtype {a.dtype} cannot travel; accepted: bool, (u)int8-64, float16/32/64")
     if a.dtype != DTYPES[code]:  # big endian: safetensors is little endian
         a = a.astype(DTYPES[code])
     if not a.flags.c_contiguous:
@@ -76,8 +89,7 @@ def _wire_array(name: str, a: Any) -> np.ndarray:
     return a
 
 
-def _layout(arrays: Mapping[str, Any], metadata: Mapping[str, str] | None
-            ) -> tuple[bytes, list[np.ndarray]]:
+def _layout(arrays: Mapping[str, Any], metadata: Mapping[str, str] | None) -> tuple[bytes, list[np.ndarray]]:
     """The padded header (length prefix included) and the arrays in data order."""
     items = [(str(k), _wire_array(str(k), v)) for k, v in arrays.items()]
     header: dict[str, Any] = {}
@@ -95,8 +107,11 @@ def _layout(arrays: Mapping[str, Any], metadata: Mapping[str, str] | None
         offsets[i] = (pos, pos + items[i][1].nbytes)
         pos += items[i][1].nbytes
     for i, (name, a) in enumerate(items):  # header in the caller's order (decode keeps it)
-        header[name] = {"dtype": _CODE[(a.dtype.kind, a.dtype.itemsize)], "shape": list(a.shape),
-                        "data_offsets": list(offsets[i])}
+        header[name] = {
+            "dtype": _CODE[(a.dtype.kind, a.dtype.itemsize)],
+            "shape": list(a.shape),
+            "data_offsets": list(offsets[i]),
+        }
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text, [items[i][1] for i in order]
@@ -120,8 +135,7 @@ def encoded_nbytes(arrays: Mapping[str, Any], metadata: Mapping[str, str] | None
     return len(head) + sum(a.nbytes for a in parts)
 
 
-def write(path: str | os.PathLike, arrays: Mapping[str, Any],
-          metadata: Mapping[str, str] | None = None) -> int:
+def write(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> int:
     """Write `encode(arrays, metadata)` to `path` without building it in memory; returns its size."""
     head, parts = _layout(arrays, metadata)
     with open(path, "wb") as f:
@@ -161,10 +175,9 @@ def decode(buffer: Buffer) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise WireError(f"wire data of {raw.size} bytes is shorter than its 8-byte header length")
     n = int.from_bytes(raw[:8].tobytes(), "little")
     if n > MAX_HEADER or n > raw.size - 8:
-        raise WireError(f"header length {n} exceeds the {raw.size - 8} bytes after it "
-                        f"(or the limit of {MAX_HEADER})")
+        raise WireError(f"header length {n} exceeds the {raw.size - 8} bytes after it (or the limit of {MAX_HEADER})")
     try:
-        header = json.loads(raw[8:8 + n].tobytes().decode("utf-8"), object_pairs_hook=_pairs)
+        header = json.loads(raw[8 : 8 + n].tobytes().decode("utf-8"), object_pairs_hook=_pairs)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WireError(f"header is not valid JSON: {err}") from None
     if not isinstance(header, dict):
@@ -172,7 +185,7 @@ def decode(buffer: Buffer) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     metadata = header.pop(KEY_METADATA, None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WireError(f"header '{KEY_METADATA}' must map names to text, got {str(metadata)[:80]}")
-    data = raw[8 + n:]
+    data = raw[8 + n :]
     spans = [(name, *_entry(name, e)) for name, e in header.items()]
     _check_cover(spans, data.size)
     out = {}
@@ -185,22 +198,26 @@ def decode(buffer: Buffer) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def _entry(name: str, e: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of one header entry, checked."""
     if not isinstance(e, dict) or set(e) != _ENTRY_KEYS:
-        raise WireError(f"tensor '{name}': header entry {str(e)[:80]} must have exactly the keys "
-                        f"{sorted(_ENTRY_KEYS)}")
+        raise WireError(f"tensor '{name}': header entry {str(e)[:80]} must have exactly the keys {sorted(_ENTRY_KEYS)}")
     code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
     if code not in DTYPES:
         raise WireError(f"tensor '{name}': dtype {code!r} not accepted; accepted: {sorted(DTYPES)}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise WireError(f"tensor '{name}': shape {shape!r} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise WireError(f"tensor '{name}': data_offsets {offsets!r} are not [begin, end] with "
-                        f"0 <= begin <= end")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise WireError(f"tensor '{name}': data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
     dt = DTYPES[code]
     nbytes = math.prod(shape) * dt.itemsize  # Python ints: a huge shape cannot wrap around
     if offsets[1] - offsets[0] != nbytes:
-        raise WireError(f"tensor '{name}': {code} {tuple(shape)} needs {nbytes} bytes, its "
-                        f"data_offsets {offsets} span {offsets[1] - offsets[0]}")
+        raise WireError(
+            f"tensor '{name}': {code} {tuple(shape)} needs {nbytes} bytes, its "
+            f"data_offsets {offsets} span {offsets[1] - offsets[0]}"
+        )
     return dt, tuple(shape), offsets[0], offsets[1]
 
 
@@ -209,13 +226,11 @@ def _check_cover(spans: list[tuple[str, np.dtype, tuple[int, ...], int, int]], s
     pos, prev = 0, None
     for name, _, _, begin, end in sorted(spans, key=lambda s: (s[3], s[4])):
         if end > size:
-            raise WireError(f"tensor '{name}': data_offsets [{begin}, {end}] lie beyond the "
-                            f"{size} data bytes received")
+            raise WireError(f"tensor '{name}': data_offsets [{begin}, {end}] lie beyond the {size} data bytes received")
         if begin < pos:
             raise WireError(f"tensor '{name}': data_offsets [{begin}, {end}] overlap tensor '{prev}'")
         if begin > pos:
-            raise WireError(f"tensor '{name}': data_offsets [{begin}, {end}] leave a gap after "
-                            f"byte {pos}")
+            raise WireError(f"tensor '{name}': data_offsets [{begin}, {end}] leave a gap after byte {pos}")
         pos, prev = end, name
     if pos != size:
         raise WireError(f"{size - pos} data bytes after the last tensor belong to none")
@@ -291,7 +306,7 @@ def array_view(array: Any) -> np.ndarray:
     if getattr(array, "stype", "numpy.ndarray") != "numpy.ndarray" or not isinstance(data, (bytes, bytearray)):
         return array.numpy()
     try:
-        head = io.BytesIO(memoryview(data)[:65536 + 16])
+        head = io.BytesIO(memoryview(data)[: 65536 + 16])
         major, _minor = np.lib.format.read_magic(head)
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(head)

@@ -67,11 +67,26 @@ SPEEDS = "1,1,2,4"
 # is 4 AdamW steps of 4 blocks drawn from the client's 48 (about 1.5 s of one core), so there are
 # many updates; "small" (GPU) is one pass over 256 blocks of 256 tokens per task.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"model-preset": "tiny", "block-size": 64, "max-train-blocks": 48, "batch-size": 4,
-             "local-steps": 4, "lr": 1e-3, "eval-max-blocks": 16, "eval-batch-size": 16},
-    "small": {"model-preset": "small", "block-size": 256, "max-train-blocks": 256,
-              "batch-size": 16, "local-steps": 16, "lr": 5e-4, "eval-max-blocks": 64,
-              "eval-batch-size": 32},
+    "tiny": {
+        "model-preset": "tiny",
+        "block-size": 64,
+        "max-train-blocks": 48,
+        "batch-size": 4,
+        "local-steps": 4,
+        "lr": 1e-3,
+        "eval-max-blocks": 16,
+        "eval-batch-size": 16,
+    },
+    "small": {
+        "model-preset": "small",
+        "block-size": 256,
+        "max-train-blocks": 256,
+        "batch-size": 16,
+        "local-steps": 16,
+        "lr": 5e-4,
+        "eval-max-blocks": 64,
+        "eval-batch-size": 32,
+    },
 }
 # Per mode, only what tells the modes apart; everything else is the app's defaults (which are
 # what the benchmark is meant to measure) or a spec's own keys. Sync evaluates every round.
@@ -100,12 +115,14 @@ def parse_kv(items: list[str]) -> dict[str, Any]:
 
 def run_config_str(cfg: dict[str, Any]) -> str:
     """A dict -> one `--run-config` string (TOML values)."""
+
     def val(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, (int, float)):
             return repr(v)
         return json.dumps(str(v))
+
     return " ".join(f"{k}={val(v)}" for k, v in cfg.items())
 
 
@@ -165,8 +182,14 @@ def stop_local_superlink(home: Path, grace_s: float = 8.0) -> None:
 def _flwr_status(env: dict[str, str], run_id: str) -> str:
     """The run's status from `flwr ls` ("" if the SuperLink does not answer)."""
     try:
-        res = subprocess.run(["flwr", "ls", "--run-id", run_id, "--format", "json"], env=env,
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            ["flwr", "ls", "--run-id", run_id, "--format", "json"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return json.loads(res.stdout)["runs"][0]["status"]
     except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, IndexError, OSError):
         return ""
@@ -185,8 +208,9 @@ def thread_env(threads: int) -> dict[str, str]:
     return {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
-def run_simulation(cfg: dict[str, Any], work: Path, timeout_s: float, run_dir: Path,
-                   threads: int = 1, num_clients: int = NUM_CLIENTS) -> str:
+def run_simulation(
+    cfg: dict[str, Any], work: Path, timeout_s: float, run_dir: Path, threads: int = 1, num_clients: int = NUM_CLIENTS
+) -> str:
     """`flwr run .` in local simulation with a private FLWR_HOME; returns its output.
 
     `flwr run --stream` can return before the run ends (a log stream that breaks off on a busy
@@ -194,19 +218,21 @@ def run_simulation(cfg: dict[str, Any], work: Path, timeout_s: float, run_dir: P
     is written), then the background SuperLink and its simulation are stopped.
     """
     home = work / "flwr-home"
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "RAY_DEDUP_LOGS": "0", **thread_env(threads)}
-    fed = (f"num-supernodes={num_clients} client-resources-num-cpus=1 "
-           f"init-args-num-cpus={num_clients}")
-    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config_str(cfg),
-           "--federation-config", fed]
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_DEDUP_LOGS": "0",
+        **thread_env(threads),
+    }
+    fed = f"num-supernodes={num_clients} client-resources-num-cpus=1 init-args-num-cpus={num_clients}"
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--run-config", run_config_str(cfg), "--federation-config", fed]
     log("$ " + shlex.join(cmd))
     deadline = time.monotonic() + timeout_s
     text = ""
     try:
         try:
-            out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                                 timeout=timeout_s)
+            out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
             text = out.stdout + out.stderr
         except subprocess.TimeoutExpired as exc:
             text = f"{_text(exc.stdout)}{_text(exc.stderr)}\n[flwr run timed out after {timeout_s:.0f} s]"
@@ -248,44 +274,69 @@ def free_port_block(n: int, start: int = 19100, stop: int = 29000) -> int:
     raise SystemExit(f"error: no {n} free consecutive ports in {start}..{stop}")
 
 
-def deployment_command(cfg: dict[str, Any], work: Path, timeout_s: float,
-                       extra: list[str], num_clients: int = NUM_CLIENTS) -> list[str]:
+def deployment_command(
+    cfg: dict[str, Any], work: Path, timeout_s: float, extra: list[str], num_clients: int = NUM_CLIENTS
+) -> list[str]:
     """The `scripts/local-deployment.sh` call for one run (SuperLink + 4 SuperNodes).
 
     Shape: `scripts/local-deployment.sh 4 --run-config "k=v ..." --work-dir DIR --timeout S
     --port P --node-port P+1 [extra...]`; it prints `RUN_DIR=...` and exits 0 only when the run
     finished with a summary.json. Free ports are picked unless `extra` names --port.
     """
-    cmd = [str(ROOT / "scripts" / "local-deployment.sh"), str(num_clients),
-           "--run-config", run_config_str(cfg), "--work-dir", str(work / "deployment"),
-           "--timeout", str(int(timeout_s))]
+    cmd = [
+        str(ROOT / "scripts" / "local-deployment.sh"),
+        str(num_clients),
+        "--run-config",
+        run_config_str(cfg),
+        "--work-dir",
+        str(work / "deployment"),
+        "--timeout",
+        str(int(timeout_s)),
+    ]
     if "--port" not in extra:
         port = free_port_block(num_clients + 1)
         cmd += ["--port", str(port), "--node-port", str(port + 1)]
     return cmd + extra
 
 
-def run_deployment(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list[str],
-                   threads: int = 1, num_clients: int = NUM_CLIENTS) -> str:
+def run_deployment(
+    cfg: dict[str, Any],
+    work: Path,
+    timeout_s: float,
+    extra: list[str],
+    threads: int = 1,
+    num_clients: int = NUM_CLIENTS,
+) -> str:
     """One run through scripts/local-deployment.sh (which stops its own processes)."""
     cmd = deployment_command(cfg, work, timeout_s, extra, num_clients)
     log("$ " + shlex.join(cmd))
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable), **thread_env(threads)}
     try:
-        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=timeout_s + 180)
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s + 180)
         return out.stdout + out.stderr
     except subprocess.TimeoutExpired as exc:
         return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
 
 
-def run_deployment_batch(named: list[tuple[str, dict[str, Any]]], work: Path, timeout_s: float,
-                         extra: list[str], threads: int = 1, num_clients: int = NUM_CLIENTS) -> str:
+def run_deployment_batch(
+    named: list[tuple[str, dict[str, Any]]],
+    work: Path,
+    timeout_s: float,
+    extra: list[str],
+    threads: int = 1,
+    num_clients: int = NUM_CLIENTS,
+) -> str:
     """Several runs, one after another, on one `scripts/local-deployment.sh` deployment (`--run`
     per configuration): the deployment's start-up and the node workers' warm-up are paid once.
     The configurations must share the model and seed (the workers are kept per model)."""
-    cmd = [str(ROOT / "scripts" / "local-deployment.sh"), str(num_clients),
-           "--work-dir", str(work / "deployment"), "--timeout", str(int(timeout_s))]
+    cmd = [
+        str(ROOT / "scripts" / "local-deployment.sh"),
+        str(num_clients),
+        "--work-dir",
+        str(work / "deployment"),
+        "--timeout",
+        str(int(timeout_s)),
+    ]
     for _, cfg in named:
         cmd += ["--run", run_config_str(cfg)]
     if "--port" not in extra:
@@ -295,18 +346,33 @@ def run_deployment_batch(named: list[tuple[str, dict[str, Any]]], work: Path, ti
     log("$ " + shlex.join(cmd))
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable), **thread_env(threads)}
     try:
-        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=len(named) * (timeout_s + 120) + 60)
+        out = subprocess.run(
+            cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=len(named) * (timeout_s + 120) + 60
+        )
         return out.stdout + out.stderr
     except subprocess.TimeoutExpired as exc:
         return f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out]"
 
 
-def run_emulation(cfg: dict[str, Any], work: Path, timeout_s: float, extra: list[str],
-                  threads: int = 0, num_clients: int = NUM_CLIENTS) -> str:
+def run_emulation(
+    cfg: dict[str, Any],
+    work: Path,
+    timeout_s: float,
+    extra: list[str],
+    threads: int = 0,
+    num_clients: int = NUM_CLIENTS,
+) -> str:
     """One run of `python -m asyncfl.emulate` (`num_clients` nodes, default 4) in a subprocess of its own."""
-    cmd = [sys.executable, "-m", "asyncfl.emulate", "--nodes", str(num_clients),
-           "--run-config", run_config_str(cfg), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "asyncfl.emulate",
+        "--nodes",
+        str(num_clients),
+        "--run-config",
+        run_config_str(cfg),
+        *extra,
+    ]
     log("$ " + shlex.join(cmd))
     env = {**os.environ, **thread_env(threads)}
     try:
@@ -321,14 +387,17 @@ def finished_run(run_dir: Path, text: str, t0: float) -> Path:
     if not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"run {run_dir.name!r} wrote no summary.json; output tail:\n{text[-5000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    log(f"{run_dir.name}: {summary['stop_reason']}; {summary['updates_applied']} updates, ppl "
+    log(
+        f"{run_dir.name}: {summary['stop_reason']}; {summary['updates_applied']} updates, ppl "
         f"{summary['initial_eval_ppl']:.1f} -> {summary['final_eval_ppl']:.1f} in "
-        f"{summary['wall_clock_s']:.1f} s (process {time.monotonic() - t0:.0f} s)")
+        f"{summary['wall_clock_s']:.1f} s (process {time.monotonic() - t0:.0f} s)"
+    )
     return run_dir
 
 
-def run_seed_in_one_deployment(seed: int, specs: list[str], args: argparse.Namespace,
-                               order: int = 0) -> dict[str, Path | RuntimeError]:
+def run_seed_in_one_deployment(
+    seed: int, specs: list[str], args: argparse.Namespace, order: int = 0
+) -> dict[str, Path | RuntimeError]:
     """`--share-deployment`: every configuration of one seed on one deployment, in the order of
     `specs` (reversed for odd `order`, so over the seeds each configuration runs first as often
     as it runs second). Returns each spec's run folder, or the error of a run that failed."""
@@ -336,8 +405,13 @@ def run_seed_in_one_deployment(seed: int, specs: list[str], args: argparse.Names
     todo = [s for s in specs if not (args.reuse and (runs / f"{spec_name(s)}-s{seed}" / "summary.json").is_file())]
     if order % 2:
         todo.reverse()
-    named = [(f"{spec_name(s)}-s{seed}", {**config_for(args, s, seed), "results-dir": str(runs.resolve()),
-                                          "run-name": f"{spec_name(s)}-s{seed}"}) for s in todo]
+    named = [
+        (
+            f"{spec_name(s)}-s{seed}",
+            {**config_for(args, s, seed), "results-dir": str(runs.resolve()), "run-name": f"{spec_name(s)}-s{seed}"},
+        )
+        for s in todo
+    ]
     out: dict[str, Path | RuntimeError] = {}
     for s in specs:
         if s not in todo:
@@ -349,8 +423,9 @@ def run_seed_in_one_deployment(seed: int, specs: list[str], args: argparse.Names
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     log(f"seed {seed}: {', '.join(n for n, _ in named)} on one deployment")
-    text = run_deployment_batch(named, work, args.timeout_s, shlex.split(args.deployment_args),
-                                args.threads, NUM_CLIENTS)
+    text = run_deployment_batch(
+        named, work, args.timeout_s, shlex.split(args.deployment_args), args.threads, NUM_CLIENTS
+    )
     (work / "output.log").write_text(text)
     for s, (name, _) in zip(todo, named):
         try:
@@ -360,8 +435,9 @@ def run_seed_in_one_deployment(seed: int, specs: list[str], args: argparse.Names
     return out
 
 
-def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int = 0,
-            num_clients: int = NUM_CLIENTS) -> Path:
+def run_one(
+    name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int = 0, num_clients: int = NUM_CLIENTS
+) -> Path:
     """Run one configuration to completion; returns its run folder (raises if it failed).
     `slot` (0..jobs-1) keeps concurrent deployments on separate ports."""
     runs = args.out / "runs"
@@ -380,8 +456,7 @@ def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int 
             extra += ["--port", str(port), "--node-port", str(port + 1)]
         text = run_deployment(cfg, work, args.timeout_s, extra, args.threads, num_clients)
     elif args.backend == "emulate":
-        text = run_emulation(cfg, work, args.timeout_s, shlex.split(args.emulate_args), args.threads,
-                             num_clients)
+        text = run_emulation(cfg, work, args.timeout_s, shlex.split(args.emulate_args), args.threads, num_clients)
     else:
         text = run_simulation(cfg, work, args.timeout_s, run_dir, args.threads, num_clients)
     (work / "output.log").write_text(text)
@@ -393,9 +468,18 @@ def run_one(name: str, cfg: dict[str, Any], args: argparse.Namespace, slot: int 
 # ---------------------------------------------------------------------------------------------
 def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     cfg: dict[str, Any] = dict(PRESETS[args.preset])
-    cfg.update({"device": args.device, "compressor": args.compressor, "rank": args.rank,
-                "client-speeds": SPEEDS, "min-nodes": NUM_CLIENTS, "save-model": False,
-                "seed": seed, "time-budget-s": args.time_budget_s})
+    cfg.update(
+        {
+            "device": args.device,
+            "compressor": args.compressor,
+            "rank": args.rank,
+            "client-speeds": SPEEDS,
+            "min-nodes": NUM_CLIENTS,
+            "save-model": False,
+            "seed": seed,
+            "time-budget-s": args.time_budget_s,
+        }
+    )
     if args.tokenizer:
         cfg["tokenizer"] = args.tokenizer
     if args.data_dir:
@@ -405,7 +489,7 @@ def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """"asgd:server-lr=1.0:delay-adaptive=true" -> ("asgd", {"server-lr": 1.0, ...})."""
+    """ "asgd:server-lr=1.0:delay-adaptive=true" -> ("asgd", {"server-lr": 1.0, ...})."""
     name, *kvs = spec.split(":")
     return name, parse_kv(kvs)
 
@@ -433,26 +517,32 @@ def startup_s(events: list[dict]) -> float:
     minimum over the updates is the first start. The clock starts after the warm-up, so this
     is the initial evaluation and the first dispatch. In sync mode updates are logged at the
     round's end, so this is never earlier than the true start (conservative for async)."""
-    starts = [e["t"] - e["client_s"] for e in events
-              if e.get("event") == "update" and e.get("client_s") is not None]
+    starts = [e["t"] - e["client_s"] for e in events if e.get("event") == "update" and e.get("client_s") is not None]
     return max(0.0, min(starts, default=0.0))
 
 
 def evals_of(events: list[dict]) -> list[tuple[float, float]]:
-    return [(float(e["t"]), float(e["ppl"])) for e in events
-            if e.get("event") == "eval" and e.get("ppl") is not None]
+    return [(float(e["t"]), float(e["ppl"])) for e in events if e.get("event") == "eval" and e.get("ppl") is not None]
 
 
 def run_metrics(run_dir: Path, target: float, t_equal: float) -> dict[str, Any]:
     summary, events = load_run(run_dir)
-    return {"dir": str(run_dir), "time_to_target_s": time_to_ppl(events, target),
-            "ppl_at_equal": ppl_at(events, t_equal), "final_ppl": summary["final_eval_ppl"],
-            "best_ppl": summary["best_eval_ppl"], "initial_ppl": summary["initial_eval_ppl"],
-            "wall_clock_s": summary["wall_clock_s"], "updates": summary["updates_applied"],
-            "rounds": summary["extra"].get("rounds"), "mean_staleness": summary["mean_staleness"],
-            "startup_s": startup_s(events), "bytes_uploaded": summary["bytes_uploaded"],
-            "mean_decode_apply_ms": summary["mean_decode_apply_ms"],
-            "stop_reason": summary["stop_reason"]}
+    return {
+        "dir": str(run_dir),
+        "time_to_target_s": time_to_ppl(events, target),
+        "ppl_at_equal": ppl_at(events, t_equal),
+        "final_ppl": summary["final_eval_ppl"],
+        "best_ppl": summary["best_eval_ppl"],
+        "initial_ppl": summary["initial_eval_ppl"],
+        "wall_clock_s": summary["wall_clock_s"],
+        "updates": summary["updates_applied"],
+        "rounds": summary["extra"].get("rounds"),
+        "mean_staleness": summary["mean_staleness"],
+        "startup_s": startup_s(events),
+        "bytes_uploaded": summary["bytes_uploaded"],
+        "mean_decode_apply_ms": summary["mean_decode_apply_ms"],
+        "stop_reason": summary["stop_reason"],
+    }
 
 
 def spread(values: list[float | None]) -> dict[str, Any]:
@@ -465,12 +555,10 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": len(xs), "of": len(values)}
 
 
-def analyse(dirs: dict[str, dict[int, Path]], sync_specs: list[str], seeds: list[int],
-            budget: float) -> dict[str, Any]:
+def analyse(dirs: dict[str, dict[int, Path]], sync_specs: list[str], seeds: list[int], budget: float) -> dict[str, Any]:
     """Pick the baseline, then per seed each configuration's time to its target and ppl at
     equal wall-clock; aggregate over seeds."""
-    finals = {spec: spread([ppl_at(load_run(dirs[spec][s])[1], budget) for s in seeds])["mean"]
-              for spec in sync_specs}
+    finals = {spec: spread([ppl_at(load_run(dirs[spec][s])[1], budget) for s in seeds])["mean"] for spec in sync_specs}
     baseline = min(sync_specs, key=lambda spec: finals[spec] if finals[spec] is not None else math.inf)
     per_seed: dict[str, list[dict[str, Any]]] = {spec: [] for spec in dirs}
     for seed in seeds:
@@ -483,24 +571,52 @@ def analyse(dirs: dict[str, dict[int, Path]], sync_specs: list[str], seeds: list
         for spec in dirs:
             m = run_metrics(dirs[spec][seed], target, t_equal)
             t_base, t_cfg = base["time_to_target_s"], m["time_to_target_s"]
-            m.update(seed=seed, target_ppl=target, t_equal_s=t_equal,
-                     speedup=t_base / t_cfg if t_base and t_cfg else None,
-                     speedup_excl_startup=((t_base - base["startup_s"]) / (t_cfg - m["startup_s"])
-                                           if t_base and t_cfg and t_cfg > m["startup_s"] else None),
-                     ppl_gap_at_equal_pct=(100 * (m["ppl_at_equal"] / base["ppl_at_equal"] - 1)
-                                           if m["ppl_at_equal"] and base["ppl_at_equal"] else None))
+            m.update(
+                seed=seed,
+                target_ppl=target,
+                t_equal_s=t_equal,
+                speedup=t_base / t_cfg if t_base and t_cfg else None,
+                speedup_excl_startup=(
+                    (t_base - base["startup_s"]) / (t_cfg - m["startup_s"])
+                    if t_base and t_cfg and t_cfg > m["startup_s"]
+                    else None
+                ),
+                ppl_gap_at_equal_pct=(
+                    100 * (m["ppl_at_equal"] / base["ppl_at_equal"] - 1)
+                    if m["ppl_at_equal"] and base["ppl_at_equal"]
+                    else None
+                ),
+            )
             per_seed[spec].append(m)
     rows = []
     for spec, ms in per_seed.items():
-        rows.append({"spec": spec, "mode": "sync" if spec.split(":")[0] == "sync" else "async",
-                     "baseline": spec == baseline, "per_seed": ms,
-                     **{k: spread([m[k] for m in ms]) for k in (
-                         "speedup", "speedup_excl_startup", "time_to_target_s", "ppl_at_equal",
-                         "ppl_gap_at_equal_pct", "final_ppl", "updates", "mean_staleness")}})
-    best_async = max((r for r in rows if r["mode"] == "async"),
-                     key=lambda r: (r["speedup"]["n"], r["speedup"]["mean"] or 0.0), default=None)
-    return {"baseline": baseline, "best_async": best_async["spec"] if best_async else None,
-            "rows": rows}
+        rows.append(
+            {
+                "spec": spec,
+                "mode": "sync" if spec.split(":")[0] == "sync" else "async",
+                "baseline": spec == baseline,
+                "per_seed": ms,
+                **{
+                    k: spread([m[k] for m in ms])
+                    for k in (
+                        "speedup",
+                        "speedup_excl_startup",
+                        "time_to_target_s",
+                        "ppl_at_equal",
+                        "ppl_gap_at_equal_pct",
+                        "final_ppl",
+                        "updates",
+                        "mean_staleness",
+                    )
+                },
+            }
+        )
+    best_async = max(
+        (r for r in rows if r["mode"] == "async"),
+        key=lambda r: (r["speedup"]["n"], r["speedup"]["mean"] or 0.0),
+        default=None,
+    )
+    return {"baseline": baseline, "best_async": best_async["spec"] if best_async else None, "rows": rows}
 
 
 def _f(v: float | None, spec: str = ".1f") -> str:
@@ -508,7 +624,7 @@ def _f(v: float | None, spec: str = ".1f") -> str:
 
 
 def _ms(s: dict[str, Any], spec: str = ".2f", unit: str = "") -> str:
-    """"mean ± std (min-max)" of a spread, with how many seeds had a value if not all."""
+    """ "mean ± std (min-max)" of a spread, with how many seeds had a value if not all."""
     if s["mean"] is None:
         return f"- (0/{s['of']})"
     out = f"{format(s['mean'], spec)}{unit} ± {format(s['std'], spec)}"
@@ -518,21 +634,38 @@ def _ms(s: dict[str, Any], spec: str = ".2f", unit: str = "") -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    head = ["configuration", "speed-up to target", "speed-up, start-up excl.", "time to target s",
-            "ppl @ equal wall-clock", "gap vs baseline", "final ppl", "updates", "mean staleness"]
+    head = [
+        "configuration",
+        "speed-up to target",
+        "speed-up, start-up excl.",
+        "time to target s",
+        "ppl @ equal wall-clock",
+        "gap vs baseline",
+        "final ppl",
+        "updates",
+        "mean staleness",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for r in sorted(result["rows"], key=lambda r: (r["mode"] != "sync", -(r["speedup"]["mean"] or 0))):
         name = f"**{r['spec']}** (baseline)" if r["baseline"] else r["spec"]
-        cells = [name, _ms(r["speedup"], unit="x"), _ms(r["speedup_excl_startup"], unit="x"),
-                 _ms(r["time_to_target_s"], ".1f"), _ms(r["ppl_at_equal"], ".1f"),
-                 _ms(r["ppl_gap_at_equal_pct"], "+.1f", "%"), _ms(r["final_ppl"], ".1f"),
-                 _ms(r["updates"], ".0f"), _ms(r["mean_staleness"], ".2f")]
+        cells = [
+            name,
+            _ms(r["speedup"], unit="x"),
+            _ms(r["speedup_excl_startup"], unit="x"),
+            _ms(r["time_to_target_s"], ".1f"),
+            _ms(r["ppl_at_equal"], ".1f"),
+            _ms(r["ppl_gap_at_equal_pct"], "+.1f", "%"),
+            _ms(r["final_ppl"], ".1f"),
+            _ms(r["updates"], ".0f"),
+            _ms(r["mean_staleness"], ".2f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_seeds(path: Path, curves: dict[str, list[list[tuple[float, float]]]], title: str,
-               target: float | None = None) -> None:
+def plot_seeds(
+    path: Path, curves: dict[str, list[list[tuple[float, float]]]], title: str, target: float | None = None
+) -> None:
     """Perplexity vs wall-clock: each seed a thin line, the geometric mean over seeds bold."""
     import matplotlib
 
@@ -565,8 +698,7 @@ def plot_seeds(path: Path, curves: dict[str, list[list[tuple[float, float]]]], t
 
 
 def environment() -> dict[str, Any]:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=ROOT).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     try:
         load = os.getloadavg()
     except OSError:
@@ -574,56 +706,98 @@ def environment() -> dict[str, Any]:
     import flwr
     import torch
 
-    return {"git_sha": sha, "python": platform.python_version(), "torch": torch.__version__,
-            "flwr": flwr.__version__, "cpu_count": os.cpu_count(), "loadavg_end": load,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""}
+    return {
+        "git_sha": sha,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "cpu_count": os.cpu_count(),
+        "loadavg_end": load,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backend", default="simulation", choices=["simulation", "deployment", "emulate"])
     p.add_argument("--deployment", action="store_true", help="same as --backend deployment")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--seeds", default="42", help="comma list of seeds; every configuration runs each")
     p.add_argument("--time-budget-s", type=float, default=150.0, help="wall-clock budget of every run")
-    p.add_argument("--sync", default="sync",
-                   help="comma list of sync specs, the baseline candidates: sync[:key=value...], "
-                        "e.g. sync,sync:server-lr=2.0,sync:server-lr=0.7:server-momentum=0.9")
-    p.add_argument("--rules", default="asgd",
-                   help="comma list of async specs: <rule>[:key=value...], e.g. "
-                        "asgd:server-lr=0.25,fedbuff:buffer-size=4")
+    p.add_argument(
+        "--sync",
+        default="sync",
+        help="comma list of sync specs, the baseline candidates: sync[:key=value...], "
+        "e.g. sync,sync:server-lr=2.0,sync:server-lr=0.7:server-momentum=0.9",
+    )
+    p.add_argument(
+        "--rules",
+        default="asgd",
+        help="comma list of async specs: <rule>[:key=value...], e.g. asgd:server-lr=0.25,fedbuff:buffer-size=4",
+    )
     p.add_argument("--compressor", default="pca", choices=["none", "pca", "qrcp", "cur"])
     p.add_argument("--rank", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=1,
-                   help="async: evaluate every N updates (default 1, the app's default: the time to "
-                        "target is then exact to one update; sync evaluates every round)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP/MKL threads per process of the run (0: leave the environment alone; "
-                        "default 1 with --device cpu, else 0)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="async: evaluate every N updates (default 1, the app's default: the time to "
+        "target is then exact to one update; sync evaluates every round)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP/MKL threads per process of the run (0: leave the environment alone; "
+        "default 1 with --device cpu, else 0)",
+    )
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2") if SHARED.is_dir() else "")
     p.add_argument("--data-dir", default=str(SHARED / "wikitext-2-raw") if SHARED.is_dir() else "")
-    p.add_argument("--set", action="append", default=[], metavar='"k=v ..."',
-                   help="run-config overrides for every run (repeatable)")
-    p.add_argument("--async-set", action="append", default=[], metavar='"k=v ..."',
-                   help="run-config overrides for the async runs only")
-    p.add_argument("--sync-set", action="append", default=[], metavar='"k=v ..."',
-                   help="run-config overrides for the sync runs only")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at a time (emulate; deployments on separate ports share the machine)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="run-config overrides for every run (repeatable)",
+    )
+    p.add_argument(
+        "--async-set",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="run-config overrides for the async runs only",
+    )
+    p.add_argument(
+        "--sync-set",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="run-config overrides for the sync runs only",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (emulate; deployments on separate ports share the machine)"
+    )
     p.add_argument("--reuse", action="store_true", help="keep runs already finished in --out/runs")
-    p.add_argument("--deployment-args", default="",
-                   help='extra arguments for local-deployment.sh, e.g. "--insecure --gpus 0,1"')
+    p.add_argument(
+        "--deployment-args", default="", help='extra arguments for local-deployment.sh, e.g. "--insecure --gpus 0,1"'
+    )
     p.add_argument("--gpus", default="", help="deployment: GPU ids for the SuperNodes")
-    p.add_argument("--share-deployment", action="store_true",
-                   help="deployment: run every configuration of a seed on one deployment, one after "
-                        "another (start-up and worker warm-up paid once per seed; the order is "
-                        "reversed every other seed); default: a fresh deployment per run")
-    p.add_argument("--emulate-args", default="",
-                   help='arguments for python -m asyncfl.emulate, e.g. "--task-s 1.2 --overhead-s 1.3 --poll-s 3"')
-    p.add_argument("--timeout-s", type=float, default=0.0,
-                   help="kill a run after this long (default: budget + 600)")
+    p.add_argument(
+        "--share-deployment",
+        action="store_true",
+        help="deployment: run every configuration of a seed on one deployment, one after "
+        "another (start-up and worker warm-up paid once per seed; the order is "
+        "reversed every other seed); default: a fresh deployment per run",
+    )
+    p.add_argument(
+        "--emulate-args",
+        default="",
+        help='arguments for python -m asyncfl.emulate, e.g. "--task-s 1.2 --overhead-s 1.3 --poll-s 3"',
+    )
+    p.add_argument("--timeout-s", type=float, default=0.0, help="kill a run after this long (default: budget + 600)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "async_vs_sync")
     args = p.parse_args(argv)
     if args.deployment:
@@ -648,8 +822,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(parse_spec(s)[0] != "sync" for s in sync_specs):
         raise SystemExit(f"error: --sync specs must start with 'sync', got {sync_specs}")
     specs = sync_specs + async_specs
-    log(f"{len(specs)} configurations x {len(seeds)} seeds, budget {args.time_budget_s:g} s, "
-        f"backend {args.backend}, {args.jobs} at a time")
+    log(
+        f"{len(specs)} configurations x {len(seeds)} seeds, budget {args.time_budget_s:g} s, "
+        f"backend {args.backend}, {args.jobs} at a time"
+    )
     jobs = [(spec, seed) for seed in seeds for spec in specs]
     dirs: dict[str, dict[int, Path]] = {spec: {} for spec in specs}
     slots = list(range(max(args.jobs, 1)))
@@ -693,13 +869,19 @@ def main(argv: list[str] | None = None) -> int:
         curves[f"async: {best}"] = [evals_of(load_run(dirs[best][s])[1]) for s in seeds]
         compare([dirs[baseline][seeds[0]], dirs[best][seeds[0]]], args.out / f"compare-{spec_name(best)}")
     targets = [m["target_ppl"] for r in result["rows"] if r["baseline"] for m in r["per_seed"]]
-    plot_seeds(args.out / "plot.png", curves,
-               f"{args.preset}, {args.backend}, {len(seeds)} seed(s), budget {args.time_budget_s:g} s",
-               target=math.exp(sum(map(math.log, targets)) / len(targets)) if targets else None)
-    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           **result, "failed": failed,
-           "configs": {spec: config_for(args, spec, seeds[0]) for spec in specs},
-           "env": environment()}
+    plot_seeds(
+        args.out / "plot.png",
+        curves,
+        f"{args.preset}, {args.backend}, {len(seeds)} seed(s), budget {args.time_budget_s:g} s",
+        target=math.exp(sum(map(math.log, targets)) / len(targets)) if targets else None,
+    )
+    out = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **result,
+        "failed": failed,
+        "configs": {spec: config_for(args, spec, seeds[0]) for spec in specs},
+        "env": environment(),
+    }
     (args.out / "results.json").write_text(json.dumps(out, indent=2, default=str))
     print(table, end="")
     print(f"\nbaseline: {baseline}; best async: {best}; outputs in {args.out}")

@@ -55,21 +55,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--exact-repeats", type=int, default=1, help="repeats of the exact paths")
     p.add_argument("--skip-exact-on-cpu", action="store_true")
-    p.add_argument("--data-dir", default=str(SHARED_DATA / "wikitext-2-raw"),
-                   help="folder with wiki.valid.raw (default: ../shared/data beside the repository)")
-    p.add_argument("--tokenizer", default=str(SHARED_DATA / "gpt2"),
-                   help="GPT-2 tokenizer folder (default: ../shared/data beside the repository)")
+    p.add_argument(
+        "--data-dir",
+        default=str(SHARED_DATA / "wikitext-2-raw"),
+        help="folder with wiki.valid.raw (default: ../shared/data beside the repository)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=str(SHARED_DATA / "gpt2"),
+        help="GPT-2 tokenizer folder (default: ../shared/data beside the repository)",
+    )
     p.add_argument("--tokens", default="", help=".npy of token ids (skips the tokenizer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-delta", default="", help="also torch.save the delta here")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if not (args.tokens and Path(args.tokens).exists()):  # the text and tokenizer are needed
-        for what, path, need in (("--data-dir", args.data_dir, "wiki.valid.raw"),
-                                 ("--tokenizer", args.tokenizer, "vocab.json")):
+        for what, path, need in (
+            ("--data-dir", args.data_dir, "wiki.valid.raw"),
+            ("--tokenizer", args.tokenizer, "vocab.json"),
+        ):
             if not (Path(path) / need).is_file():
-                p.error(f"{what} {path!r} has no {need}: pass the folder, or --tokens with a "
-                        "cached .npy of token ids")
+                p.error(f"{what} {path!r} has no {need}: pass the folder, or --tokens with a cached .npy of token ids")
     return args
 
 
@@ -99,7 +106,7 @@ def make_delta(args: argparse.Namespace, device: torch.device) -> dict[str, torc
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()
     for step in range(args.steps):
-        batch = blocks[step * args.batch_size:(step + 1) * args.batch_size]
+        batch = blocks[step * args.batch_size : (step + 1) * args.batch_size]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
@@ -140,8 +147,7 @@ def run_one(spec: str, path: str, args, delta, optimal, device) -> dict:
         payloads, groups = comp._encode_many(delta)
         return payloads, groups, codec.build_record(payloads, name) if have_flwr else None
 
-    (payloads, groups, record), enc_ms, enc_best = timed(encode, device, repeats,
-                                                         path != "exact")
+    (payloads, groups, record), enc_ms, enc_best = timed(encode, device, repeats, path != "exact")
     nbytes = record.count_bytes() if have_flwr else codec.record_nbytes(payloads, name)
     if have_flwr:
         decode = lambda: codec.decode_state(record, device=device)  # noqa: E731
@@ -152,34 +158,52 @@ def run_one(spec: str, path: str, args, delta, optimal, device) -> dict:
     rel = {k: metrics["rel_error"][k] for k in optimal}
     ratio = [rel[k] / optimal[k] for k in optimal if optimal[k] > 0]
     dense = sum(4 * t.numel() for t in delta.values())
-    return {"method": spec, "path": path, "encode_ms": enc_ms, "encode_best_ms": enc_best,
-            "decode_ms": dec_ms,
-            "mean_rel_error": float(np.mean(list(rel.values()))) if rel else 0.0,
-            "err_over_opt": float(np.mean(ratio)) if ratio else 1.0,
-            "mean_fro_error": metrics["mean_fro_error"], "bytes": nbytes,
-            "dense_fp32_bytes": dense, "ratio": nbytes / dense, "repeats": repeats,
-            "flwr_record": have_flwr}
+    return {
+        "method": spec,
+        "path": path,
+        "encode_ms": enc_ms,
+        "encode_best_ms": enc_best,
+        "decode_ms": dec_ms,
+        "mean_rel_error": float(np.mean(list(rel.values()))) if rel else 0.0,
+        "err_over_opt": float(np.mean(ratio)) if ratio else 1.0,
+        "mean_fro_error": metrics["mean_fro_error"],
+        "bytes": nbytes,
+        "dense_fp32_bytes": dense,
+        "ratio": nbytes / dense,
+        "repeats": repeats,
+        "flwr_record": have_flwr,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| method | path | encode ms | decode ms | mean rel err | err / opt | MB | "
-            "bytes / fp32 |\n|---|---|---:|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['method']} | {r['path']} | {r['encode_ms']:.1f} | {r['decode_ms']:.1f} | "
-             f"{r['mean_rel_error']:.4f} | {r['err_over_opt']:.3f} | {r['bytes'] / 1e6:.3f} | "
-             f"{r['ratio']:.4f} |" for r in rows]
+    head = (
+        "| method | path | encode ms | decode ms | mean rel err | err / opt | MB | "
+        "bytes / fp32 |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [
+        f"| {r['method']} | {r['path']} | {r['encode_ms']:.1f} | {r['decode_ms']:.1f} | "
+        f"{r['mean_rel_error']:.4f} | {r['err_over_opt']:.3f} | {r['bytes'] / 1e6:.3f} | "
+        f"{r['ratio']:.4f} |"
+        for r in rows
+    ]
     return "\n".join([head, *lines])
 
 
 def environment(device: torch.device) -> dict:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
         sha = out.stdout.strip() if out.returncode == 0 else ""
     except OSError:
         sha = ""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return {"git_sha": sha, "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": gpu, "cpu_threads": torch.get_num_threads(), "numpy": np.__version__}
+    return {
+        "git_sha": sha,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": gpu,
+        "cpu_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+    }
 
 
 def main() -> None:
@@ -188,22 +212,28 @@ def main() -> None:
     delta = make_delta(args, device)
     optimal = optimal_errors(delta, args.rank)
     n2d = sum(t.ndim >= 2 for t in delta.values())
-    print(f"{len(delta)} tensors, {n2d} matrices, {len(optimal)} factorized at rank {args.rank}; "
-          f"mean optimal rel error {np.mean(list(optimal.values())):.4f}", flush=True)
+    print(
+        f"{len(delta)} tensors, {n2d} matrices, {len(optimal)} factorized at rank {args.rank}; "
+        f"mean optimal rel error {np.mean(list(optimal.values())):.4f}",
+        flush=True,
+    )
     rows = []
     for spec in args.methods.split(","):
-        for path in (["-"] if spec == "none" else args.paths.split(",")):
+        for path in ["-"] if spec == "none" else args.paths.split(","):
             if path == "exact" and device.type == "cpu" and args.skip_exact_on_cpu:
                 continue
-            rows.append(run_one(spec, "randomized" if path == "-" else path, args, delta, optimal,
-                                device))
+            rows.append(run_one(spec, "randomized" if path == "-" else path, args, delta, optimal, device))
             if spec == "none":
                 rows[-1]["path"] = "-"
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if args.out:
-        out = {"config": vars(args), "env": environment(device), "results": rows,
-               "optimal_mean_rel_error": float(np.mean(list(optimal.values())))}
+        out = {
+            "config": vars(args),
+            "env": environment(device),
+            "results": rows,
+            "optimal_mean_rel_error": float(np.mean(list(optimal.values()))),
+        }
         Path(args.out).write_text(json.dumps(out, indent=2))
 
 

@@ -77,8 +77,12 @@ _POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": ld.DEFAULT_TASK_POLL_INTERVAL}
 # "flower" = process isolation with flower-superexec, "asyncfl" = process isolation with
 # asyncfl-superexec (ClientApp processes forked from a warm zygote).
 PROFILES = {
-    "default": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, 'prefetch="off" downlink="full" pack="off"',
-                "subprocess", 0.0),
+    "default": (
+        {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
+        'prefetch="off" downlink="full" pack="off"',
+        "subprocess",
+        0.0,
+    ),
     "tuned": (_POLL, 'prefetch="off" downlink="full" pack="off"', "subprocess", 0.0),
     "prefetch": (_POLL, 'prefetch="on" downlink="full" pack="off"', "subprocess", 0.0),
     "prefetch-fp16": (_POLL, 'prefetch="on" downlink="full" download-dtype="fp16" pack="off"', "subprocess", 0.0),
@@ -100,16 +104,31 @@ def bench_run_config(results: Path, args, *extra: str) -> list[str]:
     """The measured job: tiny preset (32-token blocks, 2 steps) or the 124M shape (1024-token
     blocks, batch 8, `--local-steps`); PCA rank 10 uploads for the 124M shape."""
     cfg = {
-        "model-preset": args.preset, "tokenizer": str(args.data / "gpt2"),
-        "data-dir": str(args.data / "wikitext-2-raw"), "eval-max-blocks": 8,
-        "mode": "async", "device": args.device, "max-updates": args.updates, "min-nodes": args.nodes,
-        "eval-every": 100_000, "save-model": False, "results-dir": str(results), "run-name": "bench",
+        "model-preset": args.preset,
+        "tokenizer": str(args.data / "gpt2"),
+        "data-dir": str(args.data / "wikitext-2-raw"),
+        "eval-max-blocks": 8,
+        "mode": "async",
+        "device": args.device,
+        "max-updates": args.updates,
+        "min-nodes": args.nodes,
+        "eval-every": 100_000,
+        "save-model": False,
+        "results-dir": str(results),
+        "run-name": "bench",
     }
     if args.preset == "tiny":
         cfg.update({"block-size": 32, "max-train-blocks": 8, "local-steps": args.local_steps or 2})
     else:
-        cfg.update({"block-size": 1024, "batch-size": 8, "max-train-blocks": 64,
-                    "local-steps": args.local_steps or 10, "compressor": "pca"})
+        cfg.update(
+            {
+                "block-size": 1024,
+                "batch-size": 8,
+                "max-train-blocks": 64,
+                "local-steps": args.local_steps or 10,
+                "compressor": "pca",
+            }
+        )
     items = [" ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())]
     return items + [e for e in extra if e]
 
@@ -118,9 +137,14 @@ def stats(xs: list[float]) -> dict[str, float | int | None]:
     if not xs:
         return {"n": 0, "median": None, "mean": None, "p90": None, "min": None, "max": None}
     s = sorted(xs)
-    return {"n": len(s), "median": round(statistics.median(s), 3), "mean": round(statistics.mean(s), 3),
-            "p90": round(s[min(len(s) - 1, int(0.9 * len(s)))], 3), "min": round(s[0], 3),
-            "max": round(s[-1], 3)}
+    return {
+        "n": len(s),
+        "median": round(statistics.median(s), 3),
+        "mean": round(statistics.mean(s), 3),
+        "p90": round(s[min(len(s) - 1, int(0.9 * len(s)))], 3),
+        "min": round(s[0], 3),
+        "max": round(s[-1], 3),
+    }
 
 
 def run_profile(name: str, args, debug: bool = False) -> dict:
@@ -132,9 +156,15 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
     os.environ.update(env)
     if debug:
         os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
-    dep = ld.Deployment(work / "work", args.nodes, superlink_port=base, node_port=base + 1,
-                        gpus=[g for g in args.gpus.split(",") if g], executor=executor,
-                        idle_poll_s=idle_poll_s)
+    dep = ld.Deployment(
+        work / "work",
+        args.nodes,
+        superlink_port=base,
+        node_port=base + 1,
+        gpus=[g for g in args.gpus.split(",") if g],
+        executor=executor,
+        idle_poll_s=idle_poll_s,
+    )
     gpu_mem = GpuMemory() if args.device == "cuda" else None
     t0 = time.monotonic()
     try:
@@ -168,15 +198,19 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
         seen.add(u["node"])
 
     def overhead(us):
-        return [u.get("service_s", u["round_trip_s"]) - u["client_s"]
-                for u in us if u.get("client_s") is not None]
+        return [u.get("service_s", u["round_trip_s"]) - u["client_s"] for u in us if u.get("client_s") is not None]
 
     out = {
-        "profile": name, "env": env, "run_config": profile_config, "executor": executor,
+        "profile": name,
+        "env": env,
+        "run_config": profile_config,
+        "executor": executor,
         "idle_poll_s": idle_poll_s,
         "prefetched": sum(1 for u in updates if u.get("prefetched")),
-        "updates": len(updates), "total_s": round(total_s, 1),
-        "overhead_s": stats(overhead(steady)), "first_update_overhead_s": stats(overhead(first)),
+        "updates": len(updates),
+        "total_s": round(total_s, 1),
+        "overhead_s": stats(overhead(steady)),
+        "first_update_overhead_s": stats(overhead(first)),
         "overhead_queued_s": stats(overhead([u for u in steady if u.get("prefetched")])),
         "overhead_not_queued_s": stats(overhead([u for u in steady if not u.get("prefetched")])),
         "round_trip_s": stats([u["round_trip_s"] for u in steady]),
@@ -189,8 +223,9 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
         out["gpu_mem_mib"] = gpu_mem.result()
     if debug:
         # in process isolation the ClientApp processes log to their SuperExec's file
-        out["breakdown_s"] = breakdown([[dep.logs / f"{kind}-{i}.log" for kind in ("supernode", "superexec")]
-                                        for i in range(1, args.nodes + 1)])
+        out["breakdown_s"] = breakdown(
+            [[dep.logs / f"{kind}-{i}.log" for kind in ("supernode", "superexec")] for i in range(1, args.nodes + 1)]
+        )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -198,8 +233,11 @@ def run_profile(name: str, args, debug: bool = False) -> dict:
 
 _TS = re.compile(r"(?:DEBUG|INFO|WARNING) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 _MARKS = {
-    "Receiving:": "received", "Start `flwr-clientapp` process": "process_up",
-    "Loading ClientApp": "loading", "Finished task": "finished", "Sent successfully": "sent",
+    "Receiving:": "received",
+    "Start `flwr-clientapp` process": "process_up",
+    "Loading ClientApp": "loading",
+    "Finished task": "finished",
+    "Sent successfully": "sent",
 }
 
 
@@ -242,9 +280,14 @@ def fresh_process_times(repeats: int) -> dict:
         "python_start": [py, "-c", "pass"],
         "flwr_clientapp_imports": [py, "-c", "import flwr.supernode.cli.flwr_clientapp"],
         "import_asyncfl_client_app": [py, "-c", "import asyncfl.client.app"],
-        "import_and_build_tiny_model": [py, "-c", (
-            "from asyncfl.config import AppConfig; from asyncfl.model import build_model; "
-            "build_model(AppConfig.from_run_config({'model-preset': 'tiny', 'device': 'cpu'}))")],
+        "import_and_build_tiny_model": [
+            py,
+            "-c",
+            (
+                "from asyncfl.config import AppConfig; from asyncfl.model import build_model; "
+                "build_model(AppConfig.from_run_config({'model-preset': 'tiny', 'device': 'cpu'}))"
+            ),
+        ],
     }
     out = {}
     for name, cmd in probes.items():
@@ -275,9 +318,12 @@ class GpuMemory:
     def _run(self) -> None:
         while not self._stop.wait(1.0):
             try:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
-                                      "--format=csv,noheader,nounits"], capture_output=True,
-                                     text=True, timeout=10).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
             except (OSError, subprocess.SubprocessError):
                 continue
             for line in out.strip().splitlines():
@@ -291,9 +337,15 @@ class GpuMemory:
                         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                     except OSError:
                         cmd = ""
-                    self.kind[pid] = ("node worker" if "asyncfl.client.node_worker" in cmd else
-                                      "serverapp" if "serverapp" in cmd or "flwr-simulation" in cmd
-                                      else "clientapp" if "clientapp" in cmd else "other")
+                    self.kind[pid] = (
+                        "node worker"
+                        if "asyncfl.client.node_worker" in cmd
+                        else "serverapp"
+                        if "serverapp" in cmd or "flwr-simulation" in cmd
+                        else "clientapp"
+                        if "clientapp" in cmd
+                        else "other"
+                    )
 
     def stop(self) -> None:
         self._stop.set()
@@ -314,11 +366,13 @@ def free_ports(size: int) -> int:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| profile | executor | task poll | queued ahead | steady overhead median (mean, p90) | "
-            "queued ahead: overhead median (n) | not queued: overhead median (n) | "
-            "first update overhead | service median | round trip median | client_s median | "
-            "train_s median |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| profile | executor | task poll | queued ahead | steady overhead median (mean, p90) | "
+        "queued ahead: overhead median (n) | not queued: overhead median (n) | "
+        "first update overhead | service median | round trip median | client_s median | "
+        "train_s median |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["profiles"]:
         o, f = r["overhead_s"], r["first_update_overhead_s"]
         rows.append(
@@ -327,17 +381,19 @@ def markdown(result: dict) -> str:
             f"{r['overhead_queued_s']['median']} s ({r['overhead_queued_s']['n']}) | "
             f"{r['overhead_not_queued_s']['median']} s ({r['overhead_not_queued_s']['n']}) | "
             f"{f['median']} s | {r['service_s']['median']} s | {r['round_trip_s']['median']} s | "
-            f"{r['client_s']['median']} s | {r['train_s']['median']} s |")
+            f"{r['client_s']['median']} s | {r['train_s']['median']} s |"
+        )
     for r in result["profiles"]:
         if r["tokens_per_s"]["n"]:
-            rows.append(f"\n{r['profile']}: client tokens/s median {r['tokens_per_s']['median']:,.0f} "
-                        f"(min {r['tokens_per_s']['min']:,.0f}, max {r['tokens_per_s']['max']:,.0f})")
+            rows.append(
+                f"\n{r['profile']}: client tokens/s median {r['tokens_per_s']['median']:,.0f} "
+                f"(min {r['tokens_per_s']['min']:,.0f}, max {r['tokens_per_s']['max']:,.0f})"
+            )
         for g in r.get("gpu_mem_mib", []):
             rows.append(f"{r['profile']}: GPU memory peak {g['peak_mib']} MiB, pid {g['pid']} ({g['kind']})")
     if result.get("breakdown"):
         phase = f"SuperNode cycle phase ({result.get('breakdown_profile', 'tuned')}, DEBUG logs)"
-        rows += ["", f"| {phase} | median | mean | n |",
-                 "|---|---|---|---|"]
+        rows += ["", f"| {phase} | median | mean | n |", "|---|---|---|---|"]
         for k, v in result["breakdown"].items():
             rows.append(f"| {k} | {v['median']} s | {v['mean']} s | {v['n']} |")
     if result["fresh_process"]:
@@ -353,8 +409,9 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=12, help="max-updates per run")
     p.add_argument("--profiles", default="default,tuned,prefetch", help=f"comma list of {', '.join(PROFILES)}")
     p.add_argument("--breakdown", action="store_true", help="extra run with DEBUG logs, phase split")
-    p.add_argument("--breakdown-profile", default="tuned", choices=list(PROFILES),
-                   help="settings of the --breakdown run")
+    p.add_argument(
+        "--breakdown-profile", default="tuned", choices=list(PROFILES), help="settings of the --breakdown run"
+    )
     p.add_argument("--repeats", type=int, default=5, help="fresh-process probes per measurement")
     p.add_argument("--app", type=Path, default=ROOT)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="small = GPT-2 124M shape")
@@ -371,8 +428,15 @@ def main() -> None:
     args.app = args.app.resolve()
 
     args.data = args.data.resolve()
-    result = {"nodes": args.nodes, "updates": args.updates, "cpus": os.cpu_count(),
-              "preset": args.preset, "device": args.device, "profiles": [], "fresh_process": {}}
+    result = {
+        "nodes": args.nodes,
+        "updates": args.updates,
+        "cpus": os.cpu_count(),
+        "preset": args.preset,
+        "device": args.device,
+        "profiles": [],
+        "fresh_process": {},
+    }
     for name in [n for n in args.profiles.split(",") if n]:
         try:
             result["profiles"].append(run_profile(name, args))

@@ -64,8 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=str(SHARED_DATA / "gpt2"))
     p.add_argument("--out", default="", help="write all figures as JSON here")
     args = p.parse_args(argv)
-    for what, path, need in (("--data-dir", args.data_dir, "wiki.test.raw"),
-                             ("--tokenizer", args.tokenizer, "vocab.json")):
+    for what, path, need in (
+        ("--data-dir", args.data_dir, "wiki.test.raw"),
+        ("--tokenizer", args.tokenizer, "vocab.json"),
+    ):
         if not (Path(path) / need).is_file():
             p.error(f"{what} {path!r} has no {need}; pass the folder (default: ../shared/data beside the repository)")
     return args
@@ -73,11 +75,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, seed: int, method: str, ef: str, rank: int) -> dict:
     return {
-        "model-preset": args.preset, "tokenizer": args.tokenizer, "data-dir": args.data_dir,
-        "device": args.device, "block-size": args.block_size, "batch-size": args.batch_size,
-        "local-steps": args.local_steps, "lr": args.lr, "server-lr": args.server_lr,
-        "eval-max-blocks": args.eval_max_blocks, "seed": seed, "mode": "sync",
-        "compressor": method, "rank": rank, "wire-dtype": args.wire, "error-feedback": ef,
+        "model-preset": args.preset,
+        "tokenizer": args.tokenizer,
+        "data-dir": args.data_dir,
+        "device": args.device,
+        "block-size": args.block_size,
+        "batch-size": args.batch_size,
+        "local-steps": args.local_steps,
+        "lr": args.lr,
+        "server-lr": args.server_lr,
+        "eval-max-blocks": args.eval_max_blocks,
+        "seed": seed,
+        "mode": "sync",
+        "compressor": method,
+        "rank": rank,
+        "wire-dtype": args.wire,
+        "error-feedback": ef,
     }
 
 
@@ -123,9 +136,18 @@ def one_run(args: argparse.Namespace, seed: int, method: str, ef: str, rank: int
                 v.add_(mean[k], alpha=cfg.server.server_lr)
         load_trainable_state(server_model, x)
         ppl.append(evaluate(server_model, blocks, cfg.train.eval_batch_size, device)["ppl"])
-    return {"seed": seed, "method": method, "ef": ef, "rank": rank, "ppl": ppl,
-            "bytes": sent, "dense_bytes": dense, "rec_error": statistics.fmean(rec) if rec else 0.0,
-            "ef_norm_last": efn[-args.clients:] if efn else [], "seconds": time.perf_counter() - t0}
+    return {
+        "seed": seed,
+        "method": method,
+        "ef": ef,
+        "rank": rank,
+        "ppl": ppl,
+        "bytes": sent,
+        "dense_bytes": dense,
+        "rec_error": statistics.fmean(rec) if rec else 0.0,
+        "ef_norm_last": efn[-args.clients :] if efn else [],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def spread(values: list[float]) -> str:
@@ -136,9 +158,18 @@ def spread(values: list[float]) -> str:
 def table(runs: list[dict], rounds: int) -> str:
     dense = {r["seed"]: r for r in runs if r["method"] == "none"}
     last = min(3, rounds)
-    head = ["rank", "method", "error feedback", "final ppl: mean (min..max)", "vs dense %: mean (min..max)",
-            f"last {last} rounds vs dense %: mean (min..max)",
-            *[f"r{i}" for i in range(1, rounds + 1)], "bytes / dense", "rec-error", "ef-norm (last)"]
+    head = [
+        "rank",
+        "method",
+        "error feedback",
+        "final ppl: mean (min..max)",
+        "vs dense %: mean (min..max)",
+        f"last {last} rounds vs dense %: mean (min..max)",
+        *[f"r{i}" for i in range(1, rounds + 1)],
+        "bytes / dense",
+        "rec-error",
+        "ef-norm (last)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -146,17 +177,25 @@ def table(runs: list[dict], rounds: int) -> str:
     for (rank, method, ef), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] != "none", kv[0])):
         final = [r["ppl"][-1] for r in rs]
         excess = [100 * (r["ppl"][-1] / dense[r["seed"]]["ppl"][-1] - 1) for r in rs if r["seed"] in dense]
-        tail = [100 * (statistics.fmean(r["ppl"][-last:]) / statistics.fmean(dense[r["seed"]]["ppl"][-last:]) - 1)
-                for r in rs if r["seed"] in dense]
+        tail = [
+            100 * (statistics.fmean(r["ppl"][-last:]) / statistics.fmean(dense[r["seed"]]["ppl"][-last:]) - 1)
+            for r in rs
+            if r["seed"] in dense
+        ]
         per_round = [statistics.fmean(r["ppl"][i] for r in rs) for i in range(1, rounds + 1)]
         efn = [statistics.fmean(r["ef_norm_last"]) for r in rs if r["ef_norm_last"]]
-        row = [str(rank or "-"), method if method != "none" else "none (dense)", ef if method != "none" else "-",
-               spread(final), spread(excess) if method != "none" and excess else "0",
-               spread(tail) if method != "none" and tail else "0",
-               *[f"{p:.0f}" for p in per_round],
-               f"{statistics.fmean(r['bytes'] / r['dense_bytes'] for r in rs):.4f}",
-               f"{statistics.fmean(r['rec_error'] for r in rs):.3f}" if method != "none" else "-",
-               f"{statistics.fmean(efn):.2f}" if efn else "-"]
+        row = [
+            str(rank or "-"),
+            method if method != "none" else "none (dense)",
+            ef if method != "none" else "-",
+            spread(final),
+            spread(excess) if method != "none" and excess else "0",
+            spread(tail) if method != "none" and tail else "0",
+            *[f"{p:.0f}" for p in per_round],
+            f"{statistics.fmean(r['bytes'] / r['dense_bytes'] for r in rs):.4f}",
+            f"{statistics.fmean(r['rec_error'] for r in rs):.3f}" if method != "none" else "-",
+            f"{statistics.fmean(efn):.2f}" if efn else "-",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -177,13 +216,21 @@ def main(argv: list[str] | None = None) -> None:
             for method, ef, rank in plan:
                 r = one_run(args, seed, method, ef, rank)
                 runs.append(r)
-                print(f"seed {seed} rank {rank} {method:>4} ef={ef:<4} ppl "
-                      + " ".join(f"{p:.0f}" for p in r["ppl"]) + f"  ({r['seconds']:.0f} s)", flush=True)
+                print(
+                    f"seed {seed} rank {rank} {method:>4} ef={ef:<4} ppl "
+                    + " ".join(f"{p:.0f}" for p in r["ppl"])
+                    + f"  ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
     print()
     print(table(runs, args.rounds))
     if args.out:
-        env = {"torch": torch.__version__, "python": platform.python_version(),
-               "cpu_threads": torch.get_num_threads(), "machine": platform.machine()}
+        env = {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        }
         Path(args.out).write_text(json.dumps({"args": vars(args), "env": env, "runs": runs}, indent=1))
 
 

@@ -71,8 +71,9 @@ def _choices(text: str, accepted: tuple[str, ...], what: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in items if s not in accepted]
     if bad or not items:
-        raise SystemExit(f"error: unknown {what} {', '.join(map(repr, bad)) or '(none given)'}; "
-                         f"accepted: {', '.join(accepted)}")
+        raise SystemExit(
+            f"error: unknown {what} {', '.join(map(repr, bad)) or '(none given)'}; accepted: {', '.join(accepted)}"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -92,20 +93,24 @@ def resolve_data(data_dir: Path, tokenizer: str) -> tuple[Path, Path]:
     wiki = data_dir if (data_dir / "wiki.test.raw").is_file() else data_dir / "wikitext-2-raw"
     tok = Path(tokenizer) if tokenizer else data_dir / "gpt2"
     if not data_dir.is_dir():
-        raise SystemExit(f"error: data folder {data_dir} does not exist; pass --data-dir (a folder "
-                         "with gpt2/ and wikitext-2-raw/, e.g. ../shared/data)")
-    missing = [str(p) for p in (wiki / "wiki.test.raw", tok / "vocab.json", tok / "merges.txt")
-               if not p.is_file()]
+        raise SystemExit(
+            f"error: data folder {data_dir} does not exist; pass --data-dir (a folder "
+            "with gpt2/ and wikitext-2-raw/, e.g. ../shared/data)"
+        )
+    missing = [str(p) for p in (wiki / "wiki.test.raw", tok / "vocab.json", tok / "merges.txt") if not p.is_file()]
     if missing:
-        raise SystemExit(f"error: offline data missing under {data_dir}: {', '.join(missing)} "
-                         "(--data-dir: a folder with wikitext-2-raw/wiki.*.raw and gpt2/; "
-                         "--tokenizer: a folder with vocab.json and merges.txt)")
+        raise SystemExit(
+            f"error: offline data missing under {data_dir}: {', '.join(missing)} "
+            "(--data-dir: a folder with wikitext-2-raw/wiki.*.raw and gpt2/; "
+            "--tokenizer: a folder with vocab.json and merges.txt)"
+        )
     return tok, wiki
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backend", default="emulate", choices=["simulation", "emulate", "deployment"])
     p.add_argument("--preset", default="tiny", choices=list(avs.PRESETS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -114,27 +119,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=10, help="rank of the low-rank payloads (the paper's k)")
     p.add_argument("--compressors", default=",".join(COMPRESSORS), help="comma list of " + ", ".join(COMPRESSORS))
     p.add_argument("--modes", default=",".join(MODES), help="comma list of sync, async")
-    p.add_argument("--clients", default=",".join(map(str, FEDERATIONS)),
-                   help="federations, by number of clients: 2 (equal speeds) and/or 4 (speeds 1,1,2,4)")
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="async: evaluate every N updates (0: N = the number of clients, one sync "
-                        "round's worth); sync evaluates every round")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
-                   help="folder with gpt2/ (tokenizer) and wikitext-2-raw/ (default ../shared/data)")
+    p.add_argument(
+        "--clients",
+        default=",".join(map(str, FEDERATIONS)),
+        help="federations, by number of clients: 2 (equal speeds) and/or 4 (speeds 1,1,2,4)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="async: evaluate every N updates (0: N = the number of clients, one sync "
+        "round's worth); sync evaluates every round",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder with gpt2/ (tokenizer) and wikitext-2-raw/ (default ../shared/data)",
+    )
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default DATA_DIR/gpt2)")
-    p.add_argument("--set", action="append", default=[], metavar='"k=v ..."',
-                   help="extra run-config for every run (repeatable; wins over the preset)")
-    p.add_argument("--emulate-args", default="",
-                   help='arguments for python -m asyncfl.emulate, e.g. "--task-s 1.2 --overhead-s 1.3"')
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="extra run-config for every run (repeatable; wins over the preset)",
+    )
+    p.add_argument(
+        "--emulate-args",
+        default="",
+        help='arguments for python -m asyncfl.emulate, e.g. "--task-s 1.2 --overhead-s 1.3"',
+    )
     p.add_argument("--deployment-args", default="", help="deployment: extra local-deployment.sh arguments")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP/MKL threads per process (0: leave alone; default 1 on cpu, else 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP/MKL threads per process (0: leave alone; default 1 on cpu, else 0)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--timeout-s", type=float, default=0.0, help="kill a run after this long (default budget + 600)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "paper")
     p.add_argument("--reuse", action="store_true", help="keep runs already finished in --out/runs")
-    p.add_argument("--results-md", type=Path, default=None,
-                   help="also write results.md here (e.g. docs/results.md), figures in its folder/figures/")
+    p.add_argument(
+        "--results-md",
+        type=Path,
+        default=None,
+        help="also write results.md here (e.g. docs/results.md), figures in its folder/figures/",
+    )
     args = p.parse_args(argv)
     args.compressor_list = _choices(args.compressors, COMPRESSORS, "compressor(s)")
     args.mode_list = _choices(args.modes, MODES, "mode(s)")
@@ -142,8 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.client_list = _ints(args.clients, "--clients")
     bad = [n for n in args.client_list if n not in FEDERATIONS]
     if bad:
-        raise SystemExit(f"error: no federation of {bad} clients; accepted --clients: "
-                         + ", ".join(f"{n} ({fed_title(n)})" for n in FEDERATIONS))
+        raise SystemExit(
+            f"error: no federation of {bad} clients; accepted --clients: "
+            + ", ".join(f"{n} ({fed_title(n)})" for n in FEDERATIONS)
+        )
     if args.rank < 1:
         raise SystemExit(f"error: --rank must be >= 1, got {args.rank}")
     if not args.time_budget_s > 0:
@@ -159,10 +193,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_for(args: argparse.Namespace, n: int, compressor: str, mode: str, seed: int) -> dict[str, Any]:
     """The run config of one cell and seed: the preset, the cell, then `--set`."""
     cfg: dict[str, Any] = dict(avs.PRESETS[args.preset])
-    cfg.update({"device": args.device, "compressor": compressor, "rank": args.rank,
-                "client-speeds": FEDERATIONS[n], "min-nodes": n, "save-model": False,
-                "seed": seed, "time-budget-s": args.time_budget_s,
-                "tokenizer": str(args.tokenizer_dir), "data-dir": str(args.wiki_dir)})
+    cfg.update(
+        {
+            "device": args.device,
+            "compressor": compressor,
+            "rank": args.rank,
+            "client-speeds": FEDERATIONS[n],
+            "min-nodes": n,
+            "save-model": False,
+            "seed": seed,
+            "time-budget-s": args.time_budget_s,
+            "tokenizer": str(args.tokenizer_dir),
+            "data-dir": str(args.wiki_dir),
+        }
+    )
     if mode == "sync":
         cfg.update(avs.SYNC_DEFAULTS)
     else:
@@ -197,20 +241,40 @@ def run_metrics(run_dir: Path, target: float | None) -> dict[str, Any]:
     enc = [float(e["encode_s"]) for e in updates if e.get("encode_s") is not None]
     downs = [int(e["bytes_down"]) for e in updates if e.get("bytes_down") is not None]
     down = sum(downs) if downs else None  # None: a log from before `bytes_down` was recorded
-    return {"dir": str(run_dir), "final_ppl": summary["final_eval_ppl"],
-            "best_ppl": summary["best_eval_ppl"], "initial_ppl": summary["initial_eval_ppl"],
-            "final_top1": summary.get("final_eval_top1"), "target_ppl": target,
-            "time_to_target_s": time_to_ppl(events, target) if target is not None else None,
-            "encode_ms": 1e3 * _mean(enc) if enc else None,
-            "decode_apply_ms": summary.get("mean_decode_apply_ms"),
-            "bytes_uploaded": summary["bytes_uploaded"], "bytes_downloaded": down,
-            "mean_staleness": summary["mean_staleness"], "updates": summary["updates_applied"],
-            "wall_clock_s": summary["wall_clock_s"], "stop_reason": summary["stop_reason"],
-            "train_split": summary.get("train_split"), "eval_split": summary.get("eval_split")}
+    return {
+        "dir": str(run_dir),
+        "final_ppl": summary["final_eval_ppl"],
+        "best_ppl": summary["best_eval_ppl"],
+        "initial_ppl": summary["initial_eval_ppl"],
+        "final_top1": summary.get("final_eval_top1"),
+        "target_ppl": target,
+        "time_to_target_s": time_to_ppl(events, target) if target is not None else None,
+        "encode_ms": 1e3 * _mean(enc) if enc else None,
+        "decode_apply_ms": summary.get("mean_decode_apply_ms"),
+        "bytes_uploaded": summary["bytes_uploaded"],
+        "bytes_downloaded": down,
+        "mean_staleness": summary["mean_staleness"],
+        "updates": summary["updates_applied"],
+        "wall_clock_s": summary["wall_clock_s"],
+        "stop_reason": summary["stop_reason"],
+        "train_split": summary.get("train_split"),
+        "eval_split": summary.get("eval_split"),
+    }
 
 
-METRICS = ("final_ppl", "best_ppl", "final_top1", "time_to_target_s", "encode_ms", "decode_apply_ms",
-           "bytes_uploaded", "bytes_downloaded", "mean_staleness", "updates", "wall_clock_s")
+METRICS = (
+    "final_ppl",
+    "best_ppl",
+    "final_top1",
+    "time_to_target_s",
+    "encode_ms",
+    "decode_apply_ms",
+    "bytes_uploaded",
+    "bytes_downloaded",
+    "mean_staleness",
+    "updates",
+    "wall_clock_s",
+)
 
 
 def analyse(dirs: dict[tuple[int, str, str, int], Path], args: argparse.Namespace) -> dict[str, Any]:
@@ -224,14 +288,32 @@ def analyse(dirs: dict[tuple[int, str, str, int], Path], args: argparse.Namespac
         rows = []
         for c in args.compressor_list:
             for m in args.mode_list:
-                per_seed = [{"seed": s, **run_metrics(dirs[(n, c, m, s)], targets[s])}
-                            for s in args.seed_list if (n, c, m, s) in dirs]
-                rows.append({"compressor": c, "mode": m, "seeds_run": len(per_seed),
-                             "per_seed": per_seed,
-                             **{k: avs.spread([r[k] for r in per_seed] if per_seed else [None] * len(
-                                 args.seed_list)) for k in METRICS}})
-        feds.append({"clients": n, "client_speeds": FEDERATIONS[n], "title": fed_title(n),
-                     "targets": {str(s): t for s, t in targets.items()}, "rows": rows})
+                per_seed = [
+                    {"seed": s, **run_metrics(dirs[(n, c, m, s)], targets[s])}
+                    for s in args.seed_list
+                    if (n, c, m, s) in dirs
+                ]
+                rows.append(
+                    {
+                        "compressor": c,
+                        "mode": m,
+                        "seeds_run": len(per_seed),
+                        "per_seed": per_seed,
+                        **{
+                            k: avs.spread([r[k] for r in per_seed] if per_seed else [None] * len(args.seed_list))
+                            for k in METRICS
+                        },
+                    }
+                )
+        feds.append(
+            {
+                "clients": n,
+                "client_speeds": FEDERATIONS[n],
+                "title": fed_title(n),
+                "targets": {str(s): t for s, t in targets.items()},
+                "rows": rows,
+            }
+        )
     return {"federations": feds}
 
 
@@ -246,20 +328,40 @@ def fed_table(fed: dict[str, Any]) -> str:
     rows = fed["rows"]
     have_encode = any(r["encode_ms"]["n"] for r in rows)
     have_down = any(r["bytes_downloaded"]["n"] for r in rows)
-    head = ["compressor", "mode", "final ppl", "best ppl", "final top-1 %", "time to target s",
-            "client encode ms", "server decode+apply ms", "MB uploaded", "MB downloaded",
-            "mean staleness", "updates"]
+    head = [
+        "compressor",
+        "mode",
+        "final ppl",
+        "best ppl",
+        "final top-1 %",
+        "time to target s",
+        "client encode ms",
+        "server decode+apply ms",
+        "MB uploaded",
+        "MB downloaded",
+        "mean staleness",
+        "updates",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|"]
     for r in rows:
-        top1 = {k: (v * 100 if k in ("mean", "std", "min", "max") and v is not None else v)
-                for k, v in r["final_top1"].items()}
-        cells = [r["compressor"], r["mode"], avs._ms(r["final_ppl"], ".1f"), avs._ms(r["best_ppl"], ".1f"),
-                 avs._ms(top1, ".2f"), avs._ms(r["time_to_target_s"], ".1f"),
-                 avs._ms(r["encode_ms"], ".1f") if have_encode else "not recorded",
-                 avs._ms(r["decode_apply_ms"], ".1f"),
-                 avs._ms(_mb(r["bytes_uploaded"]), ".1f"),
-                 avs._ms(_mb(r["bytes_downloaded"]), ".1f") if have_down else "not recorded",
-                 avs._ms(r["mean_staleness"], ".2f"), avs._ms(r["updates"], ".0f")]
+        top1 = {
+            k: (v * 100 if k in ("mean", "std", "min", "max") and v is not None else v)
+            for k, v in r["final_top1"].items()
+        }
+        cells = [
+            r["compressor"],
+            r["mode"],
+            avs._ms(r["final_ppl"], ".1f"),
+            avs._ms(r["best_ppl"], ".1f"),
+            avs._ms(top1, ".2f"),
+            avs._ms(r["time_to_target_s"], ".1f"),
+            avs._ms(r["encode_ms"], ".1f") if have_encode else "not recorded",
+            avs._ms(r["decode_apply_ms"], ".1f"),
+            avs._ms(_mb(r["bytes_uploaded"]), ".1f"),
+            avs._ms(_mb(r["bytes_downloaded"]), ".1f") if have_down else "not recorded",
+            avs._ms(r["mean_staleness"], ".2f"),
+            avs._ms(r["updates"], ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -277,8 +379,9 @@ def curves_of(run_dir: Path) -> tuple[list[tuple[float, float]], list[tuple[floa
     return by_t, by_b
 
 
-def mean_curve(runs: list[list[tuple[float, float]]], points: int = 200,
-               log_x: bool = False) -> tuple[list[float], list[float]]:
+def mean_curve(
+    runs: list[list[tuple[float, float]]], points: int = 200, log_x: bool = False
+) -> tuple[list[float], list[float]]:
     """Geometric mean over seeds of step curves (last value at or before x), up to the
     shortest run's last point; `log_x`: on a geometric grid from the first positive x."""
     runs = [r for r in runs if r]
@@ -297,8 +400,14 @@ def mean_curve(runs: list[list[tuple[float, float]]], points: int = 200,
     return xs, ys
 
 
-def plot_fed(path: Path, curves: dict[tuple[str, str], list[list[tuple[float, float]]]], xlabel: str,
-             title: str, xscale: float = 1.0, log_x: bool = False) -> None:
+def plot_fed(
+    path: Path,
+    curves: dict[tuple[str, str], list[list[tuple[float, float]]]],
+    xlabel: str,
+    title: str,
+    xscale: float = 1.0,
+    log_x: bool = False,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,8 +418,14 @@ def plot_fed(path: Path, curves: dict[tuple[str, str], list[list[tuple[float, fl
     for (c, m), runs in curves.items():
         xs, ys = mean_curve(runs, log_x=log_x)
         if xs:
-            ax.plot([x * xscale for x in xs], ys, color=colors[c], ls="-" if m == "async" else "--",
-                    lw=1.8, label=f"{c} {m} (mean of {len([r for r in runs if r])})")
+            ax.plot(
+                [x * xscale for x in xs],
+                ys,
+                color=colors[c],
+                ls="-" if m == "async" else "--",
+                lw=1.8,
+                label=f"{c} {m} (mean of {len([r for r in runs if r])})",
+            )
     ax.set_yscale("log")
     if log_x:
         ax.set_xscale("log")
@@ -336,8 +451,14 @@ def figures(dirs: dict[tuple[int, str, str, int], Path], args: argparse.Namespac
         title = f"{fed_title(n)}; {args.preset}, {args.backend}, budget {args.time_budget_s:g} s"
         names = [f"paper-{n}clients-ppl-vs-time.png", f"paper-{n}clients-ppl-vs-bytes.png"]
         plot_fed(args.out / names[0], by_t, "wall-clock s (run clock, after the warm-up)", title)
-        plot_fed(args.out / names[1], by_b, "MB uploaded (cumulative, all clients; log scale)", title,
-                 xscale=1e-6, log_x=True)
+        plot_fed(
+            args.out / names[1],
+            by_b,
+            "MB uploaded (cumulative, all clients; log scale)",
+            title,
+            xscale=1e-6,
+            log_x=True,
+        )
         out[n] = names
     return out
 
@@ -346,8 +467,9 @@ def _first(rows: list[dict[str, Any]], key: str) -> Any:
     return next((r[key] for f in rows for row in f["rows"] for r in row["per_seed"] if r.get(key)), None)
 
 
-def results_markdown(result: dict[str, Any], args: argparse.Namespace, figs: dict[int, list[str]],
-                     fig_prefix: str = "") -> str:
+def results_markdown(
+    result: dict[str, Any], args: argparse.Namespace, figs: dict[int, list[str]], fig_prefix: str = ""
+) -> str:
     feds = result["federations"]
     train, evs = _first(feds, "train_split"), _first(feds, "eval_split")
     preset = avs.PRESETS[args.preset]
@@ -357,22 +479,31 @@ def results_markdown(result: dict[str, Any], args: argparse.Namespace, figs: dic
     emul = f" (`python -m asyncfl.emulate {args.emulate_args}`)" if args.emulate_args else ""
     wire = args.extra.get("wire-dtype", "fp16")
     method = args.extra.get("compress-method", "randomized")
-    took = (f" The {result['runs']} runs took {result['elapsed_s'] / 60:.1f} min in all (their "
-            f"processes, one at a time, on a machine with {os.cpu_count()} CPU cores)."
-            if result.get("elapsed_s") else "")
+    took = (
+        f" The {result['runs']} runs took {result['elapsed_s'] / 60:.1f} min in all (their "
+        f"processes, one at a time, on a machine with {os.cpu_count()} CPU cores)."
+        if result.get("elapsed_s")
+        else ""
+    )
     lines = [
-        "# The paper's experiment: compressors x sync/async", "",
+        "# The paper's experiment: compressors x sync/async",
+        "",
         f"Generated by `bench/paper.py` ({time.strftime('%Y-%m-%d')}); every number below is read from "
-        "the run folders' summary.json and events.jsonl (`results.json` keeps them per seed).", "",
-        "## Setup", "",
+        "the run folders' summary.json and events.jsonl (`results.json` keeps them per seed).",
+        "",
+        "## Setup",
+        "",
         f"GPT-2 `{args.preset}` preset built from scratch (no pretrained weights), {cfg_text}; "
         f"rank {args.rank} payloads for pca/qrcp/cur ({wire} factors, {method} methods), dense fp32 "
         f"for `none`. Data offline: trains on WikiText-2 `{train or '?'}` and evaluates on `{evs or '?'}` "
         "(the offline copy has no train split), so perplexities are far above the paper's. "
         f"Backend `{args.backend}`{emul}"
-        + (": the real server loop and real client training on a virtual clock (a task takes its "
-           "measured compute time, times its client's speed factor; the server's own work counts too)"
-           if args.backend == "emulate" else "")
+        + (
+            ": the real server loop and real client training on a virtual clock (a task takes its "
+            "measured compute time, times its client's speed factor; the server's own work counts too)"
+            if args.backend == "emulate"
+            else ""
+        )
         + f", device `{args.device}`. Every run stops at a budget of {args.time_budget_s:g} s of "
         f"run clock{' (virtual seconds)' if args.backend == 'emulate' else ''}; "
         f"seeds {', '.join(map(str, args.seed_list))}. sync = FedAvg (a barrier per round, "
@@ -381,19 +512,27 @@ def results_markdown(result: dict[str, Any], args: argparse.Namespace, figs: dic
         "Cells: mean ± std (min-max) over the seeds, `[k/n]` when only k seeds had a value. "
         "Time to target: first evaluation at or below the target, which per federation and seed is "
         "dense (`none`) sync's final perplexity; `-` where a run never reached it. "
-        + ("Client encode ms: the clients' mean encode time per applied update (events.jsonl "
-           "`encode_s`, as the worker reports it). " if has_encode else
-           "Client encode time is not recorded in these runs' events.jsonl (logs written before "
-           "`encode_s` was added). ")
+        + (
+            "Client encode ms: the clients' mean encode time per applied update (events.jsonl "
+            "`encode_s`, as the worker reports it). "
+            if has_encode
+            else "Client encode time is not recorded in these runs' events.jsonl (logs written before "
+            "`encode_s` was added). "
+        )
         + "Server decode+apply ms: the server's mean per applied update (summary "
-          "`mean_decode_apply_ms`). "
-        + ("MB downloaded: the task messages' arrays (the full weights or an update log) of the "
-           "applied updates (events.jsonl `bytes_down`); MB uploaded: their payloads (`bytes`). "
-           if has_down else
-           "Bytes downloaded are not recorded in these runs' events.jsonl (logs written before "
-           "`bytes_down` was added). ")
-        + "Top-1: next-token accuracy of the final evaluation." + took, "",
-        "## Comparison with the paper", "",
+        "`mean_decode_apply_ms`). "
+        + (
+            "MB downloaded: the task messages' arrays (the full weights or an update log) of the "
+            "applied updates (events.jsonl `bytes_down`); MB uploaded: their payloads (`bytes`). "
+            if has_down
+            else "Bytes downloaded are not recorded in these runs' events.jsonl (logs written before "
+            "`bytes_down` was added). "
+        )
+        + "Top-1: next-token accuracy of the final evaluation."
+        + took,
+        "",
+        "## Comparison with the paper",
+        "",
         "The paper fine-tunes GPT-2 (its Table 1 lists the 124M model's shapes: token embedding 50257 x "
         "768, so pretrained weights) with 2 clients, synchronous federated averaging, five rounds of one "
         "local epoch each, k = 10, averaged over six trials. Its Tables 4-5 list per round the elapsed "
@@ -404,19 +543,31 @@ def results_markdown(result: dict[str, Any], args: argparse.Namespace, figs: dic
         "much worse value. Here the model starts from random weights (the Hub is not reachable), trains "
         "on the validation split and runs for a fixed time budget instead of five epochs, and adds an "
         "asynchronous mode and a heterogeneous 4-client federation; so only the ordering of the methods, "
-        "not the values, can be compared.", "",
+        "not the values, can be compared.",
+        "",
     ]
     for f in feds:
         n = f["clients"]
         tg = [t for t in f["targets"].values() if t is not None]
-        lines += [f"## {f['title']}", "",
-                  "Target (dense sync's final ppl) per seed: "
-                  + (", ".join(f"{s}: {t:.1f}" for s, t in f["targets"].items() if t is not None)
-                     if tg else "none (dense sync not in the grid)") + ".", "",
-                  fed_table(f)]
+        lines += [
+            f"## {f['title']}",
+            "",
+            "Target (dense sync's final ppl) per seed: "
+            + (
+                ", ".join(f"{s}: {t:.1f}" for s, t in f["targets"].items() if t is not None)
+                if tg
+                else "none (dense sync not in the grid)"
+            )
+            + ".",
+            "",
+            fed_table(f),
+        ]
         if n in figs:
-            lines += [f"![{n} clients, ppl vs wall-clock]({fig_prefix}{figs[n][0]}) "
-                      f"![{n} clients, ppl vs bytes uploaded]({fig_prefix}{figs[n][1]})", ""]
+            lines += [
+                f"![{n} clients, ppl vs wall-clock]({fig_prefix}{figs[n][0]}) "
+                f"![{n} clients, ppl vs bytes uploaded]({fig_prefix}{figs[n][1]})",
+                "",
+            ]
     if result.get("failed"):
         lines += ["## Failed runs", "", *[f"- {x}" for x in result["failed"]], ""]
     return "\n".join(lines)
@@ -430,9 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     args.tokenizer_dir, args.wiki_dir = resolve_data(args.data_dir.resolve(), args.tokenizer)
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = grid(args)
-    log(f"{len(jobs)} runs: clients {args.client_list} x compressors {args.compressor_list} x modes "
+    log(
+        f"{len(jobs)} runs: clients {args.client_list} x compressors {args.compressor_list} x modes "
         f"{args.mode_list} x seeds {args.seed_list}; backend {args.backend}, preset {args.preset}, "
-        f"budget {args.time_budget_s:g} s")
+        f"budget {args.time_budget_s:g} s"
+    )
     dirs: dict[tuple[int, str, str, int], Path] = {}
     failed: list[str] = []
     slots = list(range(max(args.jobs, 1)))
@@ -460,8 +613,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 dirs[job] = future.result()
                 s = json.loads((dirs[job] / "summary.json").read_text())
-                log(f"{i}/{len(jobs)} {name}: final ppl {s['final_eval_ppl']:.1f}, "
-                    f"{s['updates_applied']} updates, {time.monotonic() - t_all:.0f} s since start")
+                log(
+                    f"{i}/{len(jobs)} {name}: final ppl {s['final_eval_ppl']:.1f}, "
+                    f"{s['updates_applied']} updates, {time.monotonic() - t_all:.0f} s since start"
+                )
             except RuntimeError as exc:
                 failed.append(f"{name}: {str(exc)[:300]}")
                 log(f"{i}/{len(jobs)} {name}: FAILED: {str(exc)[:300]}")
@@ -482,14 +637,19 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 shutil.copyfile(args.out / name, dest.parent / "figures" / name)
         dest.write_text(results_markdown(result, args, figs, fig_prefix="figures/"))
-    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           **result, "configs": {run_name(*j): config_for(args, *j) for j in jobs},
-           "env": avs.environment()}
+    out = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **result,
+        "configs": {run_name(*j): config_for(args, *j) for j in jobs},
+        "env": avs.environment(),
+    }
     (args.out / "results.json").write_text(json.dumps(out, indent=2, default=str))
     for f in result["federations"]:
         print(f"## {f['title']}\n\n{fed_table(f)}")
-    log(f"done in {time.monotonic() - t_all:.0f} s; outputs in {args.out}"
-        + (f" and {args.results_md}" if args.results_md else ""))
+    log(
+        f"done in {time.monotonic() - t_all:.0f} s; outputs in {args.out}"
+        + (f" and {args.results_md}" if args.results_md else "")
+    )
     return 1 if failed else 0
 
 

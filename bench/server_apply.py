@@ -63,8 +63,7 @@ def load_tokens(n: int, tokenizer: str, data: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def real_delta(model: torch.nn.Module, args: argparse.Namespace,
-               device: torch.device) -> dict[str, torch.Tensor]:
+def real_delta(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
     """after - before of `--steps` AdamW steps on WikiText-2 (the model keeps the after state)."""
     block = 128
     tokens = load_tokens(args.steps * args.batch_size * block, args.tokenizer, args.data)
@@ -75,7 +74,7 @@ def real_delta(model: torch.nn.Module, args: argparse.Namespace,
     model.train()
     for step in range(args.steps):
         t0 = time.perf_counter()
-        batch = blocks[step * args.batch_size:(step + 1) * args.batch_size]
+        batch = blocks[step * args.batch_size : (step + 1) * args.batch_size]
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         opt.step()
@@ -109,13 +108,13 @@ def make_compressor(name: str, rank: int):
     return get_compressor("none") if name == "none" else get_compressor(name, rank=rank)
 
 
-def bench_rule(rule_name: str, record, x: dict[str, torch.Tensor], shapes: dict,
-               device: torch.device, repeats: int, base_cfg: dict) -> dict[str, Any]:
+def bench_rule(
+    rule_name: str, record, x: dict[str, torch.Tensor], shapes: dict, device: torch.device, repeats: int, base_cfg: dict
+) -> dict[str, Any]:
     """decode, apply, decode+apply (and fedasync's snapshot) timings of one rule on one record."""
     decode = lambda: decode_state(record, reference=shapes, device=device)  # noqa: E731
     dec_ms, update = timed(decode, device, repeats)
-    row: dict[str, Any] = {"rule": rule_name, "decode_ms": statistics.median(dec_ms),
-                           "decode_all_ms": dec_ms}
+    row: dict[str, Any] = {"rule": rule_name, "decode_ms": statistics.median(dec_ms), "decode_all_ms": dec_ms}
     snapshot = lambda: {k: v.clone() for k, v in x.items()}  # noqa: E731
     if rule_name == "fedavg":  # the sync round: 4 decodes, mean, one add; reported per update
         weights = [1.0] * NUM_CLIENTS
@@ -135,9 +134,12 @@ def bench_rule(rule_name: str, record, x: dict[str, torch.Tensor], shapes: dict,
 
         app_ms, _ = timed(apply_mean, device, repeats)
         tot_ms, _ = timed(round_, device, repeats)
-        row.update(apply_ms=statistics.median(app_ms) / NUM_CLIENTS, snapshot_ms=0.0,
-                   decode_apply_ms=statistics.median(tot_ms) / NUM_CLIENTS,
-                   decode_apply_min_ms=min(tot_ms) / NUM_CLIENTS)
+        row.update(
+            apply_ms=statistics.median(app_ms) / NUM_CLIENTS,
+            snapshot_ms=0.0,
+            decode_apply_ms=statistics.median(tot_ms) / NUM_CLIENTS,
+            decode_apply_min_ms=min(tot_ms) / NUM_CLIENTS,
+        )
         row["total_ms"] = row["decode_apply_ms"]
         row["decode_apply_all_ms"] = [t / NUM_CLIENTS for t in tot_ms]
         return row
@@ -155,9 +157,13 @@ def bench_rule(rule_name: str, record, x: dict[str, torch.Tensor], shapes: dict,
     app_ms, _ = timed(apply, device, repeats)
     tot_ms, _ = timed(decode_apply, device, repeats)
     snap_ms, _ = timed(snapshot, device, repeats) if rule.needs_base else ([0.0], None)
-    row.update(apply_ms=statistics.median(app_ms), snapshot_ms=statistics.median(snap_ms),
-               decode_apply_ms=statistics.median(tot_ms), decode_apply_min_ms=min(tot_ms),
-               decode_apply_all_ms=tot_ms)
+    row.update(
+        apply_ms=statistics.median(app_ms),
+        snapshot_ms=statistics.median(snap_ms),
+        decode_apply_ms=statistics.median(tot_ms),
+        decode_apply_min_ms=min(tot_ms),
+        decode_apply_all_ms=tot_ms,
+    )
     row["total_ms"] = row["decode_apply_ms"] + row["snapshot_ms"]
     return row
 
@@ -170,36 +176,44 @@ def global_record_ms(x: dict[str, torch.Tensor], device: torch.device, repeats: 
     ms, rec = timed(build, device, repeats)
     host = lambda: {k: v.detach().float().cpu() for k, v in x.items()}  # noqa: E731
     host_ms, _ = timed(host, device, repeats)
-    return {"ms": statistics.median(ms), "to_host_ms": statistics.median(host_ms),
-            "bytes": rec.count_bytes()}
+    return {"ms": statistics.median(ms), "to_host_ms": statistics.median(host_ms), "bytes": rec.count_bytes()}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=ROOT).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     import os
 
-    return {"git_sha": sha, "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
-            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "loadavg": os.getloadavg(), "numpy": np.__version__}
+    return {
+        "git_sha": sha,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "numpy": np.__version__,
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| compressor | MB on the wire | rule | decode ms | apply ms | decode+apply ms "
-            "(median) | decode+apply ms (best) | snapshot ms | total ms |\n"
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['compressor']} | {r['bytes'] / 1e6:.2f} | {r['rule']} | {r['decode_ms']:.1f} | "
-             f"{r['apply_ms']:.1f} | {r['decode_apply_ms']:.1f} | {r['decode_apply_min_ms']:.1f} | "
-             f"{r['snapshot_ms']:.1f} | {r['total_ms']:.1f} |" for r in rows]
+    head = (
+        "| compressor | MB on the wire | rule | decode ms | apply ms | decode+apply ms "
+        "(median) | decode+apply ms (best) | snapshot ms | total ms |\n"
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [
+        f"| {r['compressor']} | {r['bytes'] / 1e6:.2f} | {r['rule']} | {r['decode_ms']:.1f} | "
+        f"{r['apply_ms']:.1f} | {r['decode_apply_ms']:.1f} | {r['decode_apply_min_ms']:.1f} | "
+        f"{r['snapshot_ms']:.1f} | {r['total_ms']:.1f} |"
+        for r in rows
+    ]
     return "\n".join([head, *lines])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default="small", choices=["small", "tiny"],
-                   help="model shape (small = GPT-2 124M)")
+    p.add_argument("--preset", default="small", choices=["small", "tiny"], help="model shape (small = GPT-2 124M)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rank", type=int, default=10)
     p.add_argument("--compressors", default=COMPRESSORS)
@@ -225,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     x = trainable_state(model)  # the live tensors the server's rules update in place
     shapes = {k: v.shape for k, v in x.items()}
     n_params = sum(v.numel() for v in x.values())
-    print(f"model {args.preset}: {len(x)} tensors, {n_params / 1e6:.1f}M trainable parameters, "
-          f"built in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
+    print(
+        f"model {args.preset}: {len(x)} tensors, {n_params / 1e6:.1f}M trainable parameters, "
+        f"built in {time.perf_counter() - t0:.1f} s on {device}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     if args.delta == "real":
         delta = real_delta(model, args, device)
@@ -252,12 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     glob = global_record_ms(x, device, args.repeats)
     print()
     print(table(rows))
-    print(f"\nglobal ArrayRecord (once per version): {glob['ms']:.1f} ms "
-          f"(of which device->host fp32 copy {glob['to_host_ms']:.1f} ms), "
-          f"{glob['bytes'] / 1e6:.1f} MB")
+    print(
+        f"\nglobal ArrayRecord (once per version): {glob['ms']:.1f} ms "
+        f"(of which device->host fp32 copy {glob['to_host_ms']:.1f} ms), "
+        f"{glob['bytes'] / 1e6:.1f} MB"
+    )
     if args.out:
-        out = {"config": vars(args), "env": environment(device), "n_params": n_params,
-               "results": rows, "global_record": glob}
+        out = {
+            "config": vars(args),
+            "env": environment(device),
+            "n_params": n_params,
+            "results": rows,
+            "global_record": glob,
+        }
         Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
 

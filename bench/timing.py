@@ -16,8 +16,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int,
-          warmup: bool = True) -> tuple[list[float], Any]:
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: bool = True) -> tuple[list[float], Any]:
     """Milliseconds of `repeats` device-synchronized calls (after one untimed call if `warmup`)
     and the last result."""
     out = fn() if warmup else None

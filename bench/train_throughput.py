@@ -46,8 +46,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps of the warm-up call")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per path (median reported)")
     p.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA, off for CPU; the FL handler uses the default)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for CUDA, off for CPU; the FL handler uses the default)",
+    )
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2") if SHARED else "")
     p.add_argument("--data-dir", default=str(SHARED / "wikitext-2-raw") if SHARED else "")
     p.add_argument("--no-fl", action="store_true", help="skip the ClientApp part")
@@ -58,10 +62,17 @@ def parse_args() -> argparse.Namespace:
 def run_config(args: argparse.Namespace, steps: int) -> dict:
     """The run config both paths use (kebab-case keys, as `context.run_config` holds them)."""
     return {
-        "model-preset": args.preset, "tokenizer": args.tokenizer, "data-dir": args.data_dir,
-        "device": args.device, "compile": args.compile, "lora-rank": args.lora_rank,
-        "batch-size": args.batch_size, "block-size": args.block_size, "local-steps": steps,
-        "max-train-blocks": max(args.batch_size * 8, 64), "compressor": "none",
+        "model-preset": args.preset,
+        "tokenizer": args.tokenizer,
+        "data-dir": args.data_dir,
+        "device": args.device,
+        "compile": args.compile,
+        "lora-rank": args.lora_rank,
+        "batch-size": args.batch_size,
+        "block-size": args.block_size,
+        "local-steps": steps,
+        "max-train-blocks": max(args.batch_size * 8, 64),
+        "compressor": "none",
     }
 
 
@@ -95,8 +106,11 @@ def bare_loop(args: argparse.Namespace):
         return time.perf_counter() - t0, res.tokens
 
     trainable, total = count_params(model)
-    return call, {"params_trainable": trainable, "params_total": total,
-                  "data": "wikitext" if has_data(args) else "random"}
+    return call, {
+        "params_trainable": trainable,
+        "params_total": total,
+        "data": "wikitext" if has_data(args) else "random",
+    }
 
 
 def fl_handler(args: argparse.Namespace):
@@ -109,17 +123,32 @@ def fl_handler(args: argparse.Namespace):
         return None
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-    global_state = {k: v.clone() for k, v in trainable_state(
-        build_model(AppConfig.from_run_config(run_config(args, args.steps)))).items()}
+    global_state = {
+        k: v.clone()
+        for k, v in trainable_state(build_model(AppConfig.from_run_config(run_config(args, args.steps)))).items()
+    }
     ids = iter(range(10**6))
 
     def call(steps: int) -> tuple[float, int]:
         content = RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({"run-key": "bench"})})
-        meta = Metadata(run_id=1, message_id=f"bench-{next(ids)}", src_node_id=0, dst_node_id=1,
-                        reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
-                        message_type=MessageType.TRAIN)
-        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
-                          state=RecordDict(), run_config=run_config(args, steps))
+        meta = Metadata(
+            run_id=1,
+            message_id=f"bench-{next(ids)}",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id="",
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type=MessageType.TRAIN,
+        )
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0, "num-partitions": 1},
+            state=RecordDict(),
+            run_config=run_config(args, steps),
+        )
         sync(args.device)
         t0 = time.perf_counter()
         handle_train(Message(content, metadata=meta), context)  # the server would serialize the reply
@@ -130,8 +159,12 @@ def fl_handler(args: argparse.Namespace):
 
 
 def summarize(walls: list[float], tokens: int, steps: int) -> dict:
-    return {"tokens_per_s": tokens / statistics.median(walls), "best_tokens_per_s": tokens / min(walls),
-            "ms_per_step": 1e3 * statistics.median(walls) / steps, "walls_s": walls}
+    return {
+        "tokens_per_s": tokens / statistics.median(walls),
+        "best_tokens_per_s": tokens / min(walls),
+        "ms_per_step": 1e3 * statistics.median(walls) / steps,
+        "walls_s": walls,
+    }
 
 
 def measure(args: argparse.Namespace, bare, fl) -> tuple[dict[str, list[float]], int]:
@@ -154,8 +187,10 @@ def main() -> None:
         sys.exit("--device cuda: CUDA is not available")
     amp = args.bf16 if args.bf16 is not None else args.device == "cuda"
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"device {name} | preset {args.preset} lora-rank {args.lora_rank} | batch {args.batch_size} x "
-          f"block {args.block_size} | {'bf16' if amp else 'fp32'} | compile {args.compile and args.device == 'cuda'}")
+    print(
+        f"device {name} | preset {args.preset} lora-rank {args.lora_rank} | batch {args.batch_size} x "
+        f"block {args.block_size} | {'bf16' if amp else 'fp32'} | compile {args.compile and args.device == 'cuda'}"
+    )
     bare, info = bare_loop(args)
     fl = None
     if not args.no_fl and not has_data(args):
@@ -165,18 +200,23 @@ def main() -> None:
     walls, tokens = measure(args, bare, fl)
     results = {"bare": {**summarize(walls["bare"], tokens, args.steps), **info}}
     b = results["bare"]
-    print(f"bare loop : {b['tokens_per_s']:>12,.0f} tokens/s  {b['ms_per_step']:8.1f} ms/step  (best "
-          f"{b['best_tokens_per_s']:,.0f}; {b['params_trainable']:,} trainable of {b['params_total']:,} params; "
-          f"{b['data']} data)")
+    print(
+        f"bare loop : {b['tokens_per_s']:>12,.0f} tokens/s  {b['ms_per_step']:8.1f} ms/step  (best "
+        f"{b['best_tokens_per_s']:,.0f}; {b['params_trainable']:,} trainable of {b['params_total']:,} params; "
+        f"{b['data']} data)"
+    )
     if fl is not None:
         f = results["fl"] = summarize(walls["fl"], tokens, args.steps)
         f["ratio"] = statistics.median([w_b / w_f for w_b, w_f in zip(walls["bare"], walls["fl"])])
         note = "" if args.bf16 is None else " (the handler always uses the default precision)"
-        print(f"in FL     : {f['tokens_per_s']:>12,.0f} tokens/s  {f['ms_per_step']:8.1f} ms/step  (best "
-              f"{f['best_tokens_per_s']:,.0f}); in-FL / bare = {f['ratio']:.3f} (median of paired calls){note}")
+        print(
+            f"in FL     : {f['tokens_per_s']:>12,.0f} tokens/s  {f['ms_per_step']:8.1f} ms/step  (best "
+            f"{f['best_tokens_per_s']:,.0f}); in-FL / bare = {f['ratio']:.3f} (median of paired calls){note}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "device": name, **results}, indent=2))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": name, **results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

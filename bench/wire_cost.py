@@ -48,12 +48,20 @@ def gpt2_shapes() -> dict[str, tuple[int, ...]]:
     """The trainable tensors of GPT-2 124M (tied output embedding): 148 tensors."""
     shapes: dict[str, tuple[int, ...]] = {"wte": (50257, 768), "wpe": (1024, 768)}
     for i in range(12):
-        for name, shape in (("ln_1.weight", (768,)), ("ln_1.bias", (768,)),
-                            ("attn.c_attn.weight", (768, 2304)), ("attn.c_attn.bias", (2304,)),
-                            ("attn.c_proj.weight", (768, 768)), ("attn.c_proj.bias", (768,)),
-                            ("ln_2.weight", (768,)), ("ln_2.bias", (768,)),
-                            ("mlp.c_fc.weight", (768, 3072)), ("mlp.c_fc.bias", (3072,)),
-                            ("mlp.c_proj.weight", (3072, 768)), ("mlp.c_proj.bias", (768,))):
+        for name, shape in (
+            ("ln_1.weight", (768,)),
+            ("ln_1.bias", (768,)),
+            ("attn.c_attn.weight", (768, 2304)),
+            ("attn.c_attn.bias", (2304,)),
+            ("attn.c_proj.weight", (768, 768)),
+            ("attn.c_proj.bias", (768,)),
+            ("ln_2.weight", (768,)),
+            ("ln_2.bias", (768,)),
+            ("mlp.c_fc.weight", (768, 3072)),
+            ("mlp.c_fc.bias", (3072,)),
+            ("mlp.c_proj.weight", (3072, 768)),
+            ("mlp.c_proj.bias", (768,)),
+        ):
             shapes[f"h.{i}.{name}"] = shape
     shapes.update({"ln_f.weight": (768,), "ln_f.bias": (768,)})
     return shapes
@@ -64,9 +72,11 @@ def pca_payloads(shapes: dict[str, tuple[int, ...]], rank: int, rng: np.random.G
     for k, shape in shapes.items():
         if should_compress(shape, rank):
             m, n = shape
-            factors = {"u": rng.standard_normal((m, rank)).astype(np.float16),
-                       "v": rng.standard_normal((n, rank)).astype(np.float16),
-                       "mean": rng.standard_normal(n).astype(np.float16)}
+            factors = {
+                "u": rng.standard_normal((m, rank)).astype(np.float16),
+                "v": rng.standard_normal((n, rank)).astype(np.float16),
+                "mean": rng.standard_normal(n).astype(np.float16),
+            }
             out[k] = Payload("pca", shape, "float32", factors, {"u": -3, "v": -2, "mean": -9})
         else:
             out[k] = Payload("dense", shape, "float32", {"data": rng.standard_normal(shape, dtype=np.float32)})
@@ -104,14 +114,20 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     rows: list = []
     print(f"asyncfl from {wire.__file__}")
-    print(f"weights: {len(weights)} tensors, {sum(a.nbytes for a in weights.values()) / 1e6:.1f} MB; "
-          f"payload: {sum(len(p.factors) for p in payloads.values())} arrays, "
-          f"{codec.record_nbytes(payloads, 'pca') / 1e6:.2f} MB")
+    print(
+        f"weights: {len(weights)} tensors, {sum(a.nbytes for a in weights.values()) / 1e6:.1f} MB; "
+        f"payload: {sum(len(p.factors) for p in payloads.values())} arrays, "
+        f"{codec.record_nbytes(payloads, 'pca') / 1e6:.2f} MB"
+    )
     print("| step | median | peak allocated |\n|---|---:|---:|")
     r = args.repeats
     measure(rows, "server builds the weights record, pack on (one wire Array)", lambda: wire.to_record(weights), r)
-    measure(rows, "server builds the weights record, pack off (Array per tensor)",
-            lambda: ArrayRecord({k: Array(v) for k, v in weights.items()}), r)
+    measure(
+        rows,
+        "server builds the weights record, pack off (Array per tensor)",
+        lambda: ArrayRecord({k: Array(v) for k, v in weights.items()}),
+        r,
+    )
     packed = wire.to_record(weights)
     plain = ArrayRecord({k: Array(v) for k, v in weights.items()})
     measure(rows, "receiver reads the weights, pack on (views)", lambda: wire.arrays_of(packed), r)
@@ -134,8 +150,12 @@ def main() -> None:
 
     measure(rows, "worker file -> ClientApp reply, payload (write + read + check)", from_worker, r)
     measure(rows, "server parses the payload (parse_record)", lambda: codec.parse_record(payload), r)
-    measure(rows, "server decode_state of the payload (validate + rebuild, CPU)",
-            lambda: decode_state(payload, reference=shapes), max(1, r // 2))
+    measure(
+        rows,
+        "server decode_state of the payload (validate + rebuild, CPU)",
+        lambda: decode_state(payload, reference=shapes),
+        max(1, r // 2),
+    )
     for f in scratch.iterdir():
         f.unlink()
     scratch.rmdir()

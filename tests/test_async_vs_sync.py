@@ -34,9 +34,18 @@ def fake_deployment(monkeypatch):
             kv = dict(part.split("=", 1) for part in shlex.split(item))
             run_dir = Path(kv["results-dir"]) / kv["run-name"]
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "summary.json").write_text(json.dumps(
-                {"stop_reason": "time-budget-s 1 reached", "updates_applied": 1, "initial_eval_ppl": 2.0,
-                 "final_eval_ppl": 1.0, "wall_clock_s": 1.0, "mode": kv["mode"]}))
+            (run_dir / "summary.json").write_text(
+                json.dumps(
+                    {
+                        "stop_reason": "time-budget-s 1 reached",
+                        "updates_applied": 1,
+                        "initial_eval_ppl": 2.0,
+                        "final_eval_ppl": 1.0,
+                        "wall_clock_s": 1.0,
+                        "mode": kv["mode"],
+                    }
+                )
+            )
         return Done()
 
     monkeypatch.setattr(avs.subprocess, "run", run)
@@ -48,8 +57,9 @@ def run_names(cmd: list[str]) -> list[str]:
 
 
 def test_each_seed_runs_on_one_deployment_and_the_order_alternates(tmp_path, fake_deployment):
-    args = avs.parse_args(["--backend", "deployment", "--share-deployment", "--out", str(tmp_path),
-                           "--rules", "asgd", "--sync", "sync"])
+    args = avs.parse_args(
+        ["--backend", "deployment", "--share-deployment", "--out", str(tmp_path), "--rules", "asgd", "--sync", "sync"]
+    )
     first = avs.run_seed_in_one_deployment(11, ["sync", "asgd"], args, order=0)
     second = avs.run_seed_in_one_deployment(23, ["sync", "asgd"], args, order=1)
     assert len(fake_deployment) == 2  # one deployment per seed
@@ -65,9 +75,17 @@ def test_finished_runs_are_reused_and_a_missing_summary_is_an_error(tmp_path, fa
     args = avs.parse_args(["--backend", "deployment", "--share-deployment", "--reuse", "--out", str(tmp_path)])
     done = tmp_path / "runs" / "sync-s5"
     done.mkdir(parents=True)
-    (done / "summary.json").write_text(json.dumps({"stop_reason": "x", "updates_applied": 1,
-                                                   "initial_eval_ppl": 2.0, "final_eval_ppl": 1.0,
-                                                   "wall_clock_s": 1.0}))
+    (done / "summary.json").write_text(
+        json.dumps(
+            {
+                "stop_reason": "x",
+                "updates_applied": 1,
+                "initial_eval_ppl": 2.0,
+                "final_eval_ppl": 1.0,
+                "wall_clock_s": 1.0,
+            }
+        )
+    )
     got = avs.run_seed_in_one_deployment(5, ["sync", "asgd"], args)
     assert run_names(fake_deployment[0]) == ["asgd-s5"]  # only the run not finished yet
     assert got["sync"] == done and got["asgd"] == tmp_path / "runs" / "asgd-s5"

@@ -68,7 +68,7 @@ def test_add_copies_and_keeps_fp32_and_matches_checks_names_and_shapes():
     assert ef.e["w"].dtype == torch.float32
     out = ef.add(r)
     assert out["w"] is not r["w"] and torch.equal(r["w"], torch.ones(2, 3))  # input untouched
-    assert ef.norm() == pytest.approx(6 ** 0.5)
+    assert ef.norm() == pytest.approx(6**0.5)
     assert ef.matches({"w": torch.zeros(2, 3)})
     assert not ef.matches({"w": torch.zeros(3, 2)}) and not ef.matches({"v": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match="differ in tensors"):
@@ -85,8 +85,7 @@ def test_decoded_running_sum_tracks_the_dense_sum_within_the_last_residual(name,
     u = torch.linalg.qr(torch.randn(12, 3, generator=g))[0]
     v = torch.linalg.qr(torch.randn(10, 3, generator=g))[0]
     base = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ v.T
-    seq = [{"w": base + 0.1 * torch.randn(12, 10, generator=g), "b": torch.randn(10, generator=g)}
-           for _ in range(12)]
+    seq = [{"w": base + 0.1 * torch.randn(12, 10, generator=g), "b": torch.randn(10, generator=g)} for _ in range(12)]
     comp = get_compressor(name, rank=1, dtype=wire)
     ef = ErrorFeedback()
     dense = {k: torch.zeros_like(v, dtype=F64) for k, v in seq[0].items()}
@@ -187,8 +186,10 @@ def test_shifted_residual_first_then_error_feedback(make_cfg, node_dir):
 
 
 def test_no_state_without_error_feedback_or_with_a_lossless_compressor(make_cfg, node_dir):
-    for cfg in (make_cfg(local_steps=1, compressor="pca", rank=2),
-                make_cfg(local_steps=1, compressor="none", error_feedback="ef")):
+    for cfg in (
+        make_cfg(local_steps=1, compressor="pca", rank=2),
+        make_cfg(local_steps=1, compressor="none", error_feedback="ef"),
+    ):
         result = Worker(cfg).run_task(cfg, fresh_global(cfg), 0, 2, run_key="n", version=0)
         assert "ef-norm" not in result.metrics
         assert not residual_path("n", 0).exists()
@@ -243,15 +244,15 @@ def remote_ef(node_dir, shared_dir):
     from asyncfl.client.node_worker import control, socket_path
     from tests.conftest import TINY_OFFLINE
 
-    run_config = {**TINY_OFFLINE, "compressor": "pca", "rank": 2, "error-feedback": "ef",
-                  "local-steps": 1}
+    run_config = {**TINY_OFFLINE, "compressor": "pca", "rank": 2, "error-feedback": "ef", "local-steps": 1}
     node = {"partition-id": 1, "num-partitions": 2}
     yield run_config, node
     control(socket_path(run_config, node), "shutdown")
 
 
-def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from_zero(remote_ef, node_dir, tmp_path,
-                                                                                       monkeypatch):
+def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from_zero(
+    remote_ef, node_dir, tmp_path, monkeypatch
+):
     from asyncfl.client.node_worker import control, run_remote, socket_path
     from asyncfl.wire import to_record
 
@@ -297,13 +298,16 @@ def test_node_worker_keeps_the_residual_in_memory_across_tasks_and_restarts_from
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, named", [
-    ({"error-feedback": "ef21"}, 'rule "asgd"'),
-    ({"error-feedback": "ef21", "rule": "shifted"}, "shift-alpha 0.5"),
-    ({"error-feedback": "ef21", "rule": "shifted", "shift-alpha": 1.0, "mode": "sync"}, 'mode "sync"'),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"error-feedback": "ef21"}, 'rule "asgd"'),
+        ({"error-feedback": "ef21", "rule": "shifted"}, "shift-alpha 0.5"),
+        ({"error-feedback": "ef21", "rule": "shifted", "shift-alpha": 1.0, "mode": "sync"}, 'mode "sync"'),
+    ],
+)
 def test_ef21_outside_the_shifted_rule_is_a_config_error_naming_the_values(overrides, named):
-    with pytest.raises(ConfigError, match="error-feedback` = \"ef21\"") as err:
+    with pytest.raises(ConfigError, match='error-feedback` = "ef21"') as err:
         AppConfig.from_run_config(overrides)
     assert named in str(err.value)
 

@@ -22,13 +22,18 @@ from asyncfl.compressors import (
 )
 
 # (compressor, row_select) pairs: every method and every CUR row rule
-METHODS = [("pca", None), ("qrcp", None), ("cur", "greedy"), ("cur", "pivoted"),
-           ("cur", "leverage"), ("cur", "uniform")]
+METHODS = [
+    ("pca", None),
+    ("qrcp", None),
+    ("cur", "greedy"),
+    ("cur", "pivoted"),
+    ("cur", "leverage"),
+    ("cur", "uniform"),
+]
 PATHS = ["exact", "randomized"]
 # honest bounds of error / optimal rank-k error on the noisy test matrices (measured <= 1.55
 # for pivot/greedy rows, <= 2.5 for leverage/uniform rows over 5 seeds x 2 shapes)
-BOUND = {"pca": 1.0 + 1e-3, "qrcp": 1.8, "greedy": 1.8, "pivoted": 1.8, "leverage": 3.5,
-         "uniform": 3.5}
+BOUND = {"pca": 1.0 + 1e-3, "qrcp": 1.8, "greedy": 1.8, "pivoted": 1.8, "leverage": 3.5, "uniform": 3.5}
 
 
 def make(name: str, row_select: str | None = None, **options):
@@ -64,9 +69,14 @@ def rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def tiny_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    return {"h.0.w": low_rank(40, 30, 3), "h.1.w": low_rank(40, 30, 5, seed=1),
-            "emb": torch.randn(200, 24, generator=g), "conv": torch.randn(16, 3, 12, generator=g),
-            "h.0.b": torch.randn(30, generator=g), "small": torch.randn(5, 50, generator=g)}
+    return {
+        "h.0.w": low_rank(40, 30, 3),
+        "h.1.w": low_rank(40, 30, 5, seed=1),
+        "emb": torch.randn(200, 24, generator=g),
+        "conv": torch.randn(16, 3, 12, generator=g),
+        "h.0.b": torch.randn(30, generator=g),
+        "small": torch.randn(5, 50, generator=g),
+    }
 
 
 # --- exactness -------------------------------------------------------------------------------
@@ -153,9 +163,9 @@ def test_energy_rank_is_smallest_capturing_fraction(name):
     a = x.double().numpy()
     a = a - a.mean(0) if name == "pca" else a
     if name == "pca":  # captured energy is known in closed form for PCA
-        frac = np.cumsum(np.linalg.svd(a, compute_uv=False) ** 2) / (a ** 2).sum()
+        frac = np.cumsum(np.linalg.svd(a, compute_uv=False) ** 2) / (a**2).sum()
         assert payload.rank == int(np.searchsorted(frac, 0.8) + 1)
-    captured = 1 - float((x - comp.decode(payload)).norm()) ** 2 / float((a ** 2).sum())
+    captured = 1 - float((x - comp.decode(payload)).norm()) ** 2 / float((a**2).sum())
     assert captured >= 0.8 - 1e-4 and 1 <= payload.rank < 10
     capped = make(name, method="exact", dtype="fp32", rank=2, energy=0.99).encode(x)
     assert capped.rank == 2
@@ -222,7 +232,8 @@ def test_metrics_match_independent_errors():
     assert m["rel_error"]["h.0.b"] == 0.0 and m["rel_error"]["small"] == 0.0
     assert m["mean_fro_error"] == pytest.approx(np.mean([errs[k] for k in factorized]), rel=1e-4)
     assert m["mean_rel_error"] == pytest.approx(
-        np.mean([errs[k] / float(state[k].norm()) for k in factorized]), rel=1e-4)
+        np.mean([errs[k] / float(state[k].norm()) for k in factorized]), rel=1e-4
+    )
     assert m["dense_bytes"] == 4 * sum(t.numel() for t in state.values())
     assert m["bytes"] < m["dense_bytes"] / 2 and m["encode_s"] > 0
 
@@ -253,6 +264,7 @@ def _poke(key, index, value):
     def edit(a):
         a[key] = a[key].copy()
         a[key][index] = value
+
     return edit
 
 
@@ -262,26 +274,46 @@ BAD = {  # case -> (edit of the arrays, edit of the metadata, expected message)
     "nan": (_poke("h.0.w/z", (0, 0), np.nan), None, "'h.0.w': factor 'z' contains NaN"),
     "inf": (_poke("emb/rows", (1, 2), np.inf), None, "'emb': factor 'rows' contains NaN or Inf"),
     "dense nan": (_poke("h.0.b/data", 3, np.nan), None, "'h.0.b': factor 'data' contains NaN"),
-    "wrong dtype": (lambda a: a.__setitem__("h.0.w/z", a["h.0.w/z"].astype(np.float64)), None,
-                    "'h.0.w': factor 'z' has dtype float64"),
-    "dense dtype": (lambda a: a.__setitem__("h.0.b/data", a["h.0.b/data"].astype(np.float16)),
-                    None, "'h.0.b': dense data must be float32"),
-    "index dtype": (lambda a: a.__setitem__("h.0.w/idx", a["h.0.w/idx"].astype(np.int32)), None,
-                    "'h.0.w': factor 'idx' must be int64"),
+    "wrong dtype": (
+        lambda a: a.__setitem__("h.0.w/z", a["h.0.w/z"].astype(np.float64)),
+        None,
+        "'h.0.w': factor 'z' has dtype float64",
+    ),
+    "dense dtype": (
+        lambda a: a.__setitem__("h.0.b/data", a["h.0.b/data"].astype(np.float16)),
+        None,
+        "'h.0.b': dense data must be float32",
+    ),
+    "index dtype": (
+        lambda a: a.__setitem__("h.0.w/idx", a["h.0.w/idx"].astype(np.int32)),
+        None,
+        "'h.0.w': factor 'idx' must be int64",
+    ),
     "index range": (_poke("h.0.w/idx", 0, 40), None, "'h.0.w': row index out of range [0, 40)"),
     "index negative": (_poke("h.0.w/idx", 0, -1), None, "'h.0.w': row index out of range"),
-    "index repeat": (lambda a: a["h.1.w/idx"].__setitem__(1, a["h.1.w/idx"][0]), None,
-                     "'h.1.w': row indices in 'idx' are not unique"),
-    "factor shape": (lambda a: a.__setitem__("h.0.w/z", a["h.0.w/z"][:-1]), None,
-                     "'h.0.w': factor 'z' has shape (39, 3), expected (40, 3)"),
-    "declared shape": (None, lambda m: m["tensors"]["emb"].update(shape=[200, 25]),
-                       "'emb': factor 'rows' has shape (5, 24), expected (5, 25)"),
+    "index repeat": (
+        lambda a: a["h.1.w/idx"].__setitem__(1, a["h.1.w/idx"][0]),
+        None,
+        "'h.1.w': row indices in 'idx' are not unique",
+    ),
+    "factor shape": (
+        lambda a: a.__setitem__("h.0.w/z", a["h.0.w/z"][:-1]),
+        None,
+        "'h.0.w': factor 'z' has shape (39, 3), expected (40, 3)",
+    ),
+    "declared shape": (
+        None,
+        lambda m: m["tensors"]["emb"].update(shape=[200, 25]),
+        "'emb': factor 'rows' has shape (5, 24), expected (5, 25)",
+    ),
     "missing factor": (lambda a: a.pop("emb/z"), None, "'emb': factor 'z' is missing"),
     "extra array": (_set("emb/extra", np.zeros(3, np.float32)), None, "belong to no declared"),
-    "bad scale": (None, lambda m: m["tensors"]["emb"].update(scales={"z": 400}),
-                  "'emb': scale exponent for 'z'"),
-    "overflow": (None, lambda m: m["tensors"]["emb"].update(scales={"z": 127, "rows": 127}),
-                 "'emb': reconstruction overflows"),
+    "bad scale": (None, lambda m: m["tensors"]["emb"].update(scales={"z": 400}), "'emb': scale exponent for 'z'"),
+    "overflow": (
+        None,
+        lambda m: m["tensors"]["emb"].update(scales={"z": 127, "rows": 127}),
+        "'emb': reconstruction overflows",
+    ),
 }
 
 
@@ -298,8 +330,7 @@ def test_bad_payloads_raise(cur_record, case):
     arrays = _arrays(record)
     if edit_arrays:
         edit_arrays(arrays)
-    with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[")):
+    with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         reference = None if case == "declared shape" else {k: v.shape for k, v in state.items()}
         decode_state(_rebuild(record, arrays, edit_meta), reference)
 
@@ -325,13 +356,16 @@ def test_reference_and_rank_checks(cur_record):
         get_compressor("qrcp").decode(too_big)
 
 
-@pytest.mark.parametrize("record, message", [
-    ("not a record", "expected an ArrayRecord"),
-    ({}, "not a compressed-delta record: expected one 'safetensors' Array"),
-    (ArrayRecord({"w/data": Array(np.ones(3, np.float32))}), "not a compressed-delta record"),
-    (b"\x05\0\0\0\0\0\0\0{oops", "not valid wire data: header is not valid JSON"),
-    (wire_format.to_record({"w/data": np.ones(3, np.float32)}), "unsupported record format"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ("not a record", "expected an ArrayRecord"),
+        ({}, "not a compressed-delta record: expected one 'safetensors' Array"),
+        (ArrayRecord({"w/data": Array(np.ones(3, np.float32))}), "not a compressed-delta record"),
+        (b"\x05\0\0\0\0\0\0\0{oops", "not valid wire data: header is not valid JSON"),
+        (wire_format.to_record({"w/data": np.ones(3, np.float32)}), "unsupported record format"),
+    ],
+)
 def test_not_a_record(record, message):
     with pytest.raises(PayloadError, match=message):
         decode_state(record)
@@ -364,23 +398,29 @@ def test_registry_names():
     assert get_compressor("pca", energy=0.0).options.energy is None  # run config: 0 = off
 
 
-@pytest.mark.parametrize("name, options, message", [
-    ("svd", {}, "`compressor` must be one of 'none', 'pca', 'qrcp', 'cur', got 'svd'"),
-    ("pca", {"ranks": 3}, r"unknown option\(s\) \['ranks'\] for compressor 'pca'; accepted"),
-    ("pca", {"rank": 0}, "`rank` must be an int >= 1, got 0"),
-    ("pca", {"rank": 2.5}, "`rank` must be an int"),
-    ("pca", {"rank": True}, "`rank` must be an int"),
-    ("qrcp", {"method": "fast"}, "`method` must be one of 'exact', 'randomized', got 'fast'"),
-    ("cur", {"dtype": "bf16"}, "`dtype` must be one of 'fp16', 'fp32', got 'bf16'"),
-    ("pca", {"energy": 1.5}, r"`energy` must be None or a float in \(0, 1\]"),
-    ("pca", {"energy": -0.1}, "`energy`"),
-    ("pca", {"oversample": -1}, "`oversample` must be an int >= 0"),
-    ("pca", {"power_iters": 1.0}, "`power_iters` must be an int >= 0"),
-    ("cur", {"row_select": "random"},
-     "`row_select` must be one of 'greedy', 'pivoted', 'uniform', 'leverage', got 'random'"),
-    ("cur", {"seed": -1}, "`seed` must be an int >= 0"),
-    ("none", {"min_ratio": 0}, "`min_ratio` must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("svd", {}, "`compressor` must be one of 'none', 'pca', 'qrcp', 'cur', got 'svd'"),
+        ("pca", {"ranks": 3}, r"unknown option\(s\) \['ranks'\] for compressor 'pca'; accepted"),
+        ("pca", {"rank": 0}, "`rank` must be an int >= 1, got 0"),
+        ("pca", {"rank": 2.5}, "`rank` must be an int"),
+        ("pca", {"rank": True}, "`rank` must be an int"),
+        ("qrcp", {"method": "fast"}, "`method` must be one of 'exact', 'randomized', got 'fast'"),
+        ("cur", {"dtype": "bf16"}, "`dtype` must be one of 'fp16', 'fp32', got 'bf16'"),
+        ("pca", {"energy": 1.5}, r"`energy` must be None or a float in \(0, 1\]"),
+        ("pca", {"energy": -0.1}, "`energy`"),
+        ("pca", {"oversample": -1}, "`oversample` must be an int >= 0"),
+        ("pca", {"power_iters": 1.0}, "`power_iters` must be an int >= 0"),
+        (
+            "cur",
+            {"row_select": "random"},
+            "`row_select` must be one of 'greedy', 'pivoted', 'uniform', 'leverage', got 'random'",
+        ),
+        ("cur", {"seed": -1}, "`seed` must be an int >= 0"),
+        ("none", {"min_ratio": 0}, "`min_ratio` must be a number > 0"),
+    ],
+)
 def test_bad_options_raise(name, options, message):
     with pytest.raises(ValueError, match=message):
         get_compressor(name, **options)
@@ -401,8 +441,12 @@ def test_bad_inputs_to_encode():
 def test_cuda_matches_cpu(name, row_select, path):
     from asyncfl.compressors import codec
 
-    state = {"a": noisy(300, 200, seed=1), "b": noisy(300, 200, seed=2), "r": low_rank(64, 90, 4),
-             "v": torch.randn(200)}
+    state = {
+        "a": noisy(300, 200, seed=1),
+        "b": noisy(300, 200, seed=2),
+        "r": low_rank(64, 90, 4),
+        "v": torch.randn(200),
+    }
     comp = make(name, row_select, method=path, dtype="fp32", rank=10)
     errors = {}
     for device in ("cpu", "cuda"):

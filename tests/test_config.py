@@ -69,7 +69,7 @@ def test_unknown_key_is_an_error_listing_known_keys():
 
 def test_bound_constants_giving_lambda_outside_unit_interval_are_rejected():
     # lambda = 1 - n mu (1 + 3 rho/8) = 1 - 4 * 1 * 1.375 < 0
-    with pytest.raises(ConfigError, match="stop-rule \"bound\".*lambda"):
+    with pytest.raises(ConfigError, match='stop-rule "bound".*lambda'):
         AppConfig.from_run_config({"stop-rule": "bound", "bound-n": 4, "bound-mu": 1.0})
     ok = AppConfig.from_run_config({"stop-rule": "bound", "bound-n": 2})
     assert 0 < ok.bound_rule(num_clients=2).lam < 1
@@ -89,25 +89,27 @@ def test_merge_gives_one_run_config_file_with_the_overrides(tmp_path):
         want = {**tomllib.load(f), "mode": "sync", "num-rounds": 6, "client-speeds": "1,1,2,4"}
     assert out == want
     AppConfig.from_run_config(out)
-    for bad, words in [('mode=sync', "double quotes"), ('mode="fast"', "`mode`"), ('colour="red"', "unknown")]:
+    for bad, words in [("mode=sync", "double quotes"), ('mode="fast"', "`mode`"), ('colour="red"', "unknown")]:
         with pytest.raises(ConfigError, match=words):
             merged_toml(str(base), bad)
     with pytest.raises(ConfigError, match="cannot read"):
         merged_toml(str(tmp_path / "missing.toml"), "")
 
 
-
-@pytest.mark.parametrize(("spec", "want"), [
-    ("", {}),
-    ('mode="sync"', {"mode": "sync"}),
-    ("num-rounds=6 max-updates=0", {"num-rounds": 6, "max-updates": 0}),
-    ("lr=5e-4 alpha=0.6 staleness-b=-4", {"lr": 0.0005, "alpha": 0.6, "staleness-b": -4}),
-    ("pretrained=false save-model=true", {"pretrained": False, "save-model": True}),
-    ('run-name="two words"  data-dir=\'/tmp/a b\' ', {"run-name": "two words", "data-dir": "/tmp/a b"}),
-    ('client-speeds="1,1,2,4" tokenizer="x=y #z"', {"client-speeds": "1,1,2,4", "tokenizer": "x=y #z"}),
-    ('run-name="say \\"hi there\\""', {"run-name": 'say "hi there"'}),
-    ('lr=1 mode="sync" lr=2.5', {"lr": 2.5, "mode": "sync"}),  # later items win
-])
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [
+        ("", {}),
+        ('mode="sync"', {"mode": "sync"}),
+        ("num-rounds=6 max-updates=0", {"num-rounds": 6, "max-updates": 0}),
+        ("lr=5e-4 alpha=0.6 staleness-b=-4", {"lr": 0.0005, "alpha": 0.6, "staleness-b": -4}),
+        ("pretrained=false save-model=true", {"pretrained": False, "save-model": True}),
+        ("run-name=\"two words\"  data-dir='/tmp/a b' ", {"run-name": "two words", "data-dir": "/tmp/a b"}),
+        ('client-speeds="1,1,2,4" tokenizer="x=y #z"', {"client-speeds": "1,1,2,4", "tokenizer": "x=y #z"}),
+        ('run-name="say \\"hi there\\""', {"run-name": 'say "hi there"'}),
+        ('lr=1 mode="sync" lr=2.5', {"lr": 2.5, "mode": "sync"}),  # later items win
+    ],
+)
 def test_parse_overrides_reads_toml_values(spec, want):
     from asyncfl.config import parse_overrides
 
@@ -116,13 +118,16 @@ def test_parse_overrides_reads_toml_values(spec, want):
     assert [type(v) for v in got.values()] == [type(v) for v in want.values()]  # 1 stays int, not 1.0
 
 
-@pytest.mark.parametrize(("spec", "item"), [
-    ("lr=1e-3 mode=sync", "'mode=sync'"),  # a bare word is no TOML value
-    ("num-rounds = 6", "'num-rounds'"),  # blanks around '=' split the item
-    ('run-name="unclosed quote', "'run-name=\"unclosed quote'"),
-    ("lr=", "'lr='"),
-    ("lr=0.5 rank=1e", "'rank=1e'"),
-])
+@pytest.mark.parametrize(
+    ("spec", "item"),
+    [
+        ("lr=1e-3 mode=sync", "'mode=sync'"),  # a bare word is no TOML value
+        ("num-rounds = 6", "'num-rounds'"),  # blanks around '=' split the item
+        ('run-name="unclosed quote', "'run-name=\"unclosed quote'"),
+        ("lr=", "'lr='"),
+        ("lr=0.5 rank=1e", "'rank=1e'"),
+    ],
+)
 def test_parse_overrides_names_the_malformed_item(spec, item):
     from asyncfl.config import parse_overrides
 
@@ -139,12 +144,17 @@ def test_emulator_and_merge_share_the_override_parser(tmp_path):
     assert parse_run_config(spec) == {"run-name": "a b", "num-rounds": 2, "pretrained": False}
     base = tmp_path / "base.toml"
     base.write_text('mode = "sync"\nnum-rounds = 9\n')
-    assert tomllib.loads(merged_toml(str(base), spec)) == {"mode": "sync", "num-rounds": 2, "run-name": "a b",
-                                                           "pretrained": False}
+    assert tomllib.loads(merged_toml(str(base), spec)) == {
+        "mode": "sync",
+        "num-rounds": 2,
+        "run-name": "a b",
+        "pretrained": False,
+    }
     assert parse_run_config(str(base)) == {"mode": "sync", "num-rounds": 9}  # a TOML file is read as such
     for parse in (parse_run_config, lambda s: merged_toml(str(base), s)):
         with pytest.raises(ConfigError, match="'lr=x'"):
             parse("lr=x")
+
 
 def test_downlink_log_with_server_momentum_is_an_error():
     with pytest.raises(ConfigError, match="server-momentum"):
@@ -152,10 +162,29 @@ def test_downlink_log_with_server_momentum_is_an_error():
 
 
 # the keys whose values are names, as the README table lists them (one Literal type each)
-CHOICE_KEYS = ("model-preset", "device", "persistent-worker", "train-split", "eval-split", "partitioner",
-               "eval-stream", "compressor", "compress-method", "wire-dtype", "download-dtype", "downlink",
-               "error-feedback", "row-select", "mode", "rule", "staleness", "selection", "prefetch", "pack",
-               "stop-rule")
+CHOICE_KEYS = (
+    "model-preset",
+    "device",
+    "persistent-worker",
+    "train-split",
+    "eval-split",
+    "partitioner",
+    "eval-stream",
+    "compressor",
+    "compress-method",
+    "wire-dtype",
+    "download-dtype",
+    "downlink",
+    "error-feedback",
+    "row-select",
+    "mode",
+    "rule",
+    "staleness",
+    "selection",
+    "prefetch",
+    "pack",
+    "stop-rule",
+)
 
 
 def _field_types() -> dict[str, object]:
@@ -189,8 +218,16 @@ def test_groups_hold_the_keys_in_table_order_with_snake_case_fields():
     cfg = AppConfig()
     names = [k.name for k in KEYS]
     assert names == list(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
-    assert [f.name for f in dataclasses.fields(AppConfig)] == ["model", "data", "train", "compress", "server",
-                                                               "stop", "emulate", "output"]
+    assert [f.name for f in dataclasses.fields(AppConfig)] == [
+        "model",
+        "data",
+        "train",
+        "compress",
+        "server",
+        "stop",
+        "emulate",
+        "output",
+    ]
     for k in KEYS:
         assert k.attr == k.name.replace("-", "_")
         assert getattr(getattr(cfg, k.group), k.attr) == k.default
@@ -247,17 +284,25 @@ def test_registries_are_the_literals():
     assert [get_compressor(c).name for c in COMPRESSORS] == list(COMPRESSORS)
 
 
-@pytest.mark.parametrize(("build", "message"), [
-    (lambda: make_rule("fedavgm"),
-     "`rule` must be one of 'fedasync', 'fedbuff', 'asgd', 'dn', 'fadas', 'shifted', 'saga', 'saga-est', "
-     "'page', 'fedavg', got 'fedavgm'"),
-    (lambda: make_selector("random"),
-     "`selection` must be one of 'same', 'uniform', 'loss-biased', 'time-aware', got 'random'"),
-    (lambda: make_staleness_fn("linear", 0.5, 4),
-     "`staleness` must be one of 'constant', 'polynomial', 'hinge', got 'linear'"),
-    (lambda: get_compressor("svd"),
-     "`compressor` must be one of 'none', 'pca', 'qrcp', 'cur', got 'svd'"),
-])
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: make_rule("fedavgm"),
+            "`rule` must be one of 'fedasync', 'fedbuff', 'asgd', 'dn', 'fadas', 'shifted', 'saga', 'saga-est', "
+            "'page', 'fedavg', got 'fedavgm'",
+        ),
+        (
+            lambda: make_selector("random"),
+            "`selection` must be one of 'same', 'uniform', 'loss-biased', 'time-aware', got 'random'",
+        ),
+        (
+            lambda: make_staleness_fn("linear", 0.5, 4),
+            "`staleness` must be one of 'constant', 'polynomial', 'hinge', got 'linear'",
+        ),
+        (lambda: get_compressor("svd"), "`compressor` must be one of 'none', 'pca', 'qrcp', 'cur', got 'svd'"),
+    ],
+)
 def test_library_builders_say_what_the_config_says(build, message):
     with pytest.raises(ValueError) as err:
         build()

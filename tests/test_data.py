@@ -35,8 +35,9 @@ def reference_articles(shared_dir) -> list[np.ndarray]:
         if re.fullmatch(r" = [^=].* = \n", row) or not articles:
             articles.append("")
         articles[-1] += row
-    return [np.asarray(tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-            for a in articles if a.strip()]
+    return [
+        np.asarray(tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for a in articles if a.strip()
+    ]
 
 
 def reference_blocks(articles: list[np.ndarray], block_size: int) -> Counter:
@@ -72,7 +73,7 @@ def test_tokenized_split_has_one_eos_per_article(make_cfg):
     tok = D._tokenizer(cfg)
     assert tokens.num_articles == 60
     assert int((tokens.ids == tok.eos_token_id).sum()) == 60
-    first = tokens.ids[tokens.starts[0]:tokens.starts[1]]
+    first = tokens.ids[tokens.starts[0] : tokens.starts[1]]
     text = tok.decode(first[:-1].tolist())
     assert text.startswith(" = Homarus gammarus = \n") and first[-1] == tok.eos_token_id
 
@@ -103,7 +104,7 @@ def test_partitioners_are_flwr_datasets_and_give_the_clients_data(make_cfg):
         for k in range(n):
             rows = partitioner.load_partition(k).to_dict()
             if name == "articles":
-                text = np.concatenate([tokens.ids[tokens.starts[a]:tokens.starts[a + 1]] for a in rows["article"]])
+                text = np.concatenate([tokens.ids[tokens.starts[a] : tokens.starts[a + 1]] for a in rows["article"]])
                 expected = D.pack_blocks(text, cfg.data.block_size)
             else:
                 expected = blocks[rows["block"]]
@@ -159,8 +160,11 @@ def test_articles_partitions_hold_whole_articles_once_each_balanced_by_tokens(ma
         assert whole, "every client holds at least one whole article"
         owned.append([index[tuple(piece.tolist())] for piece in whole])  # KeyError: not a whole article
         if len(tail):  # the start of the client's last article, cut where its last block ends
-            starts = [i for i, a in enumerate(reference_articles)
-                      if len(a) > len(tail) and np.array_equal(a[: len(tail)], tail)]
+            starts = [
+                i
+                for i, a in enumerate(reference_articles)
+                if len(a) > len(tail) and np.array_equal(a[: len(tail)], tail)
+            ]
             assert len(starts) == 1
             owned[-1] += starts
     # every article has >= 893 tokens, more than the tail packing drops: each one is seen
@@ -201,10 +205,17 @@ def test_every_process_computes_the_same_partitions(make_cfg, tmp_path):
     # a fresh interpreter (another hash seed, a cold token cache) is what each node runs
     here = "\n".join(
         f"{name} {[hashlib.sha256(p.numpy().tobytes()).hexdigest() for p in all_partitions(cfg, 5)]}"
-        for name, cfg in ((name, make_cfg(partitioner=name, max_train_blocks=0)) for name in PARTITIONERS))
+        for name, cfg in ((name, make_cfg(partitioner=name, max_train_blocks=0)) for name in PARTITIONERS)
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345", XDG_CACHE_HOME=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", _DIGESTS], cwd=Path(__file__).resolve().parents[1], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _DIGESTS],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == here
 
@@ -225,7 +236,7 @@ def test_offline_train_split_falls_back_to_validation(make_cfg, caplog):
     with caplog.at_level(logging.WARNING, logger="asyncfl.data"):
         split = D.resolve_train_split(make_cfg(train_split="train"))
     assert split == "validation"
-    assert "TRAIN ON \"validation\"" in caplog.text and "eval-split` = \"test\"" in caplog.text
+    assert 'TRAIN ON "validation"' in caplog.text and 'eval-split` = "test"' in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="asyncfl.data"):
         assert D.resolve_train_split(make_cfg(train_split="test")) == "test"

@@ -29,10 +29,19 @@ from test_docker import free_port_block  # noqa: E402
 
 def tiny_run_config(results: Path, **extra) -> str:
     cfg = {
-        "model-preset": "tiny", "tokenizer": str(SHARED_DATA / "gpt2"),
-        "data-dir": str(SHARED_DATA / "wikitext-2-raw"), "num-rounds": 2, "block-size": 32,
-        "max-train-blocks": 8, "eval-max-blocks": 8, "local-steps": 2, "mode": "async",
-        "device": "cpu", "save-model": False, "results-dir": str(results), "run-name": "run",
+        "model-preset": "tiny",
+        "tokenizer": str(SHARED_DATA / "gpt2"),
+        "data-dir": str(SHARED_DATA / "wikitext-2-raw"),
+        "num-rounds": 2,
+        "block-size": 32,
+        "max-train-blocks": 8,
+        "eval-max-blocks": 8,
+        "local-steps": 2,
+        "mode": "async",
+        "device": "cpu",
+        "save-model": False,
+        "results-dir": str(results),
+        "run-name": "run",
         **extra,
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
@@ -42,8 +51,7 @@ def run_script(tmp_path: Path, nodes: int, run_config: str, *extra: str, timeout
     assert SHARED_DATA.is_dir(), f"needs the offline data in {SHARED_DATA}"
     base = free_port_block(nodes + 1)
     env = {**os.environ, "ASYNCFL_SUPERLINK_PORT": str(base), "ASYNCFL_SUPERNODE_PORT": str(base + 1)}
-    cmd = [str(SCRIPT), str(nodes), "--work-dir", str(tmp_path / "work"), "--run-config", run_config,
-           *extra]
+    cmd = [str(SCRIPT), str(nodes), "--work-dir", str(tmp_path / "work"), "--run-config", run_config, *extra]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return res, base
 
@@ -74,20 +82,30 @@ def registered_ids(stderr: str) -> dict[int, int]:
 
 
 def explain(res: subprocess.CompletedProcess) -> str:
-    return (f"exit {res.returncode}\n--- stdout (tail) ---\n{res.stdout[-5000:]}\n"
-            f"--- stderr (tail) ---\n{res.stderr[-8000:]}")
+    return (
+        f"exit {res.returncode}\n--- stdout (tail) ---\n{res.stdout[-5000:]}\n"
+        f"--- stderr (tail) ---\n{res.stderr[-8000:]}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 def test_make_certs_gives_a_ca_a_server_cert_with_sans_and_ssh_node_keys(tmp_path):
     out = tmp_path / "certs"
-    subprocess.run([str(ld.MAKE_CERTS), "-d", str(out), "-n", "2", "localhost", "127.0.0.1", "superlink"],
-                   check=True, capture_output=True)
-    verify = subprocess.run(["openssl", "verify", "-CAfile", out / "ca.crt", out / "server.pem"],
-                            capture_output=True, text=True)
+    subprocess.run(
+        [str(ld.MAKE_CERTS), "-d", str(out), "-n", "2", "localhost", "127.0.0.1", "superlink"],
+        check=True,
+        capture_output=True,
+    )
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", out / "ca.crt", out / "server.pem"], capture_output=True, text=True
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    sans = subprocess.run(["openssl", "x509", "-in", out / "server.pem", "-noout", "-ext", "subjectAltName"],
-                          capture_output=True, text=True, check=True).stdout
+    sans = subprocess.run(
+        ["openssl", "x509", "-in", out / "server.pem", "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "DNS:localhost" in sans and "IP Address:127.0.0.1" in sans and "DNS:superlink" in sans
     for i in (1, 2):  # the formats flower-supernode and `flwr supernode register` read
         key = load_ssh_private_key((out / "keys" / f"node-{i}").read_bytes(), None)
@@ -111,8 +129,9 @@ def test_local_deployment_completes_and_cleans_up(tmp_path):
     # asgd + low-rank payloads: in deployment the tasks after a node's first come as update logs
     cfg = tiny_run_config(results, **{"rule": "asgd", "compressor": "pca", "num-rounds": 3})
     # two runs on the one deployment (`--run`): the async run, then a sync run of the same model
-    res, base = run_script(tmp_path, 2, cfg, "--run", 'run-name="run"',
-                           "--run", 'run-name="run2" mode="sync" num-rounds=2')
+    res, base = run_script(
+        tmp_path, 2, cfg, "--run", 'run-name="run"', "--run", 'run-name="run2" mode="sync" num-rounds=2'
+    )
     assert res.returncode == 0, explain(res)
     run_dir = results / "run"
     assert res.stdout.index(f"RUN_DIR={run_dir}") < res.stdout.index(f"RUN_DIR={results / 'run2'}")
@@ -169,8 +188,9 @@ def test_supernode_with_an_unregistered_key_is_refused(tmp_path):
         try:
             code = intruder.popen.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            pytest.fail("the SuperNode with an unregistered key is still running after 90 s:\n"
-                        + ld.tail(intruder.log_path))
+            pytest.fail(
+                "the SuperNode with an unregistered key is still running after 90 s:\n" + ld.tail(intruder.log_path)
+            )
         log = intruder.log_path.read_text()
         assert code != 0, log
         assert "Failed to initialize the connection to the SuperLink" in log, log
@@ -190,8 +210,7 @@ def test_killed_supernode_is_retired_and_the_others_finish_the_run(tmp_path):
     # the server loop gets NODE_UNAVAILABLE / sees it gone and retires it. A time budget keeps
     # the run going past that point however fast the updates are.
     cfg = tiny_run_config(results, **{"max-updates": 10_000, "time-budget-s": 110.0, "eval-every": 5})
-    res, _ = run_script(tmp_path, 2, cfg, "--kill-node", "2", "--kill-after", "0", "--kill-signal", "KILL",
-                        timeout=480)
+    res, _ = run_script(tmp_path, 2, cfg, "--kill-node", "2", "--kill-after", "0", "--kill-signal", "KILL", timeout=480)
     assert res.returncode == 0, explain(res)
     assert "killing supernode-2" in res.stderr
     killed = registered_ids(res.stderr)[2]
@@ -200,7 +219,7 @@ def test_killed_supernode_is_retired_and_the_others_finish_the_run(tmp_path):
     events = read_events(run_dir)
     retired = [i for i, e in enumerate(events) if e["event"] == "node_retired"]
     assert [events[i]["node"] for i in retired] == [killed], [events[i] for i in retired]
-    after = [e for e in events[retired[0]:] if e["event"] == "update"]
+    after = [e for e in events[retired[0] :] if e["event"] == "update"]
     assert after and all(e["node"] != killed for e in after), "no update after the node was retired"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert str(summary.get("stop_reason")).startswith("time-budget-s"), summary

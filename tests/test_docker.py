@@ -270,7 +270,7 @@ def test_dockerfile_copies_existing_files_kept_by_its_dockerignore(dockerfile):
         assert (ROOT / src).exists(), f"{dockerfile.name} copies missing {src}"
         for lines in (ignore, root_ignore):
             assert f"!{src.rstrip('/')}" in lines or f"!{src.rstrip('/')}/" in lines, src
-    assert "ENTRYPOINT [\"flower-superexec\"]" in dockerfile.read_text()
+    assert 'ENTRYPOINT ["flower-superexec"]' in dockerfile.read_text()
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,8 +278,13 @@ def test_dockerfile_copies_existing_files_kept_by_its_dockerignore(dockerfile):
 # --------------------------------------------------------------------------------------------
 @functools.cache
 def help_text(*command: str) -> str:
-    res = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"})
+    res = subprocess.run(
+        [*command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"},
+    )
     assert res.returncode == 0, f"{command} --help failed: {res.stderr}"
     return res.stdout + res.stderr
 
@@ -288,8 +293,24 @@ def flags_in(tokens: list[str]) -> list[str]:
     return [t.split("=", 1)[0] for t in tokens if t.startswith("--")]
 
 
-FLWR_SUBCOMMANDS = {"run", "ls", "list", "stop", "log", "supernode", "register", "unregister",
-                    "build", "install", "pull", "login", "federation", "config", "app", "new"}
+FLWR_SUBCOMMANDS = {
+    "run",
+    "ls",
+    "list",
+    "stop",
+    "log",
+    "supernode",
+    "register",
+    "unregister",
+    "build",
+    "install",
+    "pull",
+    "login",
+    "federation",
+    "config",
+    "app",
+    "new",
+}
 
 
 def assert_flags_exist(command: list[str]) -> None:
@@ -301,7 +322,8 @@ def assert_flags_exist(command: list[str]) -> None:
     text = help_text(*prog)
     for flag in flags_in(rest):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), (
-            f"`{' '.join(prog)}` has no {flag} (installed flwr)")
+            f"`{' '.join(prog)}` has no {flag} (installed flwr)"
+        )
 
 
 def compose_commands() -> list[list[str]]:
@@ -344,10 +366,13 @@ def docs_commands() -> list[list[str]]:
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             tokens = shlex.split(line, comments=True)
-            starts = [k for k, t in enumerate(tokens)
-                      if t in ("flwr", "asyncfl-superexec", "asyncfl-supernode") or t.startswith("flower-")]
+            starts = [
+                k
+                for k, t in enumerate(tokens)
+                if t in ("flwr", "asyncfl-superexec", "asyncfl-supernode") or t.startswith("flower-")
+            ]
             if starts:
-                out.append(tokens[starts[0]:])
+                out.append(tokens[starts[0] :])
     return out
 
 
@@ -374,8 +399,10 @@ def test_every_flag_in_the_deployment_docs_exists():
 # --------------------------------------------------------------------------------------------
 DOCKER_TESTS = os.environ.get("ASYNCFL_DOCKER_TESTS") == "1"
 needs_docker = pytest.mark.skipif(
-    not DOCKER_TESTS, reason="needs Docker: set ASYNCFL_DOCKER_TESTS=1 (.ci/run's docker step does, "
-                             "after scripts/compose-demo.sh ran the demo itself)")
+    not DOCKER_TESTS,
+    reason="needs Docker: set ASYNCFL_DOCKER_TESTS=1 (.ci/run's docker step does, "
+    "after scripts/compose-demo.sh ran the demo itself)",
+)
 
 
 def compose_config(env_file: Path | None) -> dict:
@@ -388,10 +415,10 @@ def compose_config(env_file: Path | None) -> dict:
     if env_file:
         args += ["--env-file", str(env_file)]
     # Only the files decide: no image/version variables from the caller's environment.
-    env = {k: v for k, v in os.environ.items()
-           if not (k == "FLWR_VERSION" or re.fullmatch(r"ASYNCFL_\w+_IMAGE", k))}
-    res = subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not (k == "FLWR_VERSION" or re.fullmatch(r"ASYNCFL_\w+_IMAGE", k))}
+    res = subprocess.run(
+        [*args, "config", "--format", "json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -406,8 +433,7 @@ def test_compose_config_resolves_the_images_of_each_base(base):
     v = flwr.__version__
     for name, svc in config["services"].items():
         program = program_of(name, svc).removeprefix("flower-")
-        expected = (f"local/flwr:{v}" if base == "local"
-                    else f"flwr/{'superexec' if 'build' in svc else program}:{v}")
+        expected = f"local/flwr:{v}" if base == "local" else f"flwr/{'superexec' if 'build' in svc else program}:{v}"
         if "build" in svc:
             assert svc["build"]["args"]["BASE_IMAGE"] == expected, name
             assert svc["image"].startswith("asyncfl-superexec:")
@@ -433,9 +459,13 @@ def test_in_containers_bad_input_fails_clearly_and_writes_no_results(tmp_path, f
     assert set(FAULTS) == set(compose_demo.FAULTS)
     service, cause = FAULTS[fault]
     work = tmp_path / "work"
-    res = subprocess.run([str(COMPOSE_DEMO), "--fault", fault, "--work-dir", str(work),
-                          "--updates", "2", "--timeout", "300"],
-                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    res = subprocess.run(
+        [str(COMPOSE_DEMO), "--fault", fault, "--work-dir", str(work), "--updates", "2", "--timeout", "300"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == compose_demo.EXIT_FAILED, out[-4000:]
     (failed,) = [line for line in out.splitlines() if "FAILED: container failed:" in line]
@@ -445,9 +475,12 @@ def test_in_containers_bad_input_fails_clearly_and_writes_no_results(tmp_path, f
     assert "summary.json files on the results volume: none" in out
     assert "down:" in out  # compose down ran
     if compose_demo.docker_answers(dict(os.environ)):  # a daemon of the caller's: nothing left on it
-        left = subprocess.run(["docker", "ps", "-aq", "--filter",
-                               f"label=com.docker.compose.project={compose_demo.PROJECT}"],
-                              capture_output=True, text=True, check=True).stdout.split()
+        left = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={compose_demo.PROJECT}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         assert not left, left
     else:  # the script started its own daemon and must have stopped it
         assert "stopping dockerd" in out and "dockerd up" in out
@@ -476,8 +509,7 @@ def test_compose_topology_runs_as_processes(tmp_path, compose):
     base = free_port_block(len(nodes) + 1)
     # Same certificate recipe as in the compose file's header, plus the local names.
     sans = ("localhost", "127.0.0.1", "superlink", *(f"supernode-{i}" for i in nodes))
-    dep = ld.Deployment(tmp_path / "work", len(nodes), superlink_port=base, node_port=base + 1,
-                        sans=sans)
+    dep = ld.Deployment(tmp_path / "work", len(nodes), superlink_port=base, node_port=base + 1, sans=sans)
     results = tmp_path / "results"
     mapping = {
         f"superlink:{link_port}": f"127.0.0.1:{base}",
@@ -512,10 +544,12 @@ def test_compose_topology_runs_as_processes(tmp_path, compose):
             start(f"superexec-clientapp-{i}")
         dep.wait_nodes_online(nodes)
         # The run config a docker user passes, with /data and /results mapped to local folders.
-        run_config = (f'model-preset="tiny" tokenizer="{SHARED_DATA}/gpt2" '
-                      f'data-dir="{SHARED_DATA}/wikitext-2-raw" results-dir="{results}" '
-                      'run-name="compose" num-rounds=1 block-size=32 max-train-blocks=8 '
-                      'eval-max-blocks=8 local-steps=2 mode="async" device="cpu" save-model=false')
+        run_config = (
+            f'model-preset="tiny" tokenizer="{SHARED_DATA}/gpt2" '
+            f'data-dir="{SHARED_DATA}/wikitext-2-raw" results-dir="{results}" '
+            'run-name="compose" num-rounds=1 block-size=32 max-train-blocks=8 '
+            'eval-max-blocks=8 local-steps=2 mode="async" device="cpu" save-model=false'
+        )
         try:
             dep.run_app(ROOT, [run_config], timeout=300)
         except ld.DeploymentError:

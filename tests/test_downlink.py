@@ -20,9 +20,9 @@ def test_log_sums_the_coefficients_of_the_steps_a_node_missed():
     p = [payload(i) for i in range(4)]
     dl.sent(node=1, version=0)
     dl.sent(node=2, version=1)
-    dl.add(p[0], 0.5, stepped=True, version_before=0)      # asgd: v0 -> v1
-    dl.add(p[1], 0.25, stepped=False, version_before=1)    # fedbuff K=2: buffered ...
-    dl.add(p[2], 0.75, stepped=True, version_before=1)     # ... then v1 -> v2 with both
+    dl.add(p[0], 0.5, stepped=True, version_before=0)  # asgd: v0 -> v1
+    dl.add(p[1], 0.25, stepped=False, version_before=1)  # fedbuff K=2: buffered ...
+    dl.add(p[2], 0.75, stepped=True, version_before=1)  # ... then v1 -> v2 with both
     dl.add_round([p[3], p[0]], [0.1, 0.2], version_before=2)  # a round reusing p[0]'s record
     m1 = dl.message_for(1, 3)
     assert (m1.base, m1.target) == (0, 3) and len(m1.records) == 5

@@ -24,10 +24,19 @@ pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/dat
 
 def offline_config(results: Path, **extra) -> str:
     cfg = {
-        "model-preset": "tiny", "tokenizer": str(SHARED / "gpt2"),
-        "data-dir": str(SHARED / "wikitext-2-raw"), "block-size": 32, "max-train-blocks": 48,
-        "eval-max-blocks": 48, "local-steps": 6, "batch-size": 8, "lr": 3e-3,
-        "results-dir": str(results), "run-name": "run", "device": "cpu", **extra,
+        "model-preset": "tiny",
+        "tokenizer": str(SHARED / "gpt2"),
+        "data-dir": str(SHARED / "wikitext-2-raw"),
+        "block-size": 32,
+        "max-train-blocks": 48,
+        "eval-max-blocks": 48,
+        "local-steps": 6,
+        "batch-size": 8,
+        "lr": 3e-3,
+        "results-dir": str(results),
+        "run-name": "run",
+        "device": "cpu",
+        **extra,
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
 
@@ -67,8 +76,10 @@ def test_sync_fedavg_two_clients_two_rounds(tmp_path):
     assert summary["train_split"] == "validation" and summary["eval_split"] == "test"
     # the ServerApp says which splits it used, and the data loader why it trains on validation
     assert f"asyncfl: run dir {run_dir}; training on split 'validation', evaluating on 'test' (48 blocks)" in log
-    assert (f'`data-dir` = "{SHARED / "wikitext-2-raw"}" has no wiki.train.raw: offline runs TRAIN ON '
-            '"validation" and evaluate on `eval-split` = "test"') in log
+    assert (
+        f'`data-dir` = "{SHARED / "wikitext-2-raw"}" has no wiki.train.raw: offline runs TRAIN ON '
+        '"validation" and evaluate on `eval-split` = "test"'
+    ) in log
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
@@ -77,8 +88,16 @@ def test_sync_fedavg_two_clients_two_rounds(tmp_path):
 
 def test_async_three_clients_one_slowed_with_low_rank_payloads(tmp_path):
     results = tmp_path / "results"
-    extra = {"mode": "async", "rule": "fedasync", "compressor": "pca", "rank": 4,
-             "client-speeds": "1,1,3", "max-updates": 14, "eval-every": 3, "min-nodes": 3}
+    extra = {
+        "mode": "async",
+        "rule": "fedasync",
+        "compressor": "pca",
+        "rank": 4,
+        "client-speeds": "1,1,3",
+        "max-updates": 14,
+        "eval-every": 3,
+        "min-nodes": 3,
+    }
     log = flwr_run(tmp_path, offline_config(results, **extra), supernodes=3)
     summary, events = read_run(results, log)
     updates = [e for e in events if e["event"] == "update"]

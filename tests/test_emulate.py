@@ -27,9 +27,17 @@ def updates(run_dir):
 
 
 def emulate(tmp_path, name, nodes=2, **kw):
-    cfg = {**BASE, "results-dir": str(tmp_path), "run-name": name, "client-speeds": "1,2",
-           "rule": "asgd", "server-lr": 0.5, "max-updates": 4, "eval-every": 1000,
-           **kw.pop("run_config", {})}
+    cfg = {
+        **BASE,
+        "results-dir": str(tmp_path),
+        "run-name": name,
+        "client-speeds": "1,2",
+        "rule": "asgd",
+        "server-lr": 0.5,
+        "max-updates": 4,
+        "eval-every": 1000,
+        **kw.pop("run_config", {}),
+    }
     summary = run_emulated(cfg, nodes, server_time=False, **kw)
     return summary, updates(tmp_path / name)
 
@@ -48,8 +56,7 @@ def test_idle_supernodes_find_tasks_at_their_next_poll(tmp_path):
     # task 1 s of compute, 0.5 s overhead, speeds 1 and 2, idle poll 3 s, no prefetch:
     # node p0: 0 -> 1.5; its next task is noticed at the poll 1.5 + 3 -> ends 4.5 + 1.5 = 6.0
     # node p1: 0 -> 2.5; next noticed at 5.5 -> ends 5.5 + 2 + 0.5 = 8.0
-    summary, ups = emulate(tmp_path, "poll", task_s=1.0, overhead_s=0.5, poll_s=3.0,
-                           run_config={"prefetch": "off"})
+    summary, ups = emulate(tmp_path, "poll", task_s=1.0, overhead_s=0.5, poll_s=3.0, run_config={"prefetch": "off"})
     assert [u["partition"] for u in ups] == [0, 1, 0, 1]
     for got, want in zip([u["t"] for u in ups], [1.5, 2.5, 6.0, 8.0]):
         assert want <= got < want + 0.06  # the loop polls every 0.05 virtual s
@@ -60,13 +67,20 @@ def test_idle_supernodes_find_tasks_at_their_next_poll(tmp_path):
 
 
 def test_without_poll_the_next_task_starts_at_once_and_prefetch_hides_the_poll(tmp_path):
-    _, ups = emulate(tmp_path, "nopoll", task_s=1.0, overhead_s=0.5, poll_s=0.0,
-                     run_config={"prefetch": "off", "max-updates": 3})
+    _, ups = emulate(
+        tmp_path, "nopoll", task_s=1.0, overhead_s=0.5, poll_s=0.0, run_config={"prefetch": "off", "max-updates": 3}
+    )
     for got, want in zip([u["t"] for u in ups], [1.5, 2.5, 3.0]):
         assert want <= got < want + 0.06
     # with prefetch the queued task is there when the node replies: no 3 s poll after the first
-    _, pre = emulate(tmp_path, "prefetch", task_s=1.0, overhead_s=0.5, poll_s=3.0,
-                     run_config={"prefetch": "on", "prefetch-lead-s": 0.5, "max-updates": 6})
+    _, pre = emulate(
+        tmp_path,
+        "prefetch",
+        task_s=1.0,
+        overhead_s=0.5,
+        poll_s=3.0,
+        run_config={"prefetch": "on", "prefetch-lead-s": 0.5, "max-updates": 6},
+    )
     later = [u for u in pre if u["prefetched"]]
     assert later and all(u["service_s"] < 2.6 for u in later)
 
@@ -74,8 +88,7 @@ def test_without_poll_the_next_task_starts_at_once_and_prefetch_hides_the_poll(t
 def test_prefetch_auto_queues_ahead_only_for_nodes_with_flowers_slow_poll(tmp_path):
     # a 3 s idle poll (Flower's flower-supernode, which reports nothing): tasks are queued ahead;
     # a 0.1 s poll (asyncfl-supernode, whose nodes report it): none are, and no poll is paid
-    kw = dict(task_s=1.0, overhead_s=0.5, run_config={"prefetch": "auto", "prefetch-lead-s": 0.5,
-                                                      "max-updates": 6})
+    kw = dict(task_s=1.0, overhead_s=0.5, run_config={"prefetch": "auto", "prefetch-lead-s": 0.5, "max-updates": 6})
     _, slow = emulate(tmp_path, "slow", poll_s=3.0, **kw)
     _, quick = emulate(tmp_path, "quick", poll_s=0.1, **kw)
     assert any(u["prefetched"] for u in slow)
@@ -86,8 +99,13 @@ def test_prefetch_auto_queues_ahead_only_for_nodes_with_flowers_slow_poll(tmp_pa
 
 
 def test_emulated_runs_are_reproducible(tmp_path):
-    kw = dict(task_s=1.0, overhead_s=0.2, poll_s=3.0, jitter=0.3,
-              run_config={"prefetch": "on", "max-updates": 6, "eval-every": 3})
+    kw = dict(
+        task_s=1.0,
+        overhead_s=0.2,
+        poll_s=3.0,
+        jitter=0.3,
+        run_config={"prefetch": "on", "max-updates": 6, "eval-every": 3},
+    )
     a, ups_a = emulate(tmp_path, "a", **kw)
     b, ups_b = emulate(tmp_path, "b", **kw)
     assert [u["t"] for u in ups_a] == [u["t"] for u in ups_b]
@@ -126,11 +144,19 @@ CASES = [(rule, 0) for rule in RULES] + [("sync", 0), ("fedbuff", 4)]
 def test_the_saved_model_has_the_final_perplexity(tmp_path, rule, lora):
     # 3 updates: fedbuff (K=2) and fadas end with a partial buffer that is flushed before the
     # final evaluation; sync runs 2 rounds
-    run_config = {"rule": rule if rule != "sync" else "asgd", "mode": "sync" if rule == "sync" else "async",
-                  "buffer-size": 2, "server-lr": 0.5 if rule != "fadas" else 1e-3, "max-updates": 3,
-                  "num-rounds": 2, "save-model": True, "lora-rank": lora, "eval-every": 2,
-                  "local-steps": 1,
-                  "server-momentum": 0.5 if rule in ("fedbuff", "dn", "sync") else 0.0}
+    run_config = {
+        "rule": rule if rule != "sync" else "asgd",
+        "mode": "sync" if rule == "sync" else "async",
+        "buffer-size": 2,
+        "server-lr": 0.5 if rule != "fadas" else 1e-3,
+        "max-updates": 3,
+        "num-rounds": 2,
+        "save-model": True,
+        "lora-rank": lora,
+        "eval-every": 2,
+        "local-steps": 1,
+        "server-momentum": 0.5 if rule in ("fedbuff", "dn", "sync") else 0.0,
+    }
     summary, ups = emulate(tmp_path, f"saved-{rule}-{lora}", task_s=1.0, run_config=run_config)
     assert ups
     cfg = AppConfig.from_run_config({**BASE, **run_config})

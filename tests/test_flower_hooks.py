@@ -52,11 +52,22 @@ def test_executor_hook_builds_flowers_executors_from_the_spec_asyncfl_reads():
     # the SuperExec calls the module global it imported (so replacing it there takes effect)
     assert re.search(r"\bget_executor\(\s*executor_type", inspect.getsource(rs.run_superexec))
     assert isinstance(rs.get_executor(ExecutorType.SUBPROCESS), SubprocessExecutor)
-    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1", token="t",
-                         insecure=True, root_certificates_path=None, runtime_dependency_install=False,
-                         parent_pid=None, suppress_output=False, task_id=1)
+    spec = ExecutionSpec(
+        task_type=TaskType.CLIENT_APP,
+        runtime_api_address="127.0.0.1:1",
+        token="t",
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=None,
+        suppress_output=False,
+        task_id=1,
+    )
     assert {f: getattr(spec, f) for f in ("runtime_api_address", "token", "parent_pid")} == {
-        "runtime_api_address": "127.0.0.1:1", "token": "t", "parent_pid": None}
+        "runtime_api_address": "127.0.0.1:1",
+        "token": "t",
+        "parent_pid": None,
+    }
     assert LaunchResult.accepted().status == "accepted"
 
 
@@ -231,8 +242,17 @@ def test_simulation_clientapp_is_not_in_deployment():
         seen.append(flower_hooks.clientapp_in_deployment())
         return Message(RecordDict(), reply_to=msg)
 
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=60, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
 
     class Actor(VirtualClientEngineActor):  # ClientAppActor without Ray

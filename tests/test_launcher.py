@@ -23,7 +23,9 @@ def _gone(pid: int) -> bool:
 def test_fork_flag_is_parsed_and_stripped(monkeypatch):
     monkeypatch.delenv(launcher.FORK_ENV, raising=False)
     assert launcher.fork_enabled(["--insecure", "--runtime-api-address", "h:1"]) == (
-        True, ["--insecure", "--runtime-api-address", "h:1"])
+        True,
+        ["--insecure", "--runtime-api-address", "h:1"],
+    )
     assert launcher.fork_enabled(["--fork", "off", "--insecure"]) == (False, ["--insecure"])
     assert launcher.fork_enabled(["--fork=on"]) == (True, [])
     monkeypatch.setenv(launcher.FORK_ENV, "0")
@@ -36,11 +38,25 @@ def test_fork_flag_is_parsed_and_stripped(monkeypatch):
 
 
 def test_child_argv_is_what_flwr_clientapp_would_have_had():
-    req = {"address": "127.0.0.1:9101", "token": "secret", "insecure": False,
-           "root_certificates": "/c/ca.crt", "parent_pid": 42}
+    req = {
+        "address": "127.0.0.1:9101",
+        "token": "secret",
+        "insecure": False,
+        "root_certificates": "/c/ca.crt",
+        "parent_pid": 42,
+    }
     argv = launcher.clientapp_argv(req)
-    assert argv == ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9101", "--token", "***",
-                    "--root-certificates", "/c/ca.crt", "--parent-pid", "42"]
+    assert argv == [
+        "flwr-clientapp",
+        "--runtime-api-address",
+        "127.0.0.1:9101",
+        "--token",
+        "***",
+        "--root-certificates",
+        "/c/ca.crt",
+        "--parent-pid",
+        "42",
+    ]
 
 
 def test_zygote_forks_children_that_run_the_task_and_are_reaped():
@@ -49,8 +65,13 @@ def test_zygote_forks_children_that_run_the_task_and_are_reaped():
         assert zygote.alive()
         # A task whose CA file does not exist: the child gets as far as Flower's TLS setup,
         # fails there and exits; the zygote must reap it and keep serving.
-        bad = {"address": "127.0.0.1:1", "token": "t", "insecure": False,
-               "root_certificates": "/nonexistent/ca.crt", "parent_pid": os.getpid()}
+        bad = {
+            "address": "127.0.0.1:1",
+            "token": "t",
+            "insecure": False,
+            "root_certificates": "/nonexistent/ca.crt",
+            "parent_pid": os.getpid(),
+        }
         pids = [zygote.fork(bad) for _ in range(3)]
         assert len(set(pids)) == 3 and zygote.proc.pid not in pids
         deadline = time.monotonic() + 30

@@ -51,7 +51,7 @@ def import_graph() -> dict[str, set[str]]:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = package[:len(package) - node.level + 1]
+                    base = package[: len(package) - node.level + 1]
                     prefix = ".".join(base + ([node.module] if node.module else []))
                 else:
                     prefix = node.module or ""
@@ -70,6 +70,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def layer_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     """The graph with each subpackage collapsed into one node (edges inside it dropped)."""
+
     def layer(m: str) -> str:
         return next((p for p in SUBPACKAGES if m == p or m.startswith(p + ".")), m)
 
@@ -89,7 +90,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for t in sorted(graph.get(m, ())):
             if state.get(t) == 1:
-                return path[path.index(t):] + [t]
+                return path[path.index(t) :] + [t]
             if t not in state and (found := visit(t)) is not None:
                 return found
         path.pop()

@@ -43,8 +43,13 @@ def client_delta(node: int, received: dict[str, torch.Tensor]) -> dict[str, torc
 class FakeGrid:
     """Grid stand-in: node -> (ticks to finish, behaviour)."""
 
-    def __init__(self, delays: dict[int, int], behaviour: dict[int, str] | None = None,
-                 equal_examples: bool = False, step_s: dict[int, float] | None = None):
+    def __init__(
+        self,
+        delays: dict[int, int],
+        behaviour: dict[int, str] | None = None,
+        equal_examples: bool = False,
+        step_s: dict[int, float] | None = None,
+    ):
         self.delays = delays
         self.behaviour = behaviour or {}
         self.equal_examples = equal_examples  # num-examples 1 for all (default: the node id)
@@ -115,8 +120,10 @@ class FakeGrid:
             metrics = {"warmup-s": 0.0}
             if "arrays" in msg.content.array_records and not self.cold_warmup:  # keep them, as the worker does
                 version = int(msg.content["config"]["version"])
-                self.held[node] = (version, {k: torch.from_numpy(a.copy())
-                                             for k, a in self._arrays(msg.content["arrays"], "weights").items()})
+                self.held[node] = (
+                    version,
+                    {k: torch.from_numpy(a.copy()) for k, a in self._arrays(msg.content["arrays"], "weights").items()},
+                )
                 metrics["holds-version"] = version
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         self.calls[node] += 1
@@ -128,17 +135,17 @@ class FakeGrid:
         config = msg.content["config"]
         version = int(config["version"])
         # what the task carried down, counted here from the Flower arrays (buffer + key)
-        carried = sum(len(a.data) + len(k) for rec in msg.content.array_records.values()
-                      for k, a in rec.items())
+        carried = sum(len(a.data) + len(k) for rec in msg.content.array_records.values() for k, a in rec.items())
         if config.get("downlink", "full") == "log":  # rebuild from the weights kept last time
             if how == "amnesia-once" and node not in self.forgot:
                 self.forgot.add(node)
-                return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"need-full": 1})}),
-                               reply_to=msg)
+                return Message(
+                    RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"need-full": 1})}), reply_to=msg
+                )
             base, held = self.held[node]
             assert base == int(config["base-version"])
             received = {k: v.clone() for k, v in held.items()}
-            for i, c in enumerate(list(config["log-coefs"])[:int(config["log-n"])]):
+            for i, c in enumerate(list(config["log-coefs"])[: int(config["log-n"])]):
                 self._arrays(msg.content[f"log-{i}"], "log")
                 for k, u in decode_state(msg.content[f"log-{i}"]).items():
                     received[k] += c * u
@@ -159,21 +166,27 @@ class FakeGrid:
             assert array.data.count(text) == 1
             array.data = array.data.replace(text, text.replace(b"[4,3]", b"[4,9]"))
         steps = int(config.get("local-steps", 16))
-        metrics = {"partition-id": node, "train-loss": 1.0 / node,
-                   "num-examples": 1 if self.equal_examples else node,
-                   "steps": steps, "client-s": steps * self.step_s.get(node, 0.01),
-                   "bytes": record.count_bytes(), "dense-bytes": 60, "rec-error": 0.0,
-                   "fro-error": 0.0}
+        metrics = {
+            "partition-id": node,
+            "train-loss": 1.0 / node,
+            "num-examples": 1 if self.equal_examples else node,
+            "steps": steps,
+            "client-s": steps * self.step_s.get(node, 0.01),
+            "bytes": record.count_bytes(),
+            "dense-bytes": 60,
+            "rec-error": 0.0,
+            "fro-error": 0.0,
+        }
         encode_s = None if node in self.no_encode else 0.001 * node + 1e-5 * self.calls[node]
         if encode_s is not None:
             metrics["encode-s"] = encode_s
         kind = config.get("downlink", "full")
-        size = int(config["log-n"]) if kind == "log" else \
-            sum(a.nbytes for a in arrays_of(msg.content["arrays"]).values())
+        size = (
+            int(config["log-n"]) if kind == "log" else sum(a.nbytes for a in arrays_of(msg.content["arrays"]).values())
+        )
         self.replied.append((node, carried, kind, size, encode_s))
         metrics = MetricRecord(metrics)
         return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
-
 
     def _arrays(self, record: ArrayRecord, what: str) -> dict:
         self.records[what, "wire" if is_wire(record) else "plain"] += 1
@@ -181,21 +194,47 @@ class FakeGrid:
 
 
 def make_state(tmp_path, **overrides) -> ServerState:
-    run_config = {"poll-interval-s": 0.001, "min-nodes": 1, "node-wait-s": 1.0, "eval-every": 1000,
-                  "results-dir": str(tmp_path), "run-name": "run", **overrides}
+    run_config = {
+        "poll-interval-s": 0.001,
+        "min-nodes": 1,
+        "node-wait-s": 1.0,
+        "eval-every": 1000,
+        "results-dir": str(tmp_path),
+        "run-name": "run",
+        **overrides,
+    }
     cfg = AppConfig.from_run_config(run_config)
     x = {k: v.clone() for k, v in X0.items()}
     run_dir = tmp_path / "run"
-    recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.server.mode, compressor="none",
-                           rule=cfg.server.rule, num_clients=0, eval_split="test", train_split="validation",
-                           target_ppl=None, resume=bool(cfg.output.resume_from))
+    recorder = RunRecorder(
+        run_dir,
+        config=cfg.to_dict(),
+        mode=cfg.server.mode,
+        compressor="none",
+        rule=cfg.server.rule,
+        num_clients=0,
+        eval_split="test",
+        train_split="validation",
+        target_ppl=None,
+        resume=bool(cfg.output.resume_from),
+    )
     ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
     return ServerState(
-        cfg=cfg, x=x, device=torch.device("cpu"), rule_factory=lambda n: build_rule(cfg, n),
-        selector=build_selector(cfg), recorder=recorder,
-        evaluate_fn=lambda: {"loss": float(x["w"].abs().mean()), "ppl": math.exp(float(x["w"].abs().mean())),
-                             "top1": 0.0, "top5": 0.0},
-        run_key="run", run_dir=run_dir, resume=ckpt,
+        cfg=cfg,
+        x=x,
+        device=torch.device("cpu"),
+        rule_factory=lambda n: build_rule(cfg, n),
+        selector=build_selector(cfg),
+        recorder=recorder,
+        evaluate_fn=lambda: {
+            "loss": float(x["w"].abs().mean()),
+            "ppl": math.exp(float(x["w"].abs().mean())),
+            "top1": 0.0,
+            "top5": 0.0,
+        },
+        run_key="run",
+        run_dir=run_dir,
+        resume=ckpt,
     )
 
 
@@ -317,8 +356,7 @@ def test_checkpoint_then_resume_continues_the_version_count(tmp_path):
     assert ckpt.exists()
     saved = load_checkpoint(ckpt)
     assert saved["updates"] == 4 and saved["version"] == first.version == 2
-    second = make_state(tmp_path, rule="fedbuff", **{"buffer-size": 2, "max-updates": 8,
-                                                      "resume-from": str(ckpt)})
+    second = make_state(tmp_path, rule="fedbuff", **{"buffer-size": 2, "max-updates": 8, "resume-from": str(ckpt)})
     AsyncFLStrategy(second).start(FakeGrid({1: 1, 2: 2}))
     assert second.updates == 8 and second.version == 4
     ups = events(tmp_path, "update")
@@ -331,8 +369,9 @@ def test_checkpoint_then_resume_continues_the_version_count(tmp_path):
 # ------------------------------------------------------------------------------------------
 def test_prefetch_queues_one_task_ahead_and_the_model_matches_the_replay(tmp_path):
     # a huge lead time queues the next task as soon as a node's task time is known
-    state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 1e6,
-                                                              "server-lr": 0.5, "max-updates": 12})
+    state = make_state(
+        tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 1e6, "server-lr": 0.5, "max-updates": 12}
+    )
     grid = FakeGrid({1: 2, 2: 3})
     strategy = AsyncFLStrategy(state)
     strategy.start(grid)
@@ -470,8 +509,9 @@ def weights_at_push(grid: FakeGrid, state: ServerState) -> dict[int, dict[str, t
 @pytest.mark.parametrize("rule", ["asgd", "fedbuff"])
 def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, rule):
     def run(path, downlink, cold=False):
-        state = make_state(path, rule=rule, downlink=downlink,
-                           **{"server-lr": 0.5, "max-updates": 10, "buffer-size": 2})
+        state = make_state(
+            path, rule=rule, downlink=downlink, **{"server-lr": 0.5, "max-updates": 10, "buffer-size": 2}
+        )
         grid = FakeGrid({1: 1, 2: 3})
         grid.cold_warmup = cold
         sent = weights_at_push(grid, state)
@@ -488,8 +528,9 @@ def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, 
     full, full_grid, _, _ = run(tmp_path / "full", "full")
     assert full_grid.log_tasks == 0 and grid.sent == full_grid.sent
     key = [(u["node"], u["version"], u["staleness"]) for u in events(tmp_path, "update")]
-    assert len(key) == 10 and key == [(u["node"], u["version"], u["staleness"])
-                                      for u in events(tmp_path / "full", "update")]
+    assert len(key) == 10 and key == [
+        (u["node"], u["version"], u["staleness"]) for u in events(tmp_path / "full", "update")
+    ]
     for k in X0:
         torch.testing.assert_close(state.x[k], full.x[k])
     # each node's copy, rebuilt from the logs (past the warm-up's version 0; the newest is the
@@ -527,12 +568,10 @@ def test_a_node_that_lost_its_copy_gets_the_full_weights(tmp_path, log_always):
         torch.testing.assert_close(state.x[k], expected[k])
 
 
-@pytest.mark.parametrize("mode, downlink", [("async", "full"), ("async", "log"), ("sync", "full"),
-                                            ("sync", "log")])
+@pytest.mark.parametrize("mode, downlink", [("async", "full"), ("async", "log"), ("sync", "full"), ("sync", "log")])
 def test_update_events_carry_the_encode_time_and_the_bytes_sent_down(tmp_path, log_always, mode, downlink):
     limit = {"max-updates": 10} if mode == "async" else {"num-rounds": 3}
-    state = make_state(tmp_path, mode=mode, rule="asgd", downlink=downlink, pack="off",
-                       **{"server-lr": 0.5, **limit})
+    state = make_state(tmp_path, mode=mode, rule="asgd", downlink=downlink, pack="off", **{"server-lr": 0.5, **limit})
     grid = FakeGrid({1: 1, 2: 3, 3: 2})
     grid.no_encode = {3}  # node 3 does not report `encode-s`
     grid.cold_warmup = True  # the first tasks carry the full weights, later ones (log) a log
@@ -572,8 +611,13 @@ def test_update_log_needs_a_linear_rule():
 @pytest.mark.parametrize("downlink", ["full", "log"])
 def test_packed_messages_train_the_same_model(tmp_path, log_always, downlink):
     def run(pack_mode):
-        state = make_state(tmp_path / pack_mode, rule="asgd", pack=pack_mode, downlink=downlink,
-                           **{"server-lr": 0.5, "max-updates": 10})
+        state = make_state(
+            tmp_path / pack_mode,
+            rule="asgd",
+            pack=pack_mode,
+            downlink=downlink,
+            **{"server-lr": 0.5, "max-updates": 10},
+        )
         grid = FakeGrid({1: 1, 2: 3})
         AsyncFLStrategy(state).start(grid)
         return state, grid
@@ -664,8 +708,12 @@ def test_a_time_budget_not_num_rounds_stops_an_async_run(tmp_path):
 def test_a_time_budget_stops_a_sync_run_mid_round_with_the_last_round_s_model(tmp_path):
     """A budget is a budget in sync mode too: the round in flight when it ends is dropped, the
     model is the last completed round's, and the final figures describe that model."""
-    state = make_state(tmp_path, mode="sync", warmup=False,
-                       **{"num-rounds": 50, "time-budget-s": 0.5, "eval-every": 1, "server-lr": 1.0})
+    state = make_state(
+        tmp_path,
+        mode="sync",
+        warmup=False,
+        **{"num-rounds": 50, "time-budget-s": 0.5, "eval-every": 1, "server-lr": 1.0},
+    )
     grid = FakeGrid({1: 1, 2: 1})
     real_push = grid.push_messages
 
@@ -759,13 +807,16 @@ def test_warm_up_reaches_every_node_first_and_restarts_the_run_clock(tmp_path):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_fedbuff_with_k_all_clients_at_staleness_0_equals_fedavg(tmp_path, momentum):
     nodes = {1: 1, 2: 1, 3: 1}
-    fb = make_state(tmp_path / "fb", rule="fedbuff", staleness="constant",
-                    **{"buffer-size": 3, "server-lr": 0.8, "server-momentum": momentum, "max-updates": 3})
+    fb = make_state(
+        tmp_path / "fb",
+        rule="fedbuff",
+        staleness="constant",
+        **{"buffer-size": 3, "server-lr": 0.8, "server-momentum": momentum, "max-updates": 3},
+    )
     grid = FakeGrid(nodes, equal_examples=True)
     AsyncFLStrategy(fb).start(grid)
     assert [u["staleness"] for u in events(tmp_path / "fb", "update")] == [0, 0, 0]
-    avg = make_state(tmp_path / "avg", mode="sync",
-                     **{"num-rounds": 1, "server-lr": 0.8, "server-momentum": momentum})
+    avg = make_state(tmp_path / "avg", mode="sync", **{"num-rounds": 1, "server-lr": 0.8, "server-momentum": momentum})
     AsyncFLStrategy(avg).start(FakeGrid(nodes, equal_examples=True))
     for k in X0:
         torch.testing.assert_close(fb.x[k], avg.x[k], rtol=1e-6, atol=1e-7)
@@ -784,8 +835,9 @@ def replay_weighted(updates: list[dict]) -> dict[str, torch.Tensor]:
 
 def test_balance_evens_out_each_nodes_share_of_the_steps(tmp_path):
     def run(path, balance):
-        state = make_state(path, rule="asgd", balance=balance,
-                           **{"server-lr": 0.2, "max-updates": 24, "delay-adaptive": False})
+        state = make_state(
+            path, rule="asgd", balance=balance, **{"server-lr": 0.2, "max-updates": 24, "delay-adaptive": False}
+        )
         grid = FakeGrid({1: 1, 2: 2, 3: 4})
         clock, pull = [0.0], grid.pull_messages
 
@@ -819,9 +871,9 @@ def test_balance_evens_out_each_nodes_share_of_the_steps(tmp_path):
 
 
 def test_balance_is_only_for_asgd():
-    with pytest.raises(ConfigError, match="`balance`.*rule \"asgd\".*rule \"fedbuff\""):
+    with pytest.raises(ConfigError, match='`balance`.*rule "asgd".*rule "fedbuff"'):
         AppConfig.from_run_config({"rule": "fedbuff", "balance": True})
-    with pytest.raises(ConfigError, match="`balance`.*mode \"sync\""):
+    with pytest.raises(ConfigError, match='`balance`.*mode "sync"'):
         AppConfig.from_run_config({"mode": "sync", "balance": True})
 
 

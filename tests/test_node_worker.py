@@ -79,7 +79,8 @@ def test_remote_update_log_task_matches_in_process(remote):
     start = {k: v.clone() for k, v in trainable_state(build_model(cfg)).items()}
     g = torch.Generator().manual_seed(3)
     rec = get_compressor("pca", rank=2, dtype="fp32").encode_state(
-        {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in start.items()})
+        {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    )
     weights = wire.to_record({k: v.numpy() for k, v in start.items()})
     run_remote(run_config, node, {"run-key": "r", "version": 0}, [weights])
     task = {"run-key": "r", "version": 1, "update-log": {"base": 0, "coefs": [0.5], "n": 1}}

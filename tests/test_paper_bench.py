@@ -28,12 +28,26 @@ def test_defaults_give_the_full_grid_with_dense_sync_first():
     # within each (seed, federation) block, dense sync (the target) runs first
     for i in range(0, len(jobs), 8):
         assert jobs[i][1:3] == ("none", "sync")
-        assert len({(n, s) for n, _, _, s in jobs[i:i + 8]}) == 1
+        assert len({(n, s) for n, _, _, s in jobs[i : i + 8]}) == 1
 
 
 def test_cells_configs_and_overrides():
-    args = paper.parse_args(["--compressors", "cur,pca", "--modes", "async", "--clients", "4",
-                             "--seeds", "5", "--rank", "3", "--set", "block-size=32 local-steps=2"])
+    args = paper.parse_args(
+        [
+            "--compressors",
+            "cur,pca",
+            "--modes",
+            "async",
+            "--clients",
+            "4",
+            "--seeds",
+            "5",
+            "--rank",
+            "3",
+            "--set",
+            "block-size=32 local-steps=2",
+        ]
+    )
     args.tokenizer_dir, args.wiki_dir = Path("tok"), Path("wiki")
     assert paper.grid(args) == [(4, "cur", "async", 5), (4, "pca", "async", 5)]
     cfg = paper.config_for(args, 4, "cur", "async", 5)
@@ -45,14 +59,17 @@ def test_cells_configs_and_overrides():
     assert paper.run_name(4, "cur", "async", 5) == "n4-cur-async-s5"
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--compressors", "pca,svd"], ["'svd'", "none, pca, qrcp, cur"]),
-    (["--modes", "sync,semi"], ["'semi'", "sync, async"]),
-    (["--clients", "3"], ["[3]", "2 (", "4 ("]),
-    (["--clients", "two"], ["--clients", "'two'"]),
-    (["--seeds", ""], ["no seeds"]),
-    (["--rank", "0"], ["--rank"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--compressors", "pca,svd"], ["'svd'", "none, pca, qrcp, cur"]),
+        (["--modes", "sync,semi"], ["'semi'", "sync, async"]),
+        (["--clients", "3"], ["[3]", "2 (", "4 ("]),
+        (["--clients", "two"], ["--clients", "'two'"]),
+        (["--seeds", ""], ["no seeds"]),
+        (["--rank", "0"], ["--rank"]),
+    ],
+)
 def test_bad_arguments_name_the_value_and_what_is_accepted(argv, words):
     with pytest.raises(SystemExit) as exc:
         paper.parse_args(argv)
@@ -82,10 +99,28 @@ def _spread(xs):
 def test_one_tiny_emulated_grid_end_to_end(tmp_path, capsys):
     out = tmp_path / "paper"
     md_path = tmp_path / "docs" / "results.md"
-    rc = paper.main(["--clients", "2", "--compressors", "none,pca", "--modes", "sync,async",
-                     "--seeds", "11", "--time-budget-s", "3", "--out", str(out),
-                     "--results-md", str(md_path), "--emulate-args", "--task-s 0.5 --no-server-time",
-                     "--set", "block-size=32 max-train-blocks=8 eval-max-blocks=8 local-steps=2"])
+    rc = paper.main(
+        [
+            "--clients",
+            "2",
+            "--compressors",
+            "none,pca",
+            "--modes",
+            "sync,async",
+            "--seeds",
+            "11",
+            "--time-budget-s",
+            "3",
+            "--out",
+            str(out),
+            "--results-md",
+            str(md_path),
+            "--emulate-args",
+            "--task-s 0.5 --no-server-time",
+            "--set",
+            "block-size=32 max-train-blocks=8 eval-max-blocks=8 local-steps=2",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     for name in ("n2-none-sync-s11", "n2-none-async-s11", "n2-pca-sync-s11", "n2-pca-async-s11"):
@@ -116,15 +151,20 @@ def test_one_tiny_emulated_grid_end_to_end(tmp_path, capsys):
         evals = [e for e in events if e["event"] == "eval"]
         ups = [e for e in events if e["event"] == "update"]
         hit = [e["t"] for e in evals if e["ppl"] is not None and e["ppl"] <= target]
-        want = {"final_ppl": evals[-1]["ppl"], "best_ppl": min(e["ppl"] for e in evals),
-                "final_top1": evals[-1]["top1"], "bytes_uploaded": sum(u["bytes"] for u in ups),
-                "mean_staleness": sum(u["staleness"] for u in ups) / len(ups),
-                "updates": len(ups), "time_to_target_s": min(hit) if hit else None,
-                "decode_apply_ms": 1e3 * sum(u["decode_apply_s"] for u in ups) / len(ups),
-                # the two columns from the update events: the worker's `encode-s` and the task
-                # messages' arrays (the full weights: the emulator keeps the update log off)
-                "encode_ms": 1e3 * sum(u["encode_s"] for u in ups) / len(ups),
-                "bytes_downloaded": sum(u["bytes_down"] for u in ups)}
+        want = {
+            "final_ppl": evals[-1]["ppl"],
+            "best_ppl": min(e["ppl"] for e in evals),
+            "final_top1": evals[-1]["top1"],
+            "bytes_uploaded": sum(u["bytes"] for u in ups),
+            "mean_staleness": sum(u["staleness"] for u in ups) / len(ups),
+            "updates": len(ups),
+            "time_to_target_s": min(hit) if hit else None,
+            "decode_apply_ms": 1e3 * sum(u["decode_apply_s"] for u in ups) / len(ups),
+            # the two columns from the update events: the worker's `encode-s` and the task
+            # messages' arrays (the full weights: the emulator keeps the update log off)
+            "encode_ms": 1e3 * sum(u["encode_s"] for u in ups) / len(ups),
+            "bytes_downloaded": sum(u["bytes_down"] for u in ups),
+        }
         assert all(u["encode_s"] > 0 and u["bytes_down"] > 0 for u in ups)
         assert want["bytes_downloaded"] == s["bytes_down_total"]
         assert want["encode_ms"] == pytest.approx(1e3 * s["mean_encode_s"], rel=1e-9)

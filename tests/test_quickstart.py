@@ -41,15 +41,18 @@ def test_defaults(tmp_path, monkeypatch):
     assert (args.threads, args.dry_run) == (1, False)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--budget-s", "0"], "--budget-s must be a number > 0"),
-    (["--budget-s", "-5"], "--budget-s must be a number > 0"),
-    (["--budget-s", "nan"], "--budget-s must be a number > 0"),
-    (["--budget-s", "soon"], "invalid float value"),
-    (["--supernodes", "1"], "--supernodes must be at least 2"),
-    (["--timeout-s", "0"], "--timeout-s must be > 0"),
-    (["--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget-s", "0"], "--budget-s must be a number > 0"),
+        (["--budget-s", "-5"], "--budget-s must be a number > 0"),
+        (["--budget-s", "nan"], "--budget-s must be a number > 0"),
+        (["--budget-s", "soon"], "invalid float value"),
+        (["--supernodes", "1"], "--supernodes must be at least 2"),
+        (["--timeout-s", "0"], "--timeout-s must be > 0"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         demo.parse_args(argv)
@@ -86,8 +89,9 @@ def test_run_configs_differ_only_in_mode_and_eval_cadence(tmp_path):
         assert cfg["data-dir"] == str((ROOT / "../shared/data/wikitext-2-raw").resolve())
         AppConfig.from_run_config(cfg)  # valid as a whole
     assert a["eval-every"] == 4 and s["eval-every"] == 1  # both evaluate every 4 updates
-    assert {k: v for k, v in a.items() if k not in ("mode", "run-name", "eval-every")} == \
-        {k: v for k, v in s.items() if k not in ("mode", "run-name", "eval-every")}
+    assert {k: v for k, v in a.items() if k not in ("mode", "run-name", "eval-every")} == {
+        k: v for k, v in s.items() if k not in ("mode", "run-name", "eval-every")
+    }
 
 
 def test_run_config_is_what_config_merge_writes(tmp_path):
@@ -95,9 +99,13 @@ def test_run_config_is_what_config_merge_writes(tmp_path):
     args = args_for(tmp_path)
     paths = demo.write_run_configs(args)
     for mode, path in paths.items():
-        cli = subprocess.run([sys.executable, "-m", "asyncfl.config", "--merge", str(BASE),
-                              demo.run_overrides(mode, args)], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
+        cli = subprocess.run(
+            [sys.executable, "-m", "asyncfl.config", "--merge", str(BASE), demo.run_overrides(mode, args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert cli == merged_toml(str(BASE), demo.run_overrides(mode, args))
         assert read_toml(path) == tomllib.loads(demo.absolute_paths(cli, ROOT))
         assert list(read_toml(path)) == list(tomllib.loads(cli))  # same keys, same order
@@ -116,12 +124,15 @@ def test_hub_ids_and_absolute_paths_are_left_alone(tmp_path):
     assert out == {"tokenizer": "gpt2", "data-dir": "/data/wiki", "model": str(ROOT / "configs"), "rank": 8}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--speeds", "1,0.5"], "client-speeds"),
-    (["--set", "lr=-1"], "run config key `lr` must be a number > 0"),
-    (["--set", "no-such-key=1"], "unknown run config key(s) no-such-key"),
-    (["--set", "mode=sync"], "is not key=value with a TOML value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--speeds", "1,0.5"], "client-speeds"),
+        (["--set", "lr=-1"], "run config key `lr` must be a number > 0"),
+        (["--set", "no-such-key=1"], "unknown run config key(s) no-such-key"),
+        (["--set", "mode=sync"], "is not key=value with a TOML value"),
+    ],
+)
 def test_bad_config_stops_before_flower(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.setattr(demo.subprocess, "Popen", lambda *a, **k: pytest.fail("flwr must not run"))
     assert demo.main(["--out", str(tmp_path / "out"), *argv]) == 2
@@ -149,8 +160,15 @@ def test_flwr_env_private_home_ports_and_no_dependency_installation(tmp_path):
 
 def test_flwr_command(tmp_path):
     assert demo.flwr_command(ROOT, tmp_path / "a.toml", 3) == [
-        "flwr", "run", str(ROOT), "--stream", "--run-config", str(tmp_path / "a.toml"),
-        "--federation-config", "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=3"]
+        "flwr",
+        "run",
+        str(ROOT),
+        "--stream",
+        "--run-config",
+        str(tmp_path / "a.toml"),
+        "--federation-config",
+        "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=3",
+    ]
 
 
 def test_dry_run_prints_commands_with_their_environment(tmp_path, monkeypatch, capsys):
@@ -159,35 +177,49 @@ def test_dry_run_prints_commands_with_their_environment(tmp_path, monkeypatch, c
     lines = [ln for ln in capsys.readouterr().out.splitlines() if " flwr run " in ln]
     assert len(lines) == 2 and "async.toml" in lines[0] and "sync.toml" in lines[1]
     for line in lines:
-        assert line.startswith(f"FLWR_HOME={tmp_path / 'out' / 'flwr-home'} "
-                               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=")
+        assert line.startswith(
+            f"FLWR_HOME={tmp_path / 'out' / 'flwr-home'} "
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="
+        )
 
 
 def test_console_script_is_registered_and_is_the_readme_quick_start():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["asyncfl-demo"] == "asyncfl.demo:main"
     readme = (ROOT / "README.md").read_text()
-    quick = readme[readme.index("## Quick start"):readme.index("### Offline use")]
+    quick = readme[readme.index("## Quick start") : readme.index("### Offline use")]
     commands = quick.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
     assert [c.split("#")[0].strip() for c in commands] == [
-        'pip install torch==2.13.0 && pip install -e ".[test]"', "asyncfl-demo"]
+        'pip install torch==2.13.0 && pip install -e ".[test]"',
+        "asyncfl-demo",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole flow with `flwr run` faked
 # ---------------------------------------------------------------------------------------------
 # Eval curves (t, ppl) of the fake runs: async gets to sync's final 80 at t = 10
-CURVES = {"async": [(0.0, 500.0), (5.0, 120.0), (10.0, 75.0), (15.0, 60.0)],
-          "sync": [(0.0, 500.0), (8.0, 200.0), (16.0, 110.0), (24.0, 80.0)]}
+CURVES = {
+    "async": [(0.0, 500.0), (5.0, 120.0), (10.0, 75.0), (15.0, 60.0)],
+    "sync": [(0.0, 500.0), (8.0, 200.0), (16.0, 110.0), (24.0, 80.0)],
+}
 
 
 def write_fake_run(run_dir: Path, mode: str) -> None:
     """A finished run as the ServerApp writes it (RunRecorder, a fake clock)."""
     now = [0.0]
-    rec = RunRecorder(run_dir, config={"mode": mode}, mode=mode, compressor="pca",
-                      rule="asgd" if mode == "async" else "fedavg", num_clients=4,
-                      eval_split="test", train_split="validation", target_ppl=None,
-                      clock=lambda: now[0])
+    rec = RunRecorder(
+        run_dir,
+        config={"mode": mode},
+        mode=mode,
+        compressor="pca",
+        rule="asgd" if mode == "async" else "fedavg",
+        num_clients=4,
+        eval_split="test",
+        train_split="validation",
+        target_ppl=None,
+        clock=lambda: now[0],
+    )
     for i, (t, ppl) in enumerate(CURVES[mode]):
         now[0] = t
         if i:
@@ -303,28 +335,36 @@ def test_wait_for_summary_follows_a_run_after_the_stream_ends(tmp_path, monkeypa
         return "running"
 
     monkeypatch.setattr(demo, "run_status", status)
-    got = demo.wait_for_summary(tmp_path / "async", time.time() - 1, "Successfully started run 42",
-                                {}, ROOT, timeout_s=30, poll_s=0.01)
+    got = demo.wait_for_summary(
+        tmp_path / "async", time.time() - 1, "Successfully started run 42", {}, ROOT, timeout_s=30, poll_s=0.01
+    )
     assert got == tmp_path / "async" / "summary.json" and len(calls) == 3
 
 
 def test_wait_for_summary_gives_up(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "run_status", lambda env, cwd, run_id: "running")
     with pytest.raises(demo.DemoError, match="run status: running"):
-        demo.wait_for_summary(tmp_path, time.time(), "Successfully started run 1", {}, ROOT,
-                              timeout_s=0.05, poll_s=0.01)
+        demo.wait_for_summary(
+            tmp_path, time.time(), "Successfully started run 1", {}, ROOT, timeout_s=0.05, poll_s=0.01
+        )
     with pytest.raises(demo.DemoError, match="run status: not started"):
         demo.wait_for_summary(tmp_path, time.time(), "Failed to start run", {}, ROOT, timeout_s=5)
 
 
 def test_run_streamed_copies_output_and_kills_on_timeout(tmp_path, capsys):
-    out = demo.run_streamed([sys.executable, "-c", "print('hello'); import sys; print('err', file=sys.stderr)"],
-                            os.environ, tmp_path, tmp_path / "a.log", timeout_s=60)
+    out = demo.run_streamed(
+        [sys.executable, "-c", "print('hello'); import sys; print('err', file=sys.stderr)"],
+        os.environ,
+        tmp_path,
+        tmp_path / "a.log",
+        timeout_s=60,
+    )
     assert "hello" in out and "err" in out and "hello" in capsys.readouterr().out
     t0 = time.monotonic()
     with pytest.raises(demo.DemoError, match="still running after 1 s"):
-        demo.run_streamed([sys.executable, "-c", "import time; time.sleep(60)"], os.environ,
-                          tmp_path, tmp_path / "b.log", timeout_s=1)
+        demo.run_streamed(
+            [sys.executable, "-c", "import time; time.sleep(60)"], os.environ, tmp_path, tmp_path / "b.log", timeout_s=1
+        )
     assert time.monotonic() - t0 < 30
 
 

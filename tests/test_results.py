@@ -29,17 +29,57 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # max 3), decode+apply 2, 4, 6 ms (mean 4 ms), target 50 first reached by the eval at t = 6.
 SCRIPT = [
     (0.0, "log_eval", dict(version=0, round=0, loss=4.5, ppl=90.0, top1=0.20, top5=0.40)),
-    (1.0, "log_update", dict(version=1, node=11, partition=0, staleness=0, weight=1.0,
-                             train_loss=4.0, bytes=100, dense_bytes=1000, rec_error=0.1,
-                             decode_apply_s=0.002)),
-    (2.0, "log_update", dict(version=2, node=12, partition=1, staleness=1, weight=0.7,
-                             train_loss=3.9, bytes=100, dense_bytes=1000, rec_error=0.2,
-                             decode_apply_s=0.004)),
+    (
+        1.0,
+        "log_update",
+        dict(
+            version=1,
+            node=11,
+            partition=0,
+            staleness=0,
+            weight=1.0,
+            train_loss=4.0,
+            bytes=100,
+            dense_bytes=1000,
+            rec_error=0.1,
+            decode_apply_s=0.002,
+        ),
+    ),
+    (
+        2.0,
+        "log_update",
+        dict(
+            version=2,
+            node=12,
+            partition=1,
+            staleness=1,
+            weight=0.7,
+            train_loss=3.9,
+            bytes=100,
+            dense_bytes=1000,
+            rec_error=0.2,
+            decode_apply_s=0.004,
+        ),
+    ),
     (2.5, "log_drop", dict(node=13, partition=2, staleness=9, reason="stale")),
     (3.0, "log_eval", dict(version=2, round=1, loss=4.0, ppl=55.0, top1=0.25, top5=0.45)),
-    (4.0, "log_update", dict(version=3, node=13, partition=2, staleness=3, weight=0.5,
-                             train_loss=3.8, bytes=200, dense_bytes=1000, rec_error=0.3,
-                             decode_apply_s=0.006, buffer_fill=1)),
+    (
+        4.0,
+        "log_update",
+        dict(
+            version=3,
+            node=13,
+            partition=2,
+            staleness=3,
+            weight=0.5,
+            train_loss=3.8,
+            bytes=200,
+            dense_bytes=1000,
+            rec_error=0.3,
+            decode_apply_s=0.006,
+            buffer_fill=1,
+        ),
+    ),
     (5.0, "log_event", dict(kind="node_retired", node=14, failures=3)),
     (6.0, "log_eval", dict(version=3, round=2, loss=3.9, ppl=50.0, top1=0.27, top5=0.47)),
     (7.0, "log_eval", dict(version=3, round=3, loss=3.8, ppl=45.0, top1=0.28, top5=0.48)),
@@ -60,8 +100,16 @@ class FakeClock:
 
 
 def recorder(run_dir: Path, clock: FakeClock, *, resume: bool = False, **overrides) -> RunRecorder:
-    kwargs = dict(config=CONFIG, mode="async", compressor="pca", rule="fedasync",
-                  num_clients=3, eval_split="test", train_split="train", target_ppl=50.0)
+    kwargs = dict(
+        config=CONFIG,
+        mode="async",
+        compressor="pca",
+        rule="fedasync",
+        num_clients=3,
+        eval_split="test",
+        train_split="train",
+        target_ppl=50.0,
+    )
     kwargs.update(overrides)
     if resume:
         return RunRecorder.resume(run_dir, clock=clock, **kwargs)
@@ -98,8 +146,19 @@ def test_every_event_line_parses_and_matches_what_was_logged(run):
     events = event_lines(run_dir)
     # Assert: a start line, one line per call in order, a finish line
     assert [e["event"] for e in events] == [
-        "start", "eval", "update", "update", "drop", "eval", "update", "node_retired",
-        "eval", "eval", "drop", "finish"]
+        "start",
+        "eval",
+        "update",
+        "update",
+        "drop",
+        "eval",
+        "update",
+        "node_retired",
+        "eval",
+        "eval",
+        "drop",
+        "finish",
+    ]
     assert events[0]["config"] == CONFIG and events[0]["mode"] == "async"
     for (t, _, kwargs), event in zip(SCRIPT, events[1:-1]):
         assert event["t"] == t
@@ -130,8 +189,7 @@ def test_summary_totals_equal_recomputation_from_event_lines(run):
     assert summary["mean_decode_apply_ms"] == pytest.approx(4.0)
     assert summary["initial_eval_ppl"] == evals[0]["ppl"] == 90.0
     assert summary["final_eval_ppl"] == evals[-1]["ppl"] == 45.0
-    assert (summary["final_eval_loss"], summary["final_eval_top1"],
-            summary["final_eval_top5"]) == (3.8, 0.28, 0.48)
+    assert (summary["final_eval_loss"], summary["final_eval_top1"], summary["final_eval_top5"]) == (3.8, 0.28, 0.48)
     assert summary["best_eval_ppl"] == min(e["ppl"] for e in evals)
     assert summary["wall_clock_s"] == events[-1]["t"] == FINISH_T
     assert summary["config"] == CONFIG and summary["extra"] == {"note": "test"}
@@ -171,8 +229,9 @@ def test_results_md_table_rows_match_evals(run):
     lines = text.splitlines()
     header = "| round | updates | elapsed s | eval loss | eval ppl | top-1 acc | top-5 acc |"
     start = lines.index(header) + 2  # skip the alignment row
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:start + 5]
-            if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in lines[start : start + 5] if line.startswith("|")
+    ]
     assert rows == [
         ["0", "0", "0.0", "4.5000", "90.00", "0.2000", "0.4000"],
         ["1", "2", "3.0", "4.0000", "55.00", "0.2500", "0.4500"],
@@ -181,9 +240,13 @@ def test_results_md_table_rows_match_evals(run):
     ]
     assert lines[0].startswith("# async / fedasync / pca")
     assert "`train`" in text and "`test`" in text and "Offline" not in text
-    for fragment in ("400 B vs 3.00 kB dense (compression ratio 7.5x)", "mean 1.33, max 3",
-                     "invalid payload: 1, stale: 1", "6.0 s (ppl <= 50)",
-                     "stop reason: max-updates"):
+    for fragment in (
+        "400 B vs 3.00 kB dense (compression ratio 7.5x)",
+        "mean 1.33, max 3",
+        "invalid payload: 1, stale: 1",
+        "6.0 s (ppl <= 50)",
+        "stop reason: max-updates",
+    ):
         assert fragment in text
 
 
@@ -226,8 +289,14 @@ def test_resume_continues_totals_and_t(tmp_path, run):
 def test_nan_inf_and_numpy_values_become_json_safe(tmp_path):
     clock = FakeClock()
     rec = recorder(tmp_path / "nan", clock)
-    rec.log_eval(version=np.int64(0), loss=float("nan"), ppl=np.float64(np.inf),
-                 top1=np.float32(0.5), arr=np.array([1.0, np.nan]), flags=(True, float("-inf")))
+    rec.log_eval(
+        version=np.int64(0),
+        loss=float("nan"),
+        ppl=np.float64(np.inf),
+        top1=np.float32(0.5),
+        arr=np.array([1.0, np.nan]),
+        flags=(True, float("-inf")),
+    )
     line = (tmp_path / "nan" / "events.jsonl").read_text().splitlines()[-1]
     assert "NaN" not in line and "Infinity" not in line
     event = json.loads(line)
@@ -275,11 +344,18 @@ def test_read_events_ignores_torn_tail_but_rejects_bad_middle_line(tmp_path):
 def test_compare_writes_table_and_plot_listing_each_run(tmp_path, run, capsys):
     # Prepare: a second, shorter run (wall-clock 4 s) with its own ppl curve
     other = tmp_path / "sync-fedavg-none"
-    run_script(other, script=[
-        (0.0, "log_eval", dict(version=0, loss=4.4, ppl=80.0)),
-        (1.0, "log_update", dict(version=1, node=1, staleness=0, bytes=1000, dense_bytes=1000)),
-        (2.0, "log_eval", dict(version=1, loss=4.1, ppl=60.0)),
-    ], finish_t=4.0, mode="sync", rule="fedavg", compressor="none")
+    run_script(
+        other,
+        script=[
+            (0.0, "log_eval", dict(version=0, loss=4.4, ppl=80.0)),
+            (1.0, "log_update", dict(version=1, node=1, staleness=0, bytes=1000, dense_bytes=1000)),
+            (2.0, "log_eval", dict(version=1, loss=4.1, ppl=60.0)),
+        ],
+        finish_t=4.0,
+        mode="sync",
+        rule="fedavg",
+        compressor="none",
+    )
     out = tmp_path / "cmp"
     # Execute
     code = main(["compare", str(run[0]), str(other), "--out", str(out)])
@@ -288,8 +364,7 @@ def test_compare_writes_table_and_plot_listing_each_run(tmp_path, run, capsys):
     table = (out / "comparison.md").read_text()
     assert capsys.readouterr().out == table
     assert (out / "comparison.png").read_bytes()[:8] == PNG_MAGIC
-    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")]
-                              for line in table.splitlines()[2:])}
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:])}
     assert set(rows) == {"async-fedasync-pca", "sync-fedavg-none"}
     assert rows["async-fedasync-pca"][1:6] == ["async", "fedasync", "pca", "3", "8.0"]
     assert rows["async-fedasync-pca"][6:10] == ["90.00", "45.00", "45.00", "6.0"]
@@ -301,8 +376,14 @@ def test_compare_writes_table_and_plot_listing_each_run(tmp_path, run, capsys):
 def test_compare_on_missing_dir_exits_2_naming_the_path(tmp_path):
     missing = tmp_path / "no-such-run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "asyncfl.results", "compare", str(missing)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncfl.results", "compare", str(missing)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "comparison.md").exists()

@@ -52,10 +52,14 @@ def assert_state(x: dict[str, torch.Tensor], **expected: torch.Tensor) -> None:
 def random_updates(seed: int, steps: int, nodes: int = 3) -> list[tuple[int, int, dict]]:
     """(node, staleness, update) triples over a two-tensor state."""
     g = torch.Generator().manual_seed(seed)
-    return [(int(torch.randint(nodes, (1,), generator=g)), int(torch.randint(5, (1,), generator=g)),
-             {"w": torch.randn(2, 3, generator=g, dtype=F64),
-              "b": torch.randn(3, generator=g, dtype=F64)})
-            for _ in range(steps)]
+    return [
+        (
+            int(torch.randint(nodes, (1,), generator=g)),
+            int(torch.randint(5, (1,), generator=g)),
+            {"w": torch.randn(2, 3, generator=g, dtype=F64), "b": torch.randn(3, generator=g, dtype=F64)},
+        )
+        for _ in range(steps)
+    ]
 
 
 def fresh_x() -> dict[str, torch.Tensor]:
@@ -68,8 +72,7 @@ RULE_KWARGS = {
     "asgd": dict(server_lr=0.3, delay_adaptive=True, concurrency=2),
     "shifted": dict(server_lr=0.2, shift_alpha=0.5, num_clients=3),
     "saga": dict(server_lr=0.4),
-    "dn": dict(buffer_size=2, server_lr=0.5, momentum=0.8,
-               staleness_fn=make_staleness_fn("polynomial", 0.5, 0)),
+    "dn": dict(buffer_size=2, server_lr=0.5, momentum=0.8, staleness_fn=make_staleness_fn("polynomial", 0.5, 0)),
     "fadas": dict(buffer_size=2, server_lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, tau_c=2),
     "saga-est": dict(server_lr=0.4),
     "page": dict(server_lr=0.4),
@@ -84,15 +87,15 @@ def test_constant_staleness_is_one(tau):
     assert make_staleness_fn("constant", 0.5, 4)(tau) == 1.0
 
 
-@pytest.mark.parametrize(("a", "tau", "expected"),
-                         [(0.5, 0, 1.0), (0.5, 3, 0.5), (0.5, 8, 1 / 3), (1.0, 1, 0.5),
-                          (1.0, 9, 0.1), (0.0, 7, 1.0)])
+@pytest.mark.parametrize(
+    ("a", "tau", "expected"),
+    [(0.5, 0, 1.0), (0.5, 3, 0.5), (0.5, 8, 1 / 3), (1.0, 1, 0.5), (1.0, 9, 0.1), (0.0, 7, 1.0)],
+)
 def test_polynomial_staleness(a, tau, expected):
     assert make_staleness_fn("polynomial", a, 0)(tau) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize(("tau", "expected"), [(0, 1.0), (4, 1.0), (5, 1 / 1.5), (6, 0.5),
-                                               (10, 0.25)])
+@pytest.mark.parametrize(("tau", "expected"), [(0, 1.0), (4, 1.0), (5, 1 / 1.5), (6, 0.5), (10, 0.25)])
 def test_hinge_staleness(tau, expected):
     # s = 1 for tau <= b = 4, then 1 / (a (tau - b) + 1) with a = 0.5
     assert make_staleness_fn("hinge", 0.5, 4)(tau) == pytest.approx(expected, rel=1e-12)
@@ -133,14 +136,12 @@ def test_fedasync_with_base_mixes_toward_the_client_model():
     # Assert: 0.75 * [4, 4] + 0.25 * [2, 4]
     assert_state(x, w=t(3.5, 4.0))
     assert applied.weight == 0.25
-    assert FedAsync.needs_base and not any(
-        make_rule(n, **RULE_KWARGS[n]).needs_base for n in RULES if n != "fedasync")
+    assert FedAsync.needs_base and not any(make_rule(n, **RULE_KWARGS[n]).needs_base for n in RULES if n != "fedasync")
 
 
 def test_fedbuff_k2_applies_staleness_weighted_sum_over_k():
     x = state(w=t(0, 0))
-    rule = FedBuff(buffer_size=2, server_lr=1.0,
-                   staleness_fn=make_staleness_fn("polynomial", 1.0, 0))
+    rule = FedBuff(buffer_size=2, server_lr=1.0, staleness_fn=make_staleness_fn("polynomial", 1.0, 0))
     first = rule.apply(x, {"w": t(2, 0)}, staleness=0, node=0)  # s = 1
     assert_state(x, w=t(0, 0))  # no step before K arrivals
     assert (first.stepped, first.weight) == (False, 0.5)
@@ -222,9 +223,9 @@ def test_balance_scales_hand_computed_and_asgd_node_scale():
 def test_shifted_hand_computed_steps_use_h_before_the_shift_update():
     # gamma = 1, alpha = 0.5, n = 2
     x, rule = state(w=t(0)), Shifted(server_lr=1.0, shift_alpha=0.5, num_clients=2)
-    rule.apply(x, {"w": t(2)}, staleness=0, node=0)   # x = 0 + (0 + 2); h0 = 1, h = 0.5
+    rule.apply(x, {"w": t(2)}, staleness=0, node=0)  # x = 0 + (0 + 2); h0 = 1, h = 0.5
     assert_state(x, w=t(2))
-    rule.apply(x, {"w": t(4)}, staleness=1, node=1)   # x = 2 + (0.5 + 4); h1 = 2, h = 1.5
+    rule.apply(x, {"w": t(4)}, staleness=1, node=1)  # x = 2 + (0.5 + 4); h1 = 2, h = 1.5
     assert_state(x, w=t(6.5))
     rule.apply(x, {"w": t(-2)}, staleness=1, node=0)  # x = 6.5 + (1.5 - 2); h0 = 0, h = 1
     assert_state(x, w=t(6.0))
@@ -348,7 +349,7 @@ def test_client_shift_residual_update_and_disk_round_trip(tmp_path):
     shift = ClientShift(shift_alpha=0.5)
     delta = {"w": t(4, 2)}
     assert shift.residual(delta)["w"] is delta["w"]  # h_i = 0: nothing to subtract
-    shift.update({"w": t(4, 2)})                     # h = [2, 1]
+    shift.update({"w": t(4, 2)})  # h = [2, 1]
     assert_state(shift.residual({"w": t(1, 1)}), w=t(-1, 0))
     path = tmp_path / "shift.pt"
     shift.save(path)
@@ -393,8 +394,10 @@ def test_saga_running_sum_matches_a_recomputed_mean():
 # ---------------------------------------------------------------------------------------------
 BAD_UPDATES = [
     ({"w": torch.zeros(2, 3, dtype=F64)}, "missing \\['b'\\]"),
-    ({"w": torch.zeros(2, 3, dtype=F64), "b": torch.zeros(3, dtype=F64),
-      "extra": torch.zeros(1)}, "unexpected \\['extra'\\]"),
+    (
+        {"w": torch.zeros(2, 3, dtype=F64), "b": torch.zeros(3, dtype=F64), "extra": torch.zeros(1)},
+        "unexpected \\['extra'\\]",
+    ),
     ({"w": torch.zeros(3, 2, dtype=F64), "b": torch.zeros(3, dtype=F64)}, "'w'.*shape"),
     ({"w": torch.zeros(2, 3, dtype=F64), "b": [0.0, 0.0, 0.0]}, "'b'.*must be a tensor"),
 ]
@@ -468,27 +471,30 @@ def test_state_dict_round_trip_continues_identically(name):
 
 
 def test_make_rule_registry_errors():
-    with pytest.raises(ValueError, match="`rule` must be one of 'fedasync', 'fedbuff', 'asgd', 'dn', 'fadas', "
-                                         "'shifted', 'saga', 'saga-est', 'page', 'fedavg', got 'fedprox'"):
+    with pytest.raises(
+        ValueError,
+        match="`rule` must be one of 'fedasync', 'fedbuff', 'asgd', 'dn', 'fadas', "
+        "'shifted', 'saga', 'saga-est', 'page', 'fedavg', got 'fedprox'",
+    ):
         make_rule("fedprox", server_lr=1.0)
     with pytest.raises(ValueError, match="accepted arguments: server_lr, delay_adaptive"):
         make_rule("asgd", server_lr=1.0, beta=0.9)
     with pytest.raises(ValueError, match="missing"):
         make_rule("fedbuff", server_lr=1.0)
-    for name, kwargs, field in [("fedasync", dict(alpha=0.0), "alpha"),
-                                ("fedasync", dict(alpha=1.5), "alpha"),
-                                ("fedbuff", dict(buffer_size=0, server_lr=1.0), "buffer_size"),
-                                ("asgd", dict(server_lr=-1.0), "server_lr"),
-                                ("asgd", dict(server_lr=math.inf), "server_lr"),
-                                ("asgd", dict(server_lr=1.0, concurrency=0), "concurrency"),
-                                ("shifted", dict(server_lr=1, shift_alpha=2, num_clients=2),
-                                 "shift_alpha"),
-                                ("shifted", dict(server_lr=1, shift_alpha=1, num_clients=0),
-                                 "num_clients"),
-                                ("asgd", dict(server_lr=1.0, momentum=1.0), "momentum"),
-                                ("dn", dict(buffer_size=2, server_lr=1.0, momentum=-0.1), "momentum"),
-                                ("fadas", dict(buffer_size=2, server_lr=1.0, beta2=1.0), "beta1` and `beta2"),
-                                ("fadas", dict(buffer_size=2, server_lr=1.0, tau_c=0), "tau_c")]:
+    for name, kwargs, field in [
+        ("fedasync", dict(alpha=0.0), "alpha"),
+        ("fedasync", dict(alpha=1.5), "alpha"),
+        ("fedbuff", dict(buffer_size=0, server_lr=1.0), "buffer_size"),
+        ("asgd", dict(server_lr=-1.0), "server_lr"),
+        ("asgd", dict(server_lr=math.inf), "server_lr"),
+        ("asgd", dict(server_lr=1.0, concurrency=0), "concurrency"),
+        ("shifted", dict(server_lr=1, shift_alpha=2, num_clients=2), "shift_alpha"),
+        ("shifted", dict(server_lr=1, shift_alpha=1, num_clients=0), "num_clients"),
+        ("asgd", dict(server_lr=1.0, momentum=1.0), "momentum"),
+        ("dn", dict(buffer_size=2, server_lr=1.0, momentum=-0.1), "momentum"),
+        ("fadas", dict(buffer_size=2, server_lr=1.0, beta2=1.0), "beta1` and `beta2"),
+        ("fadas", dict(buffer_size=2, server_lr=1.0, tau_c=0), "tau_c"),
+    ]:
         with pytest.raises(ValueError, match=f"`{field}`"):
             make_rule(name, **kwargs)
 
@@ -520,8 +526,7 @@ def test_rules_update_live_model_parameters_in_place(name):
     model = torch.nn.Linear(3, 2).double()
     x = dict(model.named_parameters())
     before = {k: v.detach().clone() for k, v in x.items()}
-    rule = make_rule(name, **{**RULE_KWARGS[name], **({"buffer_size": 1}
-                                                      if name in ("fedbuff", "fadas") else {})})
+    rule = make_rule(name, **{**RULE_KWARGS[name], **({"buffer_size": 1} if name in ("fedbuff", "fadas") else {})})
     update = {k: torch.ones_like(v) for k, v in before.items()}
     assert rule.apply(x, update, staleness=0, node=0).stepped
     assert all(x[k] is p for k, p in model.named_parameters())
@@ -602,8 +607,7 @@ def test_delayed_nesterov_without_momentum_is_asgd_with_lr_over_n():
 def test_fadas_amsgrad_step_hand_computed():
     # K = 1, lr 0.1, b1 0.9, b2 0.99, eps 0. d = 2: m = 0.2, v = v_hat = 0.04 -> x += 0.1.
     # d = -1: m = 0.08, v = 0.0496 -> x += 0.1 * 0.08 / sqrt(0.0496).
-    x, rule = state(w=t(0)), FADAS(buffer_size=1, server_lr=0.1, beta1=0.9, beta2=0.99,
-                                   eps=1e-300, tau_c=10)
+    x, rule = state(w=t(0)), FADAS(buffer_size=1, server_lr=0.1, beta1=0.9, beta2=0.99, eps=1e-300, tau_c=10)
     rule.apply(x, {"w": t(2)}, staleness=0, node=0)
     assert float(x["w"]) == pytest.approx(0.1, rel=1e-12)
     rule.apply(x, {"w": t(-1)}, staleness=0, node=0)
@@ -671,8 +675,7 @@ def test_page_fresh_replaces_and_diff_adds_to_the_table_entry():
     # lr 1: node 0 fresh 2 -> x += 2; node 1 fresh 4 -> x += (2 + 4) / 2; node 0 diff 1 ->
     # g0 = 3 -> x += (3 + 4) / 2; node 0 fresh 0 -> g0 = 0 -> x += 2.
     x, rule = state(w=t(0)), Page(server_lr=1.0)
-    for node, kind, d, expect in [(0, "fresh", 2, 2), (1, "fresh", 4, 5), (0, "diff", 1, 8.5),
-                                  (0, "fresh", 0, 10.5)]:
+    for node, kind, d, expect in [(0, "fresh", 2, 2), (1, "fresh", 4, 5), (0, "diff", 1, 8.5), (0, "fresh", 0, 10.5)]:
         rule.apply(x, {"w": t(d)}, staleness=0, node=node, info={"page-diff": int(kind == "diff")})
         assert_state(x, w=t(expect))
     # a difference for a node with no entry is not applied

@@ -119,16 +119,21 @@ def test_power_of_choice_takes_the_highest_loss_candidate():
 
 
 def test_make_selector_errors():
-    with pytest.raises(ValueError, match="`selection` must be one of 'same', 'uniform', 'loss-biased', "
-                                         "'time-aware', got 'round-robin'"):
+    with pytest.raises(
+        ValueError, match="`selection` must be one of 'same', 'uniform', 'loss-biased', 'time-aware', got 'round-robin'"
+    ):
         make_selector("round-robin")
     with pytest.raises(ValueError, match="accepted arguments: floor, power, decay, candidates"):
         make_selector("loss-biased", temperature=2.0)
     with pytest.raises(ValueError, match="accepted arguments: none"):
         make_selector("uniform", floor=0.1)
-    for kwargs, field in ((dict(floor=0.0), "floor"), (dict(floor=1.5), "floor"),
-                          (dict(power=-1.0), "power"), (dict(decay=1.0), "decay"),
-                          (dict(candidates=-1), "candidates")):
+    for kwargs, field in (
+        (dict(floor=0.0), "floor"),
+        (dict(floor=1.5), "floor"),
+        (dict(power=-1.0), "power"),
+        (dict(decay=1.0), "decay"),
+        (dict(candidates=-1), "candidates"),
+    ):
         with pytest.raises(ValueError, match=f"`{field}`"):
             make_selector("loss-biased", **kwargs)
 

@@ -51,19 +51,22 @@ def test_target_above_the_initial_bound_stops_at_once():
     assert rule.should_stop(0, 4.5) and rule.should_stop(0, 100.0)
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    (dict(n=10, mu=0.1), "lambda = 1 - n\\*mu\\*\\(1 \\+ 3\\*rho_bar/8\\) = 0 "),
-    (dict(n=2, mu=0.5, rho_bar=1.0), "lambda .* = -0.375 with n=2, mu=0.5, rho_bar=1.0"),
-    (dict(mu=0.0), "`mu` must be > 0"),
-    (dict(L=-1.0), "`L` must be > 0"),
-    (dict(A1=0.0), "`A1` must be > 0"),
-    (dict(eta=0.0), "`eta` must be > 0"),
-    (dict(rho_bar=-0.5), "`rho_bar` must be >= 0"),
-    (dict(C=-1.0), "`C` must be >= 0"),
-    (dict(D=math.nan), "`D` must be a finite number"),
-    (dict(n=0), "`n` must be an int >= 1"),
-    (dict(D=5.0), "\\(L/mu\\)\\*A1 = 4.5 must exceed x"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(n=10, mu=0.1), "lambda = 1 - n\\*mu\\*\\(1 \\+ 3\\*rho_bar/8\\) = 0 "),
+        (dict(n=2, mu=0.5, rho_bar=1.0), "lambda .* = -0.375 with n=2, mu=0.5, rho_bar=1.0"),
+        (dict(mu=0.0), "`mu` must be > 0"),
+        (dict(L=-1.0), "`L` must be > 0"),
+        (dict(A1=0.0), "`A1` must be > 0"),
+        (dict(eta=0.0), "`eta` must be > 0"),
+        (dict(rho_bar=-0.5), "`rho_bar` must be >= 0"),
+        (dict(C=-1.0), "`C` must be >= 0"),
+        (dict(D=math.nan), "`D` must be a finite number"),
+        (dict(n=0), "`n` must be an int >= 1"),
+        (dict(D=5.0), "\\(L/mu\\)\\*A1 = 4.5 must exceed x"),
+    ],
+)
 def test_bad_constants_raise(changes, message):
     with pytest.raises(ValueError, match=message):
         BoundStopRule(**{**HALF, **changes})

@@ -21,8 +21,10 @@ from tests.test_loop import X0, FakeGrid, client_delta, events, make_state
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 # weights other than X0 (and of another dtype: the state's fp32 tensors must stay fp32)
-INITIAL = {"w": torch.linspace(-1.0, 2.0, 12, dtype=torch.float64).reshape(4, 3),
-           "b": torch.tensor([0.5, -0.25, 2.0], dtype=torch.float64)}
+INITIAL = {
+    "w": torch.linspace(-1.0, 2.0, 12, dtype=torch.float64).reshape(4, 3),
+    "b": torch.tensor([0.5, -0.25, 2.0], dtype=torch.float64),
+}
 
 
 def as_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -79,8 +81,9 @@ def test_async_run_starts_from_initial_arrays_and_evaluates_every_version(tmp_pa
     state = make_state(tmp_path, rule="asgd", **{"server-lr": 0.5, "max-updates": 6, "eval-every": 1})
     live_w = state.x["w"]
     evaluate = Evaluations()
-    result = AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 2, 3: 3}), initial_arrays=ArrayRecord(INITIAL),
-                                          evaluate_fn=evaluate)
+    result = AsyncFLStrategy(state).start(
+        FakeGrid({1: 1, 2: 2, 3: 3}), initial_arrays=ArrayRecord(INITIAL), evaluate_fn=evaluate
+    )
     ups = events(tmp_path, "update")
     assert len(ups) == 6 and max(u["staleness"] for u in ups) >= 1
     xs = replay_asgd(INITIAL, ups, 0.5)  # from the initial arrays, not from X0
@@ -113,12 +116,17 @@ def test_async_run_starts_from_initial_arrays_and_evaluates_every_version(tmp_pa
     assert result.evaluate_metrics_clientapp == {}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"w": torch.zeros(2, 2), "b": torch.zeros(3)}, r"initial_arrays\['w'\] has shape \(2, 2\).*\(4, 3\)"),
-    ({"w": torch.zeros(4, 3)}, r"lacks the model's trainable tensor 'b' \(shape \(3,\)\)"),
-    ({"w": torch.zeros(4, 3), "b": torch.zeros(3), "lm_head.weight": torch.zeros(3)},
-     r"key 'lm_head.weight', which is not a trainable tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"w": torch.zeros(2, 2), "b": torch.zeros(3)}, r"initial_arrays\['w'\] has shape \(2, 2\).*\(4, 3\)"),
+        ({"w": torch.zeros(4, 3)}, r"lacks the model's trainable tensor 'b' \(shape \(3,\)\)"),
+        (
+            {"w": torch.zeros(4, 3), "b": torch.zeros(3), "lm_head.weight": torch.zeros(3)},
+            r"key 'lm_head.weight', which is not a trainable tensor",
+        ),
+    ],
+)
 def test_mismatched_initial_arrays_raise_and_change_nothing(tmp_path, bad, message):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 2})
     grid = FakeGrid({1: 1})
@@ -134,8 +142,9 @@ def test_mismatched_initial_arrays_raise_and_change_nothing(tmp_path, bad, messa
 def test_sync_run_evaluates_each_round_with_that_rounds_weights(tmp_path):
     state = make_state(tmp_path, mode="sync", **{"num-rounds": 3, "server-lr": 1.0, "eval-every": 1})
     evaluate = Evaluations()
-    result = AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 3}), initial_arrays=ArrayRecord(INITIAL),
-                                          evaluate_fn=evaluate)
+    result = AsyncFLStrategy(state).start(
+        FakeGrid({1: 1, 2: 3}), initial_arrays=ArrayRecord(INITIAL), evaluate_fn=evaluate
+    )
     xs = replay_fedavg(INITIAL, [1, 2], 3)
     assert [r for r, _ in evaluate.calls] == [0, 1, 2, 3]
     for rnd, arrays in evaluate.calls:
@@ -152,8 +161,9 @@ def test_sync_run_evaluates_each_round_with_that_rounds_weights(tmp_path):
 
 def test_the_final_evaluation_happens_inside_start_after_the_buffer_is_flushed(tmp_path):
     # fedbuff K=2 and 3 updates: the third sits in the buffer until the end, then a last step
-    state = make_state(tmp_path, rule="fedbuff", staleness="constant",
-                       **{"buffer-size": 2, "server-lr": 1.0, "max-updates": 3})
+    state = make_state(
+        tmp_path, rule="fedbuff", staleness="constant", **{"buffer-size": 2, "server-lr": 1.0, "max-updates": 3}
+    )
     evaluate = Evaluations()
     result = AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 1}), evaluate_fn=evaluate)
     assert state.version == 2 and state.updates == 3
@@ -221,8 +231,12 @@ def test_train_config_reaches_every_task_and_timeout_is_the_task_ttl(tmp_path, c
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 5})
     grid = FakeGrid({1: 1, 2: 2})
     tasks = spy_tasks(grid)
-    AsyncFLStrategy(state).start(grid, train_config={"proximal-mu": 0.01, "tag": "exp-1"}, timeout=42.0,
-                                 evaluate_config=ConfigRecord({"batch": 4}))
+    AsyncFLStrategy(state).start(
+        grid,
+        train_config={"proximal-mu": 0.01, "tag": "exp-1"},
+        timeout=42.0,
+        evaluate_config=ConfigRecord({"batch": 4}),
+    )
     assert "evaluate_config ignored" in caplog.text  # no client-side evaluation to send it with
     assert len(tasks) >= 5
     for m in tasks:
@@ -245,8 +259,13 @@ def test_train_config_may_not_set_the_loops_own_entries(tmp_path):
 # the public API: AsyncStrategy / SyncFedAvg.from_config
 # ---------------------------------------------------------------------------------------------
 def fast_keys(tmp_path, name: str) -> dict:
-    return {"results_dir": str(tmp_path), "run_name": name, "poll_interval_s": 0.001, "min_nodes": 1,
-            "node_wait_s": 1.0}
+    return {
+        "results_dir": str(tmp_path),
+        "run_name": name,
+        "poll_interval_s": 0.001,
+        "min_nodes": 1,
+        "node_wait_s": 1.0,
+    }
 
 
 def test_async_strategy_from_config_runs_and_writes_its_results(tmp_path):
@@ -255,11 +274,15 @@ def test_async_strategy_from_config_runs_and_writes_its_results(tmp_path):
     assert strategy.cfg.server.mode == "async" and strategy.cfg.server.rule == "asgd"
     assert strategy.s.x["w"] is not X0["w"]  # its own copy
     evaluate = Evaluations()
-    result = strategy.start(FakeGrid({1: 1, 2: 2}), initial_arrays=ArrayRecord(INITIAL), num_rounds=3,
-                            evaluate_fn=evaluate)
+    result = strategy.start(
+        FakeGrid({1: 1, 2: 2}), initial_arrays=ArrayRecord(INITIAL), num_rounds=3, evaluate_fn=evaluate
+    )
     run = tmp_path / "api"
-    ups = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()
-           if json.loads(line)["event"] == "update"]
+    ups = [
+        json.loads(line)
+        for line in (run / "events.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] == "update"
+    ]
     assert len(ups) == 6  # num_rounds 3 x 2 nodes
     xs = replay_asgd(INITIAL, ups, 0.5)
     assert_states_equal(as_tensors(result.arrays), xs[-1])
@@ -292,7 +315,7 @@ def test_from_config_rejects_unknown_keys_and_the_other_mode(tmp_path):
         AsyncStrategy.from_config(X0, buffr_size=2, **fast_keys(tmp_path, "bad"))
     with pytest.raises(ConfigError, match="`buffer-size` must be a number >= 1"):
         AsyncStrategy.from_config(X0, "buffer-size=0", **fast_keys(tmp_path, "bad"))
-    with pytest.raises(ConfigError, match="`mode` is \"sync\" for this strategy"):
+    with pytest.raises(ConfigError, match='`mode` is "sync" for this strategy'):
         SyncFedAvg.from_config(X0, mode="async", **fast_keys(tmp_path, "bad"))
     strategy = AsyncStrategy.from_config(X0, 'rule="fedbuff" buffer-size=3', **fast_keys(tmp_path, "ok"))
     assert (strategy.cfg.server.rule, strategy.cfg.server.buffer_size) == ("fedbuff", 3)
@@ -303,9 +326,20 @@ def test_from_config_rejects_unknown_keys_and_the_other_mode(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("max_updates, eval_updates", [(4, [0, 2, 4]), (5, [0, 2, 4, 5])])
 def test_the_app_evaluates_the_final_model_once(tmp_path, max_updates, eval_updates):
-    run_config = {**TINY_OFFLINE, "compressor": "pca", "rank": 2, "min-nodes": 2, "save-model": False,
-                  "results-dir": str(tmp_path), "run-name": "app", "rule": "asgd", "server-lr": 0.5,
-                  "max-updates": max_updates, "eval-every": 2, "local-steps": 1}
+    run_config = {
+        **TINY_OFFLINE,
+        "compressor": "pca",
+        "rank": 2,
+        "min-nodes": 2,
+        "save-model": False,
+        "results-dir": str(tmp_path),
+        "run-name": "app",
+        "rule": "asgd",
+        "server-lr": 0.5,
+        "max-updates": max_updates,
+        "eval-every": 2,
+        "local-steps": 1,
+    }
     summary = run_emulated(run_config, 2, task_s=1.0, server_time=False)
     lines = [json.loads(line) for line in (tmp_path / "app" / "events.jsonl").read_text().splitlines()]
     evals = [e for e in lines if e["event"] == "eval"]

@@ -59,8 +59,9 @@ def test_a_flower_without_the_hook_runs_unchanged(monkeypatch, capsys):
 
 
 def test_poll_flags_are_parsed_validated_and_stripped():
-    idle, reply, rest = supernode.parse_polls(["--insecure", "--idle-poll-s", "0.3", "--reply-poll-s=0.02",
-                                               "--superlink", "h:1"], env={})
+    idle, reply, rest = supernode.parse_polls(
+        ["--insecure", "--idle-poll-s", "0.3", "--reply-poll-s=0.02", "--superlink", "h:1"], env={}
+    )
     assert (idle, reply, rest) == (0.3, 0.02, ["--insecure", "--superlink", "h:1"])
     assert supernode.parse_polls([], env={supernode.IDLE_ENV: "0.5"})[:2] == (0.5, supernode.DEFAULT_REPLY_POLL_S)
     assert supernode.parse_polls(["--idle-poll-s", "1"], env={supernode.IDLE_ENV: "0.5"})[0] == 1.0
@@ -76,7 +77,8 @@ def test_the_poll_is_announced_in_the_node_config_and_reported_by_the_clientapp(
     out = supernode.announce_poll(argv, 0.1)
     assert out[-1] == "partition-id=0 num-partitions=2 idle-poll-s=0.1" and argv[-1].endswith("=2")
     assert supernode.announce_poll(["--node-config=partition-id=1"], 0.25) == [
-        "--node-config=partition-id=1 idle-poll-s=0.25"]
+        "--node-config=partition-id=1 idle-poll-s=0.25"
+    ]
     assert supernode.announce_poll(["--insecure"], 0.1) == ["--insecure", "--node-config", "idle-poll-s=0.1"]
     # Flower parses the node config into typed values; the ClientApp passes the poll on
     assert node_report({"partition-id": 0, "idle-poll-s": 0.1}) == {"idle-poll-s": 0.1}

@@ -69,7 +69,7 @@ def test_batch_indices_walk_full_permutations():
     assert order.shape == (5, 4)
     flat = order.flatten()
     for start in range(0, 18, 6):  # 20 draws = 3 full permutations + 2
-        assert sorted(flat[start:start + 6].tolist()) == list(range(6))
+        assert sorted(flat[start : start + 6].tolist()) == list(range(6))
     assert torch.equal(order, T.batch_indices(6, 5, 4, seed=9))
     assert not torch.equal(order, T.batch_indices(6, 5, 4, seed=10))
 
@@ -87,5 +87,6 @@ def test_lora_training_changes_only_adapters(make_cfg):
 
 def test_train_local_rejects_empty_blocks(make_cfg):
     with pytest.raises(ValueError, match="non-empty"):
-        T.train_local(M.build_model(make_cfg()), torch.zeros(0, 32, dtype=torch.int64),
-                      make_cfg(), "cpu", generator_seed=0)
+        T.train_local(
+            M.build_model(make_cfg()), torch.zeros(0, 32, dtype=torch.int64), make_cfg(), "cpu", generator_seed=0
+        )

@@ -27,9 +27,12 @@ def sample_arrays() -> dict[str, np.ndarray]:
         "idx": rng.integers(0, 100, 9).astype(np.int64),
         "f64": rng.standard_normal((2, 3, 4)),
         "u8": np.frombuffer(b"some bytes", dtype=np.uint8).copy(),
-        "i8": np.array([-3, 0, 7], np.int8), "u16": np.array([1, 65535], np.uint16),
-        "i16": np.array([-300], np.int16), "u32": np.array([2 ** 32 - 1], np.uint32),
-        "i32": np.array([-1, 2], np.int32), "u64": np.array([2 ** 64 - 1], np.uint64),
+        "i8": np.array([-3, 0, 7], np.int8),
+        "u16": np.array([1, 65535], np.uint16),
+        "i16": np.array([-300], np.int16),
+        "u32": np.array([2**32 - 1], np.uint32),
+        "i32": np.array([-1, 2], np.int32),
+        "u64": np.array([2**64 - 1], np.uint64),
         "mask": np.array([True, False, True]),
         "scalar": np.array(3.5, dtype=np.float32),
         "empty": np.zeros((0, 4), dtype=np.float32),
@@ -119,8 +122,9 @@ def flower_round_trip(record: ArrayRecord) -> ArrayRecord:
 
 def test_record_survives_flowers_object_split_as_few_objects():
     rng = np.random.default_rng(1)
-    arrays = {f"t{i}/{f}": rng.standard_normal((64, 4)).astype(np.float32)
-              for i in range(150) for f in ("u", "v", "mean")}  # a low-rank payload's shape
+    arrays = {
+        f"t{i}/{f}": rng.standard_normal((64, 4)).astype(np.float32) for i in range(150) for f in ("u", "v", "mean")
+    }  # a low-rank payload's shape
     plain = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     record = wire.to_record(arrays, {"k": "v"})
     assert len(get_all_nested_objects(plain)) > 2 * len(arrays)  # an object per Array and chunk
@@ -144,11 +148,18 @@ def test_plain_records_read_as_views_without_metadata():
     assert_same(got, arrays) and meta == {} and not wire.is_wire(ArrayRecord({"x": Array(arrays["x"])}))
 
 
-@pytest.mark.parametrize("value", [
-    np.random.rand(3, 4).astype(np.float32), np.random.rand(6).astype(np.float16), np.array(2.5),
-    np.zeros((0, 3), np.float32), np.arange(5, dtype=">i4"), np.arange(24, dtype=np.int64).reshape(2, 3, 4),
-    np.asfortranarray(np.random.rand(3, 2)),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.random.rand(3, 4).astype(np.float32),
+        np.random.rand(6).astype(np.float16),
+        np.array(2.5),
+        np.zeros((0, 3), np.float32),
+        np.arange(5, dtype=">i4"),
+        np.arange(24, dtype=np.int64).reshape(2, 3, 4),
+        np.asfortranarray(np.random.rand(3, 2)),
+    ],
+)
 def test_array_view_equals_flower_numpy_without_a_copy(value):
     arr = Array(value)
     view = wire.array_view(arr)
@@ -206,30 +217,33 @@ def test_the_reference_buffer_is_valid():
     np.testing.assert_array_equal(st.load(good)["w"], np.zeros((2, 3), np.float32))
 
 
-@pytest.mark.parametrize("buffer, match", [
-    (b"\x10\0\0", "shorter than its 8-byte header length"),
-    (_buffer({"w": _t()})[:20], "header length .* exceeds"),  # truncated inside the header
-    ((10 ** 12).to_bytes(8, "little") + b"{}", "header length .* exceeds"),
-    (_buffer(b'{"w": {"dtype": '), "not valid JSON"),
-    (_buffer(b"\xff\xfe"), "not valid JSON"),
-    (_buffer(b"[1, 2]"), "must be a JSON object"),
-    (_buffer({"__metadata__": {"n": 1}, "w": _t()}), "must map names to text"),
-    (_buffer({"w": [0, 24]}), "must have exactly the keys"),
-    (_buffer({"w": {"dtype": "F32", "shape": [2, 3]}}), "must have exactly the keys"),
-    (_buffer({"w": _t(dtype="BF16", shape=(12,))}), "dtype 'BF16' not accepted"),
-    (_buffer({"w": _t(dtype="<f4")}), "dtype '<f4' not accepted"),
-    (_buffer({"w": _t(shape=(2, -3))}), "shape .* is not a list of sizes"),
-    (_buffer({"w": _t(shape=(2, True))}), "shape .* is not a list of sizes"),
-    (_buffer({"w": _t(offsets=(24, 0))}), "0 <= begin <= end"),
-    (_buffer({"w": _t(offsets=(-4, 20))}), "0 <= begin <= end"),
-    (_buffer({"w": _t(offsets=(0, 24, 48))}), "0 <= begin <= end"),
-    (_buffer({"w": _t(offsets=(0, 20))}), "needs 24 bytes"),
-    (_buffer({"w": _t(shape=(2 ** 40, 2 ** 40))}), "needs .* bytes"),  # would wrap around in int64
-    (_buffer({"w": _t()}, b"\0" * 23), "lie beyond the 23 data bytes"),  # truncated data
-    (_buffer({"w": _t(offsets=(24, 48))}, b"\0" * 48), "gap after byte 0"),
-    (_buffer({"w": _t(), "v": _t(offsets=(16, 40))}, b"\0" * 40), "'v'.* overlap tensor 'w'"),
-    (_buffer({"w": _t()}, b"\0" * 32), "8 data bytes after the last tensor"),
-])
+@pytest.mark.parametrize(
+    "buffer, match",
+    [
+        (b"\x10\0\0", "shorter than its 8-byte header length"),
+        (_buffer({"w": _t()})[:20], "header length .* exceeds"),  # truncated inside the header
+        ((10**12).to_bytes(8, "little") + b"{}", "header length .* exceeds"),
+        (_buffer(b'{"w": {"dtype": '), "not valid JSON"),
+        (_buffer(b"\xff\xfe"), "not valid JSON"),
+        (_buffer(b"[1, 2]"), "must be a JSON object"),
+        (_buffer({"__metadata__": {"n": 1}, "w": _t()}), "must map names to text"),
+        (_buffer({"w": [0, 24]}), "must have exactly the keys"),
+        (_buffer({"w": {"dtype": "F32", "shape": [2, 3]}}), "must have exactly the keys"),
+        (_buffer({"w": _t(dtype="BF16", shape=(12,))}), "dtype 'BF16' not accepted"),
+        (_buffer({"w": _t(dtype="<f4")}), "dtype '<f4' not accepted"),
+        (_buffer({"w": _t(shape=(2, -3))}), "shape .* is not a list of sizes"),
+        (_buffer({"w": _t(shape=(2, True))}), "shape .* is not a list of sizes"),
+        (_buffer({"w": _t(offsets=(24, 0))}), "0 <= begin <= end"),
+        (_buffer({"w": _t(offsets=(-4, 20))}), "0 <= begin <= end"),
+        (_buffer({"w": _t(offsets=(0, 24, 48))}), "0 <= begin <= end"),
+        (_buffer({"w": _t(offsets=(0, 20))}), "needs 24 bytes"),
+        (_buffer({"w": _t(shape=(2**40, 2**40))}), "needs .* bytes"),  # would wrap around in int64
+        (_buffer({"w": _t()}, b"\0" * 23), "lie beyond the 23 data bytes"),  # truncated data
+        (_buffer({"w": _t(offsets=(24, 48))}, b"\0" * 48), "gap after byte 0"),
+        (_buffer({"w": _t(), "v": _t(offsets=(16, 40))}, b"\0" * 40), "'v'.* overlap tensor 'w'"),
+        (_buffer({"w": _t()}, b"\0" * 32), "8 data bytes after the last tensor"),
+    ],
+)
 def test_malformed_buffers_raise_a_wire_error(buffer, match):
     with pytest.raises(WireError, match=match):
         wire.decode(buffer)
@@ -237,12 +251,20 @@ def test_malformed_buffers_raise_a_wire_error(buffer, match):
         st.load(buffer)
 
 
-@pytest.mark.parametrize("buffer, match", [
-    (_buffer(b'{"w": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}, '
-             b'"w": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}'), "names 'w' twice"),
-    (_buffer({"w": {**_t(), "extra": 1}}), "must have exactly the keys"),
-    (_buffer({"w": _t(dtype="C64", shape=(3,))}), "dtype 'C64' not accepted"),
-])
+@pytest.mark.parametrize(
+    "buffer, match",
+    [
+        (
+            _buffer(
+                b'{"w": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}, '
+                b'"w": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}'
+            ),
+            "names 'w' twice",
+        ),
+        (_buffer({"w": {**_t(), "extra": 1}}), "must have exactly the keys"),
+        (_buffer({"w": _t(dtype="C64", shape=(3,))}), "dtype 'C64' not accepted"),
+    ],
+)
 def test_the_wire_is_stricter_than_the_library(buffer, match):
     """The library takes the last of two equal names, ignores unknown entry keys and reads
     complex numbers; a weight or a factor is none of these, so the wire refuses them."""

@@ -110,8 +110,12 @@ def test_update_log_rebuilds_the_weights_from_the_held_copy(make_cfg, tmp_path, 
     worker.run_task(cfg, {k: v.clone() for k, v in x0.items()}, 0, 2, run_key="r", version=4)
     # two low-rank "client payloads" applied by the server with weights 0.5 and -0.25
     g = torch.Generator().manual_seed(1)
-    payloads = [get_compressor("pca", rank=2, dtype="fp32").encode_state(
-        {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in x0.items()}) for _ in range(2)]
+    payloads = [
+        get_compressor("pca", rank=2, dtype="fp32").encode_state(
+            {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in x0.items()}
+        )
+        for _ in range(2)
+    ]
     coefs = [0.5, -0.25]
     expected = {k: v.double() for k, v in x0.items()}
     for c, p in zip(coefs, payloads):
@@ -146,8 +150,13 @@ def test_client_handler_answers_wire_and_plain_weights_alike(make_cfg, tmp_path,
     run_config = {**TINY_OFFLINE, "compressor": "pca", "rank": 2, "persistent-worker": "off"}
     start = fresh_global(make_cfg(**{k: v for k, v in run_config.items() if k != "persistent-worker"}))
     arrays = {k: v.numpy() for k, v in start.items()}
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
-                      state=RecordDict(), run_config=run_config)
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=run_config,
+    )
 
     def reply(packed: bool):
         record = to_record(arrays) if packed else ArrayRecord({k: Array(v) for k, v in arrays.items()})

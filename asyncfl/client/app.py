@@ -37,9 +37,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     pid, num_partitions = partition_of(context.node_config)
     # a ConfigRecord; its values come off the wire, so they are converted (and checked) here
     task_cfg: Mapping[str, Any] = msg.content["config"]
-    task: dict[str, Any] = {"run-key": str(task_cfg.get("run-key", context.run_id)),
-            "version": int(task_cfg.get("version", 0)), "repeat": int(task_cfg.get("repeat", 0)),
-            "local-steps": int(task_cfg.get("local-steps", 0))}  # > 0: DyLU's steps for this task
+    task: dict[str, Any] = {
+        "run-key": str(task_cfg.get("run-key", context.run_id)),
+        "version": int(task_cfg.get("version", 0)),
+        "repeat": int(task_cfg.get("repeat", 0)),
+        "local-steps": int(task_cfg.get("local-steps", 0)),
+    }  # > 0: DyLU's steps for this task
     logs = _update_log(msg)  # None: the message carries the full weights
     # the reply's payload is one wire Array (the compressor's record), whatever `pack` says
     if use_persistent_worker(cfg):  # deployment: the node's warm worker does the work
@@ -54,11 +57,17 @@ def handle_train(msg: Message, context: Context) -> Message:
         from asyncfl.client.worker import get_worker
 
         global_state = None if logs is not None else _torch_views(arrays_of(msg.content["arrays"]))
-        result = get_worker(cfg).run_task(cfg, global_state, pid, num_partitions,
-                                          run_key=task["run-key"], version=task["version"],
-                                          repeat=task["repeat"],
-                                          update_log=None if logs is None else UpdateLog(*logs),
-                                          local_steps=task["local-steps"])
+        result = get_worker(cfg).run_task(
+            cfg,
+            global_state,
+            pid,
+            num_partitions,
+            run_key=task["run-key"],
+            version=task["version"],
+            repeat=task["repeat"],
+            update_log=None if logs is None else UpdateLog(*logs),
+            local_steps=task["local-steps"],
+        )
         record, metrics = result.record, result.metrics
     metrics = {**metrics, **node_report(context.node_config)}
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
@@ -70,8 +79,11 @@ def _update_log(msg: Message) -> tuple[int, list[float], list[ArrayRecord]] | No
     cfg: Mapping[str, Any] = msg.content["config"]
     if cfg.get("downlink", "full") != "log":
         return None
-    return int(cfg["base-version"]), [float(c) for c in cfg["log-coefs"]], \
-        [msg.content.array_records[f"log-{i}"] for i in range(int(cfg["log-n"]))]
+    return (
+        int(cfg["base-version"]),
+        [float(c) for c in cfg["log-coefs"]],
+        [msg.content.array_records[f"log-{i}"] for i in range(int(cfg["log-n"]))],
+    )
 
 
 def _torch_views(arrays: dict) -> dict:
@@ -94,8 +106,11 @@ def handle_warmup(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     pid, num_partitions = partition_of(context.node_config)
     task_cfg: Mapping[str, Any] = msg.content["config"] if "config" in msg.content.config_records else {}
-    task: dict[str, Any] = {"warmup": True, "run-key": str(task_cfg.get("run-key", context.run_id)),
-            "version": int(task_cfg.get("version", 0))}
+    task: dict[str, Any] = {
+        "warmup": True,
+        "run-key": str(task_cfg.get("run-key", context.run_id)),
+        "version": int(task_cfg.get("version", 0)),
+    }
     # with the update-log downlink the weights come along: the worker keeps them as its base
     weights = msg.content["arrays"] if "arrays" in msg.content.array_records else None
     if use_persistent_worker(cfg):
@@ -105,8 +120,9 @@ def handle_warmup(msg: Message, context: Context) -> Message:
         from asyncfl.client.worker import get_worker
 
         arrays = {} if weights is None else arrays_of(weights)
-        metrics = get_worker(cfg).warm_up(cfg, pid, num_partitions, _torch_views(arrays) or None,
-                                          run_key=task["run-key"], version=task["version"])
+        metrics = get_worker(cfg).warm_up(
+            cfg, pid, num_partitions, _torch_views(arrays) or None, run_key=task["run-key"], version=task["version"]
+        )
     metrics = {**metrics, **node_report(context.node_config)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

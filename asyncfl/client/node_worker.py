@@ -46,8 +46,18 @@ from asyncfl.protocol import UpdateLog
 
 IDLE_EXIT_S = 1800.0
 START_TIMEOUT_S = 300.0
-_MODEL_KEYS = ("model", "pretrained", "model-preset", "lora-rank", "lora-alpha", "lora-dropout",
-               "device", "seed", "block-size", "compile")
+_MODEL_KEYS = (
+    "model",
+    "pretrained",
+    "model-preset",
+    "lora-rank",
+    "lora-alpha",
+    "lora-dropout",
+    "device",
+    "seed",
+    "block-size",
+    "compile",
+)
 
 
 def _scratch_dir() -> Path:
@@ -63,9 +73,18 @@ def socket_path(run_config: dict[str, Any], node_config: dict[str, Any]) -> Path
     owner (the process that starts this node's ClientApp processes, whose exit the worker
     follows), so two SuperNodes on one machine never share a worker, even with equal configs."""
     app_dir = str(Path(__file__).resolve().parent)
-    key = json.dumps([[run_config.get(k) for k in _MODEL_KEYS], node_config.get("partition-id"),
-                      node_config.get("num-partitions"), os.environ.get("CUDA_VISIBLE_DEVICES"),
-                      app_dir, os.getppid()], sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            [run_config.get(k) for k in _MODEL_KEYS],
+            node_config.get("partition-id"),
+            node_config.get("num-partitions"),
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+            app_dir,
+            os.getppid(),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     # AF_UNIX paths are limited to ~100 bytes: keep the socket in a short folder
     return Path(tempfile.gettempdir()) / f"asyncfl-{os.getuid()}-{digest}.sock"
@@ -90,8 +109,14 @@ def _spawn(path: Path) -> None:
     env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
     with open(log_dir / f"{path.stem}.log", "ab") as log:
         owner = str(os.getppid())  # the SuperExec that runs ClientApp processes for this node
-        subprocess.Popen([sys.executable, "-m", "asyncfl.client.node_worker", str(path), owner], env=env,
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "asyncfl.client.node_worker", str(path), owner],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
 
 
 def ensure_worker(path: Path) -> socket.socket:
@@ -107,12 +132,15 @@ def ensure_worker(path: Path) -> socket.socket:
         s = _connect(path, timeout=5)
         if s is not None:
             return s
-    raise RuntimeError(f"asyncfl node worker did not start within {START_TIMEOUT_S:.0f} s; "
-                       f"see {node_state_dir() / (path.stem + '.log')}")
+    raise RuntimeError(
+        f"asyncfl node worker did not start within {START_TIMEOUT_S:.0f} s; "
+        f"see {node_state_dir() / (path.stem + '.log')}"
+    )
 
 
-def run_remote(run_config: dict[str, Any], node_config: dict[str, Any], task: dict[str, Any],
-               records: list) -> tuple[Any, dict[str, Any]]:
+def run_remote(
+    run_config: dict[str, Any], node_config: dict[str, Any], task: dict[str, Any], records: list
+) -> tuple[Any, dict[str, Any]]:
     """Run one task on the node's persistent worker: `records` are the task's ArrayRecords
     (the full weights, or an update log's payloads; none for a warm-up without weights).
     Returns (reply ArrayRecord, metrics); the reply's wire bytes are checked before use."""
@@ -124,8 +152,13 @@ def run_remote(run_config: dict[str, Any], node_config: dict[str, Any], task: di
         for file, record in zip(inputs, records):
             wire.write_record(file, record)
         out = Path(tmp) / "out.safetensors"
-        request = {"run_config": run_config, "node_config": node_config, "task": task,
-                   "in": [str(p) for p in inputs], "out": str(out)}
+        request = {
+            "run_config": run_config,
+            "node_config": node_config,
+            "task": task,
+            "in": [str(p) for p in inputs],
+            "out": str(out),
+        }
         with ensure_worker(path) as s:
             s.settimeout(None)
             s.sendall((json.dumps(request) + "\n").encode())
@@ -188,8 +221,9 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
     inputs = [wire.read(p) for p in req["in"]]
     if task.get("warmup"):
         state = {k: torch.from_numpy(a) for k, a in inputs[0][0].items()} if inputs else None
-        metrics = get_worker(cfg).warm_up(cfg, pid, n, state or None, run_key=str(task.get("run-key", "")),
-                                          version=int(task.get("version", 0)))
+        metrics = get_worker(cfg).warm_up(
+            cfg, pid, n, state or None, run_key=str(task.get("run-key", "")), version=int(task.get("version", 0))
+        )
         return {"metrics": metrics}
     state, update_log = None, None
     if "update-log" in task:  # one file per payload, decoded: (arrays, metadata) each
@@ -201,9 +235,17 @@ def serve_task(req: dict[str, Any]) -> dict[str, Any]:
         if len(inputs) != 1:
             raise ValueError(f"a task with the full weights needs one input file, got {len(inputs)}")
         state = {k: torch.from_numpy(a) for k, a in inputs[0][0].items()}
-    result = get_worker(cfg).run_task(cfg, state, pid, n, run_key=task["run-key"], version=task["version"],
-                                      repeat=int(task.get("repeat", 0)), update_log=update_log,
-                                      local_steps=int(task.get("local-steps", 0)))
+    result = get_worker(cfg).run_task(
+        cfg,
+        state,
+        pid,
+        n,
+        run_key=task["run-key"],
+        version=task["version"],
+        repeat=int(task.get("repeat", 0)),
+        update_log=update_log,
+        local_steps=int(task.get("local-steps", 0)),
+    )
     if len(result.record):  # its wire bytes as they are (a compressor's record is one wire Array)
         wire.write_record(Path(req["out"]), result.record)
     return {"metrics": result.metrics}

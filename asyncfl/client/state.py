@@ -131,9 +131,11 @@ class ErrorFeedback:
         if missing:
             raise ValueError(f"decoded payload and sent state differ in tensors {missing[:5]}")
         with torch.no_grad():
-            self.e = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
-                      - decoded[k].to(device=v.device, dtype=torch.promote_types(v.dtype, torch.float32))
-                      for k, v in sent.items()}
+            self.e = {
+                k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
+                - decoded[k].to(device=v.device, dtype=torch.promote_types(v.dtype, torch.float32))
+                for k, v in sent.items()
+            }
         return self.e
 
     def norm(self) -> float:
@@ -142,16 +144,16 @@ class ErrorFeedback:
 
     def matches(self, r: Mapping[str, Tensor]) -> bool:
         """Whether e has exactly `r`'s tensor names and shapes."""
-        return self.e is None or (set(self.e) == set(r) and
-                                  all(self.e[k].shape == r[k].shape for k in r))
+        return self.e is None or (set(self.e) == set(r) and all(self.e[k].shape == r[k].shape for k in r))
 
 
 class StoredErrorFeedback(ErrorFeedback):
     """An `ErrorFeedback` tied to one (run key, partition) and task: loaded by
     `open_error_feedback`, stored again by `close`."""
 
-    def __init__(self, run_key: str, partition_id: int, stamp: Stamp, device: torch.device,
-                 e: State | None, reset: str = "") -> None:
+    def __init__(
+        self, run_key: str, partition_id: int, stamp: Stamp, device: torch.device, e: State | None, reset: str = ""
+    ) -> None:
         super().__init__(e)
         self.run_key, self.partition_id, self.stamp, self.device = run_key, partition_id, stamp, device
         self.reset = reset  # why a residual that should exist was dropped ("" = none)
@@ -161,8 +163,9 @@ class StoredErrorFeedback(ErrorFeedback):
             self._drop("its tensors do not match this task's delta (model changed?)")
         return super().add(r)
 
-    def close(self, sent: Mapping[str, Tensor], decoded: Mapping[str, Tensor],
-              delta: Mapping[str, Tensor]) -> dict[str, Any]:
+    def close(
+        self, sent: Mapping[str, Tensor], decoded: Mapping[str, Tensor], delta: Mapping[str, Tensor]
+    ) -> dict[str, Any]:
         """Keep `sent - decoded`, store it, and return the reply metrics `ef-norm`, `ef-reset`."""
         self.keep(sent, decoded)
         dn = _norm(delta)
@@ -171,13 +174,18 @@ class StoredErrorFeedback(ErrorFeedback):
         return metrics
 
     def _drop(self, why: str) -> None:
-        log.warning("asyncfl: error feedback (run %s, partition %d): dropping the residual, %s; "
-                    "starting again from e = 0", self.run_key, self.partition_id, why)
+        log.warning(
+            "asyncfl: error feedback (run %s, partition %d): dropping the residual, %s; starting again from e = 0",
+            self.run_key,
+            self.partition_id,
+            why,
+        )
         self.e, self.reset = None, why
 
 
-def open_error_feedback(cfg: AppConfig, run_key: str, partition_id: int, version: int, repeat: int,
-                        device: torch.device) -> StoredErrorFeedback | None:
+def open_error_feedback(
+    cfg: AppConfig, run_key: str, partition_id: int, version: int, repeat: int, device: torch.device
+) -> StoredErrorFeedback | None:
     """This client's residual for a task, or None when `error-feedback` is not "ef" or the
     compressor is lossless ("none": nothing is ever dropped)."""
     if cfg.compress.error_feedback != "ef" or cfg.compress.compressor == "none":
@@ -188,18 +196,25 @@ def open_error_feedback(cfg: AppConfig, run_key: str, partition_id: int, version
     if loaded is not None:
         old, e = loaded
         if tuple(old) >= stamp:
-            reset = (f"it was made by task (version, repeat) = {tuple(old)}, not older than this "
-                     f"task's {stamp} (another run under the same run key, or a replayed task)")
+            reset = (
+                f"it was made by task (version, repeat) = {tuple(old)}, not older than this "
+                f"task's {stamp} (another run under the same run key, or a replayed task)"
+            )
             e = None
     if reset:
-        log.warning("asyncfl: error feedback (run %s, partition %d): %s; starting again from e = 0",
-                    run_key, partition_id, reset)
+        log.warning(
+            "asyncfl: error feedback (run %s, partition %d): %s; starting again from e = 0",
+            run_key,
+            partition_id,
+            reset,
+        )
     return StoredErrorFeedback(run_key, partition_id, stamp, device, e, reset)
 
 
 # ---- storage ---------------------------------------------------------------------------------
-def _load(run_key: str, partition_id: int, device: torch.device,
-          stamp: Stamp) -> tuple[tuple[Stamp, State | None] | None, str]:
+def _load(
+    run_key: str, partition_id: int, device: torch.device, stamp: Stamp
+) -> tuple[tuple[Stamp, State | None] | None, str]:
     """(stamp, residual; None if empty) or None, and why a residual that should exist is missing ("")."""
     key = (run_key, partition_id)
     if in_memory():
@@ -210,8 +225,9 @@ def _load(run_key: str, partition_id: int, device: torch.device,
         if marked is not None and marked < stamp and key not in _MARKED:
             # a marker older than this task: a worker held the residual, this one has not
             # (a marker not older is an earlier run under the same run key: nothing is owed)
-            return None, (f"a worker held its residual up to task {marked} and this one has none "
-                          "(the node worker restarted)")
+            return None, (
+                f"a worker held its residual up to task {marked} and this one has none (the node worker restarted)"
+            )
         return None, ""
     path = residual_path(run_key, partition_id)
     if not path.exists():
@@ -241,8 +257,12 @@ def _store(run_key: str, partition_id: int, stamp: Stamp, e: State | None) -> No
     if in_memory():
         for other in [k for k in _MEMORY if k[1] == partition_id and k[0] != run_key]:
             del _MEMORY[other]  # one run at a time per partition: free the older run's residual
-            log.info("asyncfl: error feedback: dropped the residual of run %s (partition %d) "
-                     "for run %s", other[0], partition_id, run_key)
+            log.info(
+                "asyncfl: error feedback: dropped the residual of run %s (partition %d) for run %s",
+                other[0],
+                partition_id,
+                run_key,
+            )
         if e is None:
             _MEMORY.pop(key, None)
             return
@@ -263,8 +283,9 @@ def _store(run_key: str, partition_id: int, stamp: Stamp, e: State | None) -> No
         os.replace(tmp, path)  # atomic: a crash never leaves half a residual
     except OSError as exc:
         # an older file must not be taken for this task's residual later
-        log.warning("asyncfl: error feedback: cannot store the residual in %s (%s); the next "
-                    "task starts from e = 0", path, exc)
+        log.warning(
+            "asyncfl: error feedback: cannot store the residual in %s (%s); the next task starts from e = 0", path, exc
+        )
         for p in (tmp, path):
             try:
                 p.unlink(missing_ok=True)
@@ -297,8 +318,10 @@ class ClientShift:
         if self.shift_alpha == 0.0:
             return
         if self.h is None:
-            self.h = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
-                      * self.shift_alpha for k, v in decoded.items()}
+            self.h = {
+                k: v.detach().to(torch.promote_types(v.dtype, torch.float32)) * self.shift_alpha
+                for k, v in decoded.items()
+            }
             return
         ds = aligned(self.h, decoded, "decoded update")
         with torch.no_grad():

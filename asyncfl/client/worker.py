@@ -42,8 +42,17 @@ from asyncfl.train import train_local
 log = logging.getLogger("asyncfl")
 
 # Keys that change the model a worker holds; anything else can vary per run without a rebuild.
-_MODEL_KEYS = ("model", "pretrained", "model-preset", "lora-rank", "lora-alpha", "lora-dropout",
-               "device", "seed", "block-size")
+_MODEL_KEYS = (
+    "model",
+    "pretrained",
+    "model-preset",
+    "lora-rank",
+    "lora-alpha",
+    "lora-dropout",
+    "device",
+    "seed",
+    "block-size",
+)
 
 
 def task_seed(cfg: AppConfig, partition_id: int, version: int, repeat: int = 0) -> int:
@@ -56,9 +65,15 @@ def task_seed(cfg: AppConfig, partition_id: int, version: int, repeat: int = 0) 
 def make_compressor(cfg: AppConfig, seed: int = 0):
     if cfg.compress.compressor == "none":
         return get_compressor("none")
-    return get_compressor(cfg.compress.compressor, rank=cfg.compress.rank, method=cfg.compress.compress_method,
-                          dtype=cfg.compress.wire_dtype, energy=cfg.compress.energy or None,
-                          row_select=cfg.compress.row_select, seed=seed)
+    return get_compressor(
+        cfg.compress.compressor,
+        rank=cfg.compress.rank,
+        method=cfg.compress.compress_method,
+        dtype=cfg.compress.wire_dtype,
+        energy=cfg.compress.energy or None,
+        row_select=cfg.compress.row_select,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -77,9 +92,15 @@ class Worker:
         self.held: tuple[str, int, dict[str, torch.Tensor]] | None = None  # (run, version, weights)
         self._page_prev: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # page: last start point
 
-    def warm_up(self, cfg: AppConfig, partition_id: int, num_partitions: int,
-                global_state: dict[str, torch.Tensor] | None = None, run_key: str = "",
-                version: int = 0) -> dict[str, Any]:
+    def warm_up(
+        self,
+        cfg: AppConfig,
+        partition_id: int,
+        num_partitions: int,
+        global_state: dict[str, torch.Tensor] | None = None,
+        run_key: str = "",
+        version: int = 0,
+    ) -> dict[str, Any]:
         """Load the partition and run one training step, so data caches, compiled graphs and
         the allocator are ready before the first task. Safe: every task first loads the
         received weights into the model, and each task builds its own optimizer. Weights sent
@@ -100,10 +121,18 @@ class Worker:
     def matches(self, cfg: AppConfig) -> bool:
         return all(cfg.value(k) == self.cfg.value(k) for k in _MODEL_KEYS)
 
-    def run_task(self, cfg: AppConfig, global_state: dict[str, torch.Tensor] | None, partition_id: int,
-                 num_partitions: int, run_key: str = "", version: int = 0,
-                 repeat: int = 0, update_log: UpdateLog | None = None,
-                 local_steps: int | None = None) -> TaskResult:
+    def run_task(
+        self,
+        cfg: AppConfig,
+        global_state: dict[str, torch.Tensor] | None,
+        partition_id: int,
+        num_partitions: int,
+        run_key: str = "",
+        version: int = 0,
+        repeat: int = 0,
+        update_log: UpdateLog | None = None,
+        local_steps: int | None = None,
+    ) -> TaskResult:
         """One task from the full global weights (`global_state`) or from an `update_log`
         over the weights this worker kept from its previous task; without those it answers
         with metrics {"need-full": 1} and no payload, and the server sends the weights.
@@ -118,8 +147,9 @@ class Worker:
         if update_log is not None:
             received = self._rebuild(run_key, update_log)
             if received is None:
-                log.info("asyncfl: worker holds no weights of version %d (run %s): asking for them",
-                         update_log.base, run_key)
+                log.info(
+                    "asyncfl: worker holds no weights of version %d (run %s): asking for them", update_log.base, run_key
+                )
                 return TaskResult(record=ArrayRecord(), metrics={"need-full": 1, "partition-id": partition_id})
         elif global_state is not None:
             received = self._received(global_state)
@@ -138,8 +168,9 @@ class Worker:
         to_send = ef.add(to_send) if ef is not None else to_send
         # ---------------------------------------------------------------------------------------
         record, cm = self.compressor.encode_state(to_send, return_metrics=True)
-        decoded = (self.compressor.decode_state(record, device=self.device)
-                   if shift is not None or ef is not None else None)  # what the server will apply
+        decoded = (
+            self.compressor.decode_state(record, device=self.device) if shift is not None or ef is not None else None
+        )  # what the server will apply
         # -- error feedback: keep what this payload dropped (reply metrics ef-norm, ef-reset) ----
         ef_metrics: dict[str, Any] = {}
         if ef is not None:
@@ -160,19 +191,29 @@ class Worker:
         if sleep_s > 0:
             time.sleep(sleep_s)
         metrics = {
-            "partition-id": partition_id, "train-loss": stats.loss, "num-examples": stats.samples,
-            "steps": stats.steps, "tokens": stats.tokens, "tokens-per-s": stats.tokens_per_s,
+            "partition-id": partition_id,
+            "train-loss": stats.loss,
+            "num-examples": stats.samples,
+            "steps": stats.steps,
+            "tokens": stats.tokens,
+            "tokens-per-s": stats.tokens_per_s,
             "train-s": stats.seconds,
-            "encode-s": cm["encode_s"], "bytes": cm["bytes"], "dense-bytes": cm["dense_bytes"],
-            "rec-error": cm["mean_rel_error"], "fro-error": cm["mean_fro_error"],
-            "sleep-s": sleep_s, "client-s": time.perf_counter() - t_start, **ef_metrics,
+            "encode-s": cm["encode_s"],
+            "bytes": cm["bytes"],
+            "dense-bytes": cm["dense_bytes"],
+            "rec-error": cm["mean_rel_error"],
+            "fro-error": cm["mean_fro_error"],
+            "sleep-s": sleep_s,
+            "client-s": time.perf_counter() - t_start,
+            **ef_metrics,
         }
         if page_diff is not None:
             metrics["page-diff"] = page_diff
         return TaskResult(record=record, metrics=metrics)
 
-    def _train_delta(self, cfg: AppConfig, blocks: torch.Tensor, start: dict[str, torch.Tensor],
-                     seed: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    def _train_delta(
+        self, cfg: AppConfig, blocks: torch.Tensor, start: dict[str, torch.Tensor], seed: int
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Train from `start` (loaded into the model) with this task's batches and dropout
         masks; returns the training stats and the delta `trained - start`."""
         load_trainable_state(self.model, start)
@@ -184,9 +225,16 @@ class Worker:
             delta = {k: v.detach() - start[k] for k, v in trainable_state(self.model).items()}
         return stats, delta
 
-    def _page_estimate(self, cfg: AppConfig, blocks: torch.Tensor, run_key: str, partition_id: int,
-                       received: dict[str, torch.Tensor], seed: int,
-                       delta: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+    def _page_estimate(
+        self,
+        cfg: AppConfig,
+        blocks: torch.Tensor,
+        run_key: str,
+        partition_id: int,
+        received: dict[str, torch.Tensor],
+        seed: int,
+        delta: dict[str, torch.Tensor],
+    ) -> tuple[int, dict[str, torch.Tensor]]:
         """The client half of `page` (seed notes, Algorithm 6): with probability `page-p`, or
         when this worker does not hold the point of the node's previous task, the task's delta
         as it is ("fresh"); otherwise the difference between it and a delta trained from that
@@ -205,8 +253,10 @@ class Worker:
     def _received(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The received weights as new tensors in the model's dtype, on its device."""
         target = trainable_state(self.model)
-        return {k: torch.as_tensor(v).to(device=self.device, dtype=target[k].dtype if k in target else None,
-                                          copy=True) for k, v in global_state.items()}
+        return {
+            k: torch.as_tensor(v).to(device=self.device, dtype=target[k].dtype if k in target else None, copy=True)
+            for k, v in global_state.items()
+        }
 
     def _rebuild(self, run_key: str, update_log: UpdateLog) -> dict[str, torch.Tensor] | None:
         """held weights + sum_i c_i decode(p_i), or None when this worker holds other weights."""

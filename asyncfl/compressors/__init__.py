@@ -21,8 +21,10 @@ _REGISTRY: dict[str, type[Compressor]] = {
     cls.name: cls for cls in (IdentityCompressor, PCACompressor, QRCPCompressor, CURCompressor)
 }
 if not tuple(_REGISTRY) == COMPRESSORS == choices(CompressorName):
-    raise ImportError(f"compressors {tuple(_REGISTRY)} / codec {COMPRESSORS} are not "
-                      f"asyncfl.choices.CompressorName {choices(CompressorName)}")
+    raise ImportError(
+        f"compressors {tuple(_REGISTRY)} / codec {COMPRESSORS} are not "
+        f"asyncfl.choices.CompressorName {choices(CompressorName)}"
+    )
 
 
 def get_compressor(name: str, **options) -> Compressor:
@@ -46,7 +48,17 @@ def get_compressor(name: str, **options) -> Compressor:
 
 
 __all__ = [
-    "COMPRESSORS", "OPTION_NAMES", "Compressor", "CompressorOptions", "Payload", "PayloadError",
-    "CURCompressor", "IdentityCompressor", "PCACompressor", "QRCPCompressor",
-    "decode_state", "get_compressor", "should_compress",
+    "COMPRESSORS",
+    "OPTION_NAMES",
+    "Compressor",
+    "CompressorOptions",
+    "Payload",
+    "PayloadError",
+    "CURCompressor",
+    "IdentityCompressor",
+    "PCACompressor",
+    "QRCPCompressor",
+    "decode_state",
+    "get_compressor",
+    "should_compress",
 ]

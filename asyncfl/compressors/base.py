@@ -106,8 +106,7 @@ class Compressor(ABC):
     def __init__(self, **options) -> None:
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for compressor '{self.name}'; "
-                             f"accepted: {OPTION_NAMES}")
+            raise ValueError(f"unknown option(s) {unknown} for compressor '{self.name}'; accepted: {OPTION_NAMES}")
         self.options = CompressorOptions(**options)
 
     def __repr__(self) -> str:
@@ -124,8 +123,7 @@ class Compressor(ABC):
         """Encode one tensor into a `Payload` (dense or low-rank, by `should_compress`)."""
         return self._encode_many({"tensor": tensor})[0]["tensor"]
 
-    def decode(self, payload: Payload, *, device=None,
-               dtype: torch.dtype | None = torch.float32) -> Tensor:
+    def decode(self, payload: Payload, *, device=None, dtype: torch.dtype | None = torch.float32) -> Tensor:
         """Validate and rebuild one payload (raises `PayloadError`)."""
         return codec.decode_payloads({"tensor": payload}, device=device, dtype=dtype)["tensor"]
 
@@ -149,9 +147,15 @@ class Compressor(ABC):
         metrics.update(bytes=record.count_bytes(), encode_s=seconds)
         return record, metrics
 
-    def decode_state(self, record, reference: Mapping | None = None, *, device=None,
-                     dtype: torch.dtype | None = torch.float32,
-                     max_rank: int | None = -1) -> dict[str, Tensor]:
+    def decode_state(
+        self,
+        record,
+        reference: Mapping | None = None,
+        *,
+        device=None,
+        dtype: torch.dtype | None = torch.float32,
+        max_rank: int | None = -1,
+    ) -> dict[str, Tensor]:
         """Decode any compressor's record, as the module-level `decode_state`.
 
         Differs only in `max_rank`: the default -1 means this compressor's `rank` (a peer
@@ -191,8 +195,9 @@ class Compressor(ABC):
             raw = [state[nm].detach().to(_dense_wire(state[nm].dtype)) for nm in dense]
             parts = [[*g[2].values(), *g[3].values(), g[4]] for g in launched]
             host = iter(to_host(raw + [t for part in parts for t in part]))
-        payloads = {nm: Payload("dense", tuple(state[nm].shape), _dtype_name(state[nm]),
-                                {"data": next(host)}) for nm in dense}
+        payloads = {
+            nm: Payload("dense", tuple(state[nm].shape), _dtype_name(state[nm]), {"data": next(host)}) for nm in dense
+        }
         for names, _, wire, exps, _ in launched:
             host_factors = {k: next(host) for k in wire}
             scales = {k: next(host) for k in exps}
@@ -204,8 +209,7 @@ def _check_tensor(name: str, t) -> None:
     if not isinstance(name, str) or "/" in name:
         raise ValueError(f"tensor name {name!r} must be a str without '/'")
     if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise ValueError(f"tensor '{name}' must be a floating-point torch.Tensor, "
-                         f"got {getattr(t, 'dtype', type(t))}")
+        raise ValueError(f"tensor '{name}' must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t))}")
 
 
 def _dtype_name(t: Tensor) -> str:
@@ -231,7 +235,7 @@ def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
         start = 0
         for i in idx:
             size = tensors[i].numel()
-            out[i] = flat[start:start + size].reshape(tuple(tensors[i].shape))
+            out[i] = flat[start : start + size].reshape(tuple(tensors[i].shape))
             start += size
     return cast(list[np.ndarray], out)  # every slot is filled above
 
@@ -283,16 +287,14 @@ def _metrics(state, payloads, groups, kind: str) -> dict:
             if -1 in shape and key != LAYOUTS[kind].index:
                 axis = 1 + shape.index(-1)
                 keep = torch.arange(f[key].shape[axis], device=x.device) < ranks[:, None]
-                f[key] = f[key] * keep.view(len(names), *[
-                    -1 if a == axis else 1 for a in range(1, f[key].ndim)])
+                f[key] = f[key] * keep.view(len(names), *[-1 if a == axis else 1 for a in range(1, f[key].ndim)])
         recon = LAYOUTS[kind].rebuild(f)
         errs.append((x - recon).flatten(1).norm(dim=1).cpu())
         refs.append(x.flatten(1).norm(dim=1).cpu())
         order += names
     fro = dict(zip(order, torch.cat(errs).tolist())) if order else {}
     ref = dict(zip(order, torch.cat(refs).tolist())) if order else {}
-    rel = {name: (fro[name] / ref[name] if ref[name] > 0 else 0.0) if name in fro else 0.0
-           for name in state}
+    rel = {name: (fro[name] / ref[name] if ref[name] > 0 else 0.0) if name in fro else 0.0 for name in state}
     n = max(len(fro), 1)
     return {
         "dense_bytes": sum(4 * t.numel() for t in state.values()),

@@ -62,12 +62,18 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "pca": Layout(lambda m, n, r: {"u": (m, r), "v": (n, r), "mean": (n,)},
-                  lambda f: f["u"] @ f["v"].mT + f["mean"].unsqueeze(-2), ("u", 1)),
-    "qrcp": Layout(lambda m, n, r: {"rt": (m, r), "q": (n, r)},
-                   lambda f: f["rt"] @ f["q"].mT, ("rt", 1)),
-    "cur": Layout(lambda m, n, r: {"z": (m, r), "rows": (r, n), "idx": (r,)},
-                  lambda f: f["z"] @ f["rows"], ("idx", 0), index="idx"),
+    "pca": Layout(
+        lambda m, n, r: {"u": (m, r), "v": (n, r), "mean": (n,)},
+        lambda f: f["u"] @ f["v"].mT + f["mean"].unsqueeze(-2),
+        ("u", 1),
+    ),
+    "qrcp": Layout(lambda m, n, r: {"rt": (m, r), "q": (n, r)}, lambda f: f["rt"] @ f["q"].mT, ("rt", 1)),
+    "cur": Layout(
+        lambda m, n, r: {"z": (m, r), "rows": (r, n), "idx": (r,)},
+        lambda f: f["z"] @ f["rows"],
+        ("idx", 0),
+        index="idx",
+    ),
 }
 KINDS = ("dense", *LAYOUTS)
 COMPRESSORS = ("none", *LAYOUTS)  # compressor names; "none" sends every tensor dense
@@ -108,8 +114,11 @@ class Payload:
 def record_metadata(payloads: Mapping[str, Payload], compressor: str) -> dict[str, str]:
     """The record's safetensors `__metadata__`: format, compressor and the tensors (JSON)."""
     tensors = {name: p.meta() for name, p in payloads.items()}
-    return {"format": str(FORMAT_VERSION), "compressor": compressor,
-            "tensors": json.dumps(tensors, separators=(",", ":"))}
+    return {
+        "format": str(FORMAT_VERSION),
+        "compressor": compressor,
+        "tensors": json.dumps(tensors, separators=(",", ":")),
+    }
 
 
 def _factor_arrays(payloads: Mapping[str, Payload]) -> dict[str, np.ndarray]:
@@ -135,8 +144,9 @@ def parse_record(record) -> tuple[str, dict[str, Payload]]:
         kind = info.get("kind") if isinstance(info, dict) else None
         allowed = ("dense",) if compressor == "none" else ("dense", compressor)
         if not isinstance(kind, str) or kind not in allowed:
-            raise PayloadError(f"tensor '{name}': kind {kind!r} not allowed for compressor "
-                               f"'{compressor}' (allowed: {allowed})")
+            raise PayloadError(
+                f"tensor '{name}': kind {kind!r} not allowed for compressor '{compressor}' (allowed: {allowed})"
+            )
         factors = {}
         for fac in LAYOUTS[kind].factors if kind in LAYOUTS else ("data",):
             key = f"{name}/{fac}"
@@ -162,8 +172,10 @@ def _unwrap(record) -> tuple[dict[str, np.ndarray], dict]:
             arrays, metadata = wire.decode(record)
         elif hasattr(record, "keys"):
             if not wire.is_wire(record):
-                raise PayloadError(f"record is not a compressed-delta record: expected one "
-                                   f"'{wire.KEY}' Array, got keys {sorted(record.keys())[:5]}")
+                raise PayloadError(
+                    f"record is not a compressed-delta record: expected one "
+                    f"'{wire.KEY}' Array, got keys {sorted(record.keys())[:5]}"
+                )
             arrays, metadata = wire.decode(wire.buffer_of(record))
         else:
             raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}")
@@ -203,15 +215,13 @@ def validate(name: str, p: Payload, max_rank: int | None = None) -> None:
             raise PayloadError(f"tensor '{name}': dense data must be {want} {p.shape}, got {got}")
         return _check_finite(name, "data", data)
     if len(p.shape) < 2 or 0 in p.shape:
-        raise PayloadError(f"tensor '{name}': kind '{p.kind}' needs a non-empty >=2-D shape, "
-                           f"got {p.shape}")
+        raise PayloadError(f"tensor '{name}': kind '{p.kind}' needs a non-empty >=2-D shape, got {p.shape}")
     layout = LAYOUTS[p.kind]
     m, n = p.shape[0], math.prod(p.shape[1:])
     r = _rank_of(name, p, layout)
     limit = min(m, n) if max_rank is None else min(m, n, max_rank)
     if r > limit:
-        raise PayloadError(f"tensor '{name}': rank {r} is larger than allowed ({limit}) "
-                           f"for shape {p.shape}")
+        raise PayloadError(f"tensor '{name}': rank {r} is larger than allowed ({limit}) for shape {p.shape}")
     _check_factors(name, p, layout, (m, n, r))
     _check_scales(name, p, layout)
 
@@ -228,18 +238,18 @@ def _rank_of(name: str, p: Payload, layout: Layout) -> int:
 def _check_factors(name: str, p: Payload, layout: Layout, mnr: tuple[int, int, int]) -> None:
     want, m = layout.shapes(*mnr), mnr[0]
     if set(p.factors) != set(want):
-        raise PayloadError(f"tensor '{name}': factors {sorted(p.factors)} != "
-                           f"expected {sorted(want)}")
+        raise PayloadError(f"tensor '{name}': factors {sorted(p.factors)} != expected {sorted(want)}")
     for fac, shape in want.items():
         arr = p.factors[fac]
         if tuple(arr.shape) != shape:
-            raise PayloadError(f"tensor '{name}': factor '{fac}' has shape {tuple(arr.shape)}, "
-                               f"expected {shape} for shape {p.shape} at rank {mnr[2]}")
+            raise PayloadError(
+                f"tensor '{name}': factor '{fac}' has shape {tuple(arr.shape)}, "
+                f"expected {shape} for shape {p.shape} at rank {mnr[2]}"
+            )
         if fac == layout.index:
             _check_index(name, fac, arr, m)
         elif str(arr.dtype) not in FLOAT_WIRE:
-            raise PayloadError(f"tensor '{name}': factor '{fac}' has dtype {arr.dtype}, "
-                               f"allowed: {FLOAT_WIRE}")
+            raise PayloadError(f"tensor '{name}': factor '{fac}' has dtype {arr.dtype}, allowed: {FLOAT_WIRE}")
         else:
             _check_finite(name, fac, arr)
 
@@ -251,8 +261,7 @@ def _check_finite(name: str, fac: str, arr: np.ndarray) -> None:
 
 def _check_index(name: str, fac: str, idx: np.ndarray, m: int) -> None:
     if idx.dtype != np.int64:
-        raise PayloadError(f"tensor '{name}': factor '{fac}' must be int64 row indices, "
-                           f"got {idx.dtype}")
+        raise PayloadError(f"tensor '{name}': factor '{fac}' must be int64 row indices, got {idx.dtype}")
     if idx.size and (idx.min() < 0 or idx.max() >= m):
         raise PayloadError(f"tensor '{name}': row index out of range [0, {m}) in '{fac}'")
     if np.unique(idx).size != idx.size:
@@ -266,8 +275,10 @@ def _check_scales(name: str, p: Payload, layout: Layout) -> None:
         if fac not in p.factors or fac == layout.index:
             raise PayloadError(f"tensor '{name}': scale given for unknown factor {fac!r}")
         if type(e) is not int or abs(e) > MAX_EXPONENT:
-            raise PayloadError(f"tensor '{name}': scale exponent for '{fac}' must be an int "
-                               f"in [-{MAX_EXPONENT}, {MAX_EXPONENT}], got {e!r}")
+            raise PayloadError(
+                f"tensor '{name}': scale exponent for '{fac}' must be an int "
+                f"in [-{MAX_EXPONENT}, {MAX_EXPONENT}], got {e!r}"
+            )
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -286,9 +297,14 @@ def reconstruct(p: Payload, device=None, dtype: torch.dtype | None = torch.float
     return layout.rebuild(f).reshape(p.shape).to(out_dtype)
 
 
-def decode_payloads(payloads: Mapping[str, Payload], reference=None, *, device=None,
-                    dtype: torch.dtype | None = torch.float32,
-                    max_rank: int | None = None) -> dict[str, torch.Tensor]:
+def decode_payloads(
+    payloads: Mapping[str, Payload],
+    reference=None,
+    *,
+    device=None,
+    dtype: torch.dtype | None = torch.float32,
+    max_rank: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Validate every payload (and against `reference`), then rebuild them all."""
     if reference is not None:
         _check_reference(payloads, reference)
@@ -313,13 +329,19 @@ def _check_reference(payloads: Mapping[str, Payload], reference: Mapping) -> Non
     for name, ref in reference.items():
         want = tuple(getattr(ref, "shape", ref))
         if tuple(payloads[name].shape) != want:
-            raise PayloadError(f"tensor '{name}': shape {tuple(payloads[name].shape)} "
-                               f"does not match the reference {want}")
+            raise PayloadError(
+                f"tensor '{name}': shape {tuple(payloads[name].shape)} does not match the reference {want}"
+            )
 
 
-def decode_state(record, reference: Mapping | None = None, *, device=None,
-                 dtype: torch.dtype | None = torch.float32,
-                 max_rank: int | None = None) -> dict[str, torch.Tensor]:
+def decode_state(
+    record,
+    reference: Mapping | None = None,
+    *,
+    device=None,
+    dtype: torch.dtype | None = torch.float32,
+    max_rank: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Decode a compressed-delta `ArrayRecord` from any compressor into dense tensors.
 
     Parameters

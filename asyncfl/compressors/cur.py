@@ -87,6 +87,5 @@ def leverage_top(sketch: Tensor, k: int) -> Tensor:
 
 def _scipy_pivots(x: Tensor, k: int) -> Tensor:
     """First k QRCP pivots of each x_i^T (deterministic, CPU, LAPACK geqp3)."""
-    pivots = [scipy.linalg.qr(mat.T, mode="r", pivoting=True, check_finite=False)[1][:k]
-              for mat in x.cpu().numpy()]
+    pivots = [scipy.linalg.qr(mat.T, mode="r", pivoting=True, check_finite=False)[1][:k] for mat in x.cpu().numpy()]
     return torch.from_numpy(np.stack(pivots).astype(np.int64)).to(x.device)

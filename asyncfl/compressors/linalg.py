@@ -62,8 +62,9 @@ def range_finder(x: Tensor, width: int, power_iters: int, gen: torch.Generator) 
     return q
 
 
-def randomized_svd(x: Tensor, rank: int, oversample: int, power_iters: int,
-                   gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def randomized_svd(
+    x: Tensor, rank: int, oversample: int, power_iters: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-`rank` SVD of x (b, m, n): U (b, m, k), s (b, k), V (b, n, k)."""
     width = min(rank + oversample, *x.shape[1:])
     q = range_finder(x, width, power_iters, gen)  # (b, m, l)
@@ -129,8 +130,7 @@ def row_basis(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return rows, q, r, x @ q
 
 
-def choose_ranks(strength: Tensor, captured: Tensor, total: Tensor,
-                 energy: float | None) -> Tensor:
+def choose_ranks(strength: Tensor, captured: Tensor, total: Tensor, energy: float | None) -> Tensor:
     """Per-matrix rank (b,) from component strengths and captured energies, both (b, k).
 
     Keeps the leading components stronger than RTOL x the strongest (numerical rank, the

@@ -35,8 +35,10 @@ def scipy_qrcp(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         rt[piv] = r[:k].T  # (R_k P^T)^T: row piv[j] of rt is column j of R_k
         qs.append(q[:, :k])
         rts.append(rt)
-    return (torch.from_numpy(np.stack(qs)).to(device=x.device, dtype=x.dtype),
-            torch.from_numpy(np.stack(rts)).to(device=x.device, dtype=x.dtype))
+    return (
+        torch.from_numpy(np.stack(qs)).to(device=x.device, dtype=x.dtype),
+        torch.from_numpy(np.stack(rts)).to(device=x.device, dtype=x.dtype),
+    )
 
 
 class QRCPCompressor(Compressor):

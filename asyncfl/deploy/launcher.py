@@ -277,9 +277,14 @@ class ForkingExecutor:
 
         if spec.task_type != self.client_app or (zygote := self._zygote()) is None:
             return self.fallback.launch(spec)
-        req = {"address": spec.runtime_api_address, "token": spec.token, "insecure": spec.insecure,
-               "root_certificates": spec.root_certificates_path, "parent_pid": spec.parent_pid,
-               "runtime_dependency_install": spec.runtime_dependency_install}
+        req = {
+            "address": spec.runtime_api_address,
+            "token": spec.token,
+            "insecure": spec.insecure,
+            "root_certificates": spec.root_certificates_path,
+            "parent_pid": spec.parent_pid,
+            "runtime_dependency_install": spec.runtime_dependency_install,
+        }
         try:
             zygote.fork(req)
         except ZygoteError as exc:
@@ -331,16 +336,25 @@ def install_forking_executor(required: bool = False) -> bool:
         get_executor.asyncfl_original = original  # type: ignore[attr-defined]
         rs.get_executor = get_executor
 
-    return flower_hooks.install(flower_hooks.EXECUTOR, apply, needs=[flower_hooks.CLIENTAPP_RUNTIME],
-                                required=required, say=_log, fallback="running Flower's executor unchanged")
+    return flower_hooks.install(
+        flower_hooks.EXECUTOR,
+        apply,
+        needs=[flower_hooks.CLIENTAPP_RUNTIME],
+        required=required,
+        say=_log,
+        fallback="running Flower's executor unchanged",
+    )
 
 
 def fork_mode(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
     """Strip our own `--fork on|off` from argv (the rest is Flower's): "on" (asked for, by the
     flag or `ASYNCFL_FORK`), "off", or "auto" (neither given: on where this flwr allows)."""
     text = (os.environ if env is None else env).get(FORK_ENV)
-    mode = "auto" if text is None or not text.strip() else \
-        ("off" if text.strip().lower() in ("0", "off", "false", "no") else "on")
+    mode = (
+        "auto"
+        if text is None or not text.strip()
+        else ("off" if text.strip().lower() in ("0", "off", "false", "no") else "on")
+    )
     rest, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -373,10 +387,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(zygote_main(int(argv[1])))
     mode, rest = fork_mode(argv)
     if any(a in ("-h", "--help") for a in rest):
-        print("asyncfl-superexec: flower-superexec with ClientApp processes forked from a warm\n"
-              "zygote. Extra flag: --fork on|off (default: on where this flwr allows; env\n"
-              "ASYNCFL_FORK=0 turns it off).\n"
-              "All other flags are flower-superexec's:\n", flush=True)
+        print(
+            "asyncfl-superexec: flower-superexec with ClientApp processes forked from a warm\n"
+            "zygote. Extra flag: --fork on|off (default: on where this flwr allows; env\n"
+            "ASYNCFL_FORK=0 turns it off).\n"
+            "All other flags are flower-superexec's:\n",
+            flush=True,
+        )
     if mode != "off":
         try:
             install_forking_executor(required=mode == "on")

@@ -179,8 +179,9 @@ class Deployment:
         self.sans = sans  # names in the server certificate
         self.executor = executor
         if idle_poll_s and not 0.01 <= idle_poll_s <= 60:
-            raise DeploymentError(f"idle poll must be 0 (Flower's flower-supernode, 3 s) or in "
-                                  f"[0.01, 60] s, got {idle_poll_s!r}")
+            raise DeploymentError(
+                f"idle poll must be 0 (Flower's flower-supernode, 3 s) or in [0.01, 60] s, got {idle_poll_s!r}"
+            )
         self.idle_poll_s = idle_poll_s  # 0: Flower's flower-supernode (idle poll 3 s)
         self.certs = self.work / "certs"
         self.logs = self.work / "logs"
@@ -202,12 +203,14 @@ class Deployment:
                 )
         if not self.insecure:
             self._run(
-                [str(MAKE_CERTS), "-d", str(self.certs), "-n", str(self.n + self.extra_keys),
-                 *self.sans],
+                [str(MAKE_CERTS), "-d", str(self.certs), "-n", str(self.n + self.extra_keys), *self.sans],
                 "make-certs",
             )
-        conn = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]",
-                f'address = "{HOST}:{self.port}"']
+        conn = [
+            f'[superlink]\ndefault = "{CONNECTION}"\n',
+            f"[superlink.{CONNECTION}]",
+            f'address = "{HOST}:{self.port}"',
+        ]
         if self.insecure:
             conn.append("insecure = true")
         else:
@@ -230,15 +233,18 @@ class Deployment:
         """Run a short command to completion; raise with its output when it fails."""
         try:
             res = subprocess.run(
-                cmd, env=self.env(self.cli_home), cwd=self.work, capture_output=True, text=True,
-                timeout=timeout, check=False,
+                cmd,
+                env=self.env(self.cli_home),
+                cwd=self.work,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
             )
         except subprocess.TimeoutExpired as err:
             raise DeploymentError(f"{what} timed out after {timeout:.0f} s: {shlex.join(cmd)}") from err
         if res.returncode != 0:
-            raise DeploymentError(
-                f"{what} failed (exit {res.returncode}): {shlex.join(cmd)}\n{res.stdout}{res.stderr}"
-            )
+            raise DeploymentError(f"{what} failed (exit {res.returncode}): {shlex.join(cmd)}\n{res.stdout}{res.stderr}")
         return res.stdout
 
     def flwr(self, *args: str, timeout: float = 60) -> str:
@@ -251,8 +257,13 @@ class Deployment:
             out.write(f"$ {shlex.join(cmd)}\n".encode())
             out.flush()
             popen = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.work, env=self.env(home, **extra_env), start_new_session=True,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.work,
+                env=self.env(home, **extra_env),
+                start_new_session=True,
             )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
@@ -261,22 +272,34 @@ class Deployment:
 
     # -- SuperLink ------------------------------------------------------------------------------
     def superlink_cmd(self) -> list[str]:
-        cmd = ["flower-superlink", "--host", HOST, "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            "flower-superlink",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.insecure:
             return cmd + ["--insecure"]
-        return cmd + ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
-                      "--ssl-certfile", str(self.certs / "server.pem"),
-                      "--ssl-keyfile", str(self.certs / "server.key"),
-                      "--enable-supernode-auth"]
+        return cmd + [
+            "--ssl-ca-certfile",
+            str(self.certs / "ca.crt"),
+            "--ssl-certfile",
+            str(self.certs / "server.pem"),
+            "--ssl-keyfile",
+            str(self.certs / "server.key"),
+            "--enable-supernode-auth",
+        ]
 
     def superlink_env(self) -> dict[str, str]:
         """The SuperLink starts the ServerApp as its subprocess: the GPU it may see goes here."""
         return {} if self.server_gpu is None else {"CUDA_VISIBLE_DEVICES": self.server_gpu}
 
     def start_superlink(self, timeout: float = 60) -> Proc:
-        proc = self.spawn("superlink", self.superlink_cmd(), self.work / "flwr-home" / "superlink",
-                          **self.superlink_env())
+        proc = self.spawn(
+            "superlink", self.superlink_cmd(), self.work / "flwr-home" / "superlink", **self.superlink_env()
+        )
         self.wait_superlink_ready(proc, timeout)
         return proc
 
@@ -297,8 +320,7 @@ class Deployment:
         return self.certs / "keys" / f"node-{index}"
 
     def register(self, index: int) -> int:
-        out = self.flwr("supernode", "register", f"{self.key(index)}.pub", CONNECTION,
-                        "--format", "json")
+        out = self.flwr("supernode", "register", f"{self.key(index)}.pub", CONNECTION, "--format", "json")
         node_id = int(json.loads(out)["node-id"])
         self.node_ids[index] = node_id
         log(f"registered keys/node-{index}.pub as SuperNode {node_id}")
@@ -316,20 +338,32 @@ class Deployment:
             cmd = ["asyncfl-supernode", "--idle-poll-s", f"{self.idle_poll_s:g}"]
         else:
             cmd = ["flower-supernode"]
-        cmd += ["--superlink", f"{HOST}:{self.port}",
-               "--host", HOST, "--port", str(self.node_port + index - 1),
-               "--node-config", f"partition-id={partition_id} num-partitions={self.n}"]
+        cmd += [
+            "--superlink",
+            f"{HOST}:{self.port}",
+            "--host",
+            HOST,
+            "--port",
+            str(self.node_port + index - 1),
+            "--node-config",
+            f"partition-id={partition_id} num-partitions={self.n}",
+        ]
         if self.process_isolation:
             cmd += ["--isolation", "process"]
         if self.insecure:
             return cmd + ["--insecure"]
-        cmd += ["--root-certificates", str(self.certs / "ca.crt"),
-                "--auth-supernode-private-key", str(self.key(index))]
+        cmd += ["--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key", str(self.key(index))]
         if self.process_isolation:  # the Runtime API the SuperExec dials: TLS + shared secret
-            cmd += ["--ssl-certfile", str(self.certs / "server.pem"),
-                    "--ssl-keyfile", str(self.certs / "server.key"),
-                    "--ssl-ca-certfile", str(self.certs / "ca.crt"),
-                    "--superexec-auth-secret-file", str(self.certs / "superexec.secret")]
+            cmd += [
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--superexec-auth-secret-file",
+                str(self.certs / "superexec.secret"),
+            ]
         return cmd
 
     def superexec_cmd(self, index: int) -> list[str]:
@@ -338,8 +372,12 @@ class Deployment:
         cmd = [prog, "--runtime-api-address", f"{HOST}:{self.node_port + index - 1}"]
         if self.insecure:
             return cmd + ["--insecure"]
-        return cmd + ["--root-certificates", str(self.certs / "ca.crt"),
-                      "--superexec-auth-secret-file", str(self.certs / "superexec.secret")]
+        return cmd + [
+            "--root-certificates",
+            str(self.certs / "ca.crt"),
+            "--superexec-auth-secret-file",
+            str(self.certs / "superexec.secret"),
+        ]
 
     def node_env(self, index: int) -> dict[str, str]:
         """SuperNode `index` (1-based) and its SuperExec see GPU gpus[(index - 1) % len(gpus)]."""
@@ -377,9 +415,7 @@ class Deployment:
         while True:
             for p in procs:
                 if not p.alive():
-                    raise DeploymentError(
-                        f"{p.name} exited with status {p.popen.returncode} while waiting for {what}"
-                    )
+                    raise DeploymentError(f"{p.name} exited with status {p.popen.returncode} while waiting for {what}")
             if ready():
                 return
             if time.monotonic() > deadline:
@@ -419,8 +455,13 @@ class Deployment:
         run_id = None
         with open(log_path, "w") as out:
             popen = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                env=self.env(self.cli_home), cwd=app, start_new_session=True,
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.env(self.cli_home),
+                cwd=app,
+                start_new_session=True,
             )
             proc = Proc("flwr-run", popen, log_path)
             self.procs.append(proc)
@@ -537,8 +578,7 @@ def default_results_dir(app: Path) -> str:
 def git_ignored(repo: Path, path: Path) -> bool:
     """Whether git ignores `path` in `repo` (flwr build skips git-ignored files)."""
     # The trailing slash makes directory-only patterns (`/results/`) match paths not made yet.
-    res = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", f"{path}/"],
-                         capture_output=True, check=False)
+    res = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", f"{path}/"], capture_output=True, check=False)
     return res.returncode == 0
 
 
@@ -570,48 +610,84 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run asyncfl as a real Flower deployment (SuperLink + N SuperNodes) on 127.0.0.1.",
     )
     p.add_argument("num_nodes", type=int, metavar="N", help="number of SuperNodes (partitions)")
-    p.add_argument("--run-config", "-c", action="append", default=[], metavar='"k=v ..."',
-                   help="run-config overrides, passed to `flwr run --run-config` (repeatable); "
-                        "with --run, they apply to every run")
-    p.add_argument("--run", action="append", default=[], metavar='"k=v ..."',
-                   help="one run on this deployment with these overrides after the --run-config ones "
-                        "(repeatable: the runs follow each other on the same SuperLink and SuperNodes, "
-                        "whose node-local model workers stay warm from run to run when the model keys, "
-                        "seed included, are the same; a worker of other model keys keeps its memory "
-                        "until its SuperNode stops, so give runs of one deployment one model and seed). "
-                        "Each run prints its RUN_DIR=...")
-    p.add_argument("--insecure", action="store_true",
-                   help="no TLS and no SuperNode authentication (local debugging only)")
+    p.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="run-config overrides, passed to `flwr run --run-config` (repeatable); "
+        "with --run, they apply to every run",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar='"k=v ..."',
+        help="one run on this deployment with these overrides after the --run-config ones "
+        "(repeatable: the runs follow each other on the same SuperLink and SuperNodes, "
+        "whose node-local model workers stay warm from run to run when the model keys, "
+        "seed included, are the same; a worker of other model keys keeps its memory "
+        "until its SuperNode stops, so give runs of one deployment one model and seed). "
+        "Each run prints its RUN_DIR=...",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="no TLS and no SuperNode authentication (local debugging only)"
+    )
     p.add_argument("--work-dir", type=Path, help="certs, FLWR_HOMEs, logs (default: a new temp dir)")
     p.add_argument("--app", type=Path, default=REPO, help="Flower app directory (default: the repo)")
     p.add_argument("--port", type=int, help="SuperLink port (env ASYNCFL_SUPERLINK_PORT, default 9100)")
-    p.add_argument("--node-port", type=int,
-                   help="first SuperNode Runtime API port (env ASYNCFL_SUPERNODE_PORT, default port+1)")
-    p.add_argument("--gpus", default=os.environ.get("ASYNCFL_NODE_GPUS", ""),
-                   help="comma list of GPU ids; SuperNode i gets CUDA_VISIBLE_DEVICES=gpus[i %% len] "
-                        "(env ASYNCFL_NODE_GPUS; default: leave CUDA_VISIBLE_DEVICES alone)")
-    p.add_argument("--server-gpu", default=os.environ.get("ASYNCFL_SERVER_GPU"),
-                   help="GPU id the ServerApp may use (CUDA_VISIBLE_DEVICES of the SuperLink, which "
-                        "starts it; env ASYNCFL_SERVER_GPU; default: all, i.e. it works on GPU 0, "
-                        "next to SuperNode 1 when --gpus gives the nodes one GPU each)")
-    p.add_argument("--executor", choices=EXECUTORS, default=os.environ.get("ASYNCFL_EXECUTOR", "asyncfl"),
-                   help="how SuperNodes run ClientApps: asyncfl = process isolation with "
-                        "asyncfl-superexec (ClientApp processes forked from a warm zygote; default), "
-                        "flower = process isolation with flower-superexec, subprocess = Flower's "
-                        "default isolation (env ASYNCFL_EXECUTOR)")
-    p.add_argument("--idle-poll-s", type=float,
-                   default=float(os.environ.get("ASYNCFL_IDLE_POLL_S", DEFAULT_IDLE_POLL_S)),
-                   help="seconds an idle SuperNode waits before asking the SuperLink again "
-                        f"(asyncfl-supernode; default {DEFAULT_IDLE_POLL_S:g}); 0 = Flower's own "
-                        "flower-supernode, which waits 3 s (env ASYNCFL_IDLE_POLL_S)")
+    p.add_argument(
+        "--node-port", type=int, help="first SuperNode Runtime API port (env ASYNCFL_SUPERNODE_PORT, default port+1)"
+    )
+    p.add_argument(
+        "--gpus",
+        default=os.environ.get("ASYNCFL_NODE_GPUS", ""),
+        help="comma list of GPU ids; SuperNode i gets CUDA_VISIBLE_DEVICES=gpus[i %% len] "
+        "(env ASYNCFL_NODE_GPUS; default: leave CUDA_VISIBLE_DEVICES alone)",
+    )
+    p.add_argument(
+        "--server-gpu",
+        default=os.environ.get("ASYNCFL_SERVER_GPU"),
+        help="GPU id the ServerApp may use (CUDA_VISIBLE_DEVICES of the SuperLink, which "
+        "starts it; env ASYNCFL_SERVER_GPU; default: all, i.e. it works on GPU 0, "
+        "next to SuperNode 1 when --gpus gives the nodes one GPU each)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=os.environ.get("ASYNCFL_EXECUTOR", "asyncfl"),
+        help="how SuperNodes run ClientApps: asyncfl = process isolation with "
+        "asyncfl-superexec (ClientApp processes forked from a warm zygote; default), "
+        "flower = process isolation with flower-superexec, subprocess = Flower's "
+        "default isolation (env ASYNCFL_EXECUTOR)",
+    )
+    p.add_argument(
+        "--idle-poll-s",
+        type=float,
+        default=float(os.environ.get("ASYNCFL_IDLE_POLL_S", DEFAULT_IDLE_POLL_S)),
+        help="seconds an idle SuperNode waits before asking the SuperLink again "
+        f"(asyncfl-supernode; default {DEFAULT_IDLE_POLL_S:g}); 0 = Flower's own "
+        "flower-supernode, which waits 3 s (env ASYNCFL_IDLE_POLL_S)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds the run may take (default 1800)")
-    p.add_argument("--kill-node", type=int, metavar="I",
-                   help="kill SuperNode I (1..N) mid-run, to exercise node failure handling")
-    p.add_argument("--kill-after", type=float, default=0.0, metavar="S",
-                   help="with --kill-node: seconds after that node received its first task (default 0)")
-    p.add_argument("--kill-signal", choices=["KILL", "TERM"], default="KILL",
-                   help="KILL (crash: the SuperLink notices when heartbeats stop, ~60 s) or TERM "
-                        "(graceful: the node deregisters at once)")
+    p.add_argument(
+        "--kill-node", type=int, metavar="I", help="kill SuperNode I (1..N) mid-run, to exercise node failure handling"
+    )
+    p.add_argument(
+        "--kill-after",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --kill-node: seconds after that node received its first task (default 0)",
+    )
+    p.add_argument(
+        "--kill-signal",
+        choices=["KILL", "TERM"],
+        default="KILL",
+        help="KILL (crash: the SuperLink notices when heartbeats stop, ~60 s) or TERM "
+        "(graceful: the node deregisters at once)",
+    )
     return p
 
 
@@ -631,9 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {app} has no pyproject.toml (not a Flower app)")
         return 2
     if args.insecure:
-        log("WARNING: --insecure: no TLS and no SuperNode authentication. Anyone who can reach "
+        log(
+            "WARNING: --insecure: no TLS and no SuperNode authentication. Anyone who can reach "
             "the SuperLink port can join as a SuperNode or submit runs. Never use this beyond "
-            "127.0.0.1 debugging.")
+            "127.0.0.1 debugging."
+        )
 
     # Results land where the run config says; a relative `results-dir` is taken relative to
     # the caller's cwd (the ServerApp process runs elsewhere), so pass it on as absolute.
@@ -654,17 +732,22 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="asyncfl-deploy-"))).resolve()
     for what, path in [("--work-dir", work)] + [("results-dir", r[1]) for r in runs[:1]]:
         if path.is_relative_to(app) and not git_ignored(app, path):
-            msg = (f"{what} {path} is inside the app {app} and not git-ignored: `flwr run` would "
-                   "pack it into the FAB")
+            msg = f"{what} {path} is inside the app {app} and not git-ignored: `flwr run` would pack it into the FAB"
             if what == "--work-dir":
                 log(f"error: {msg}; pick a folder outside the app")
                 return 2
             log(f"warning: {msg} on the next run")
     log(f"work dir {work}")
     dep = Deployment(
-        work, args.num_nodes, insecure=args.insecure, superlink_port=args.port,
-        node_port=args.node_port, gpus=[g for g in args.gpus.split(",") if g.strip()],
-        server_gpu=args.server_gpu, executor=args.executor, idle_poll_s=args.idle_poll_s,
+        work,
+        args.num_nodes,
+        insecure=args.insecure,
+        superlink_port=args.port,
+        node_port=args.node_port,
+        gpus=[g for g in args.gpus.split(",") if g.strip()],
+        server_gpu=args.server_gpu,
+        executor=args.executor,
+        idle_poll_s=args.idle_poll_s,
     )
 
     def on_signal(signum, _frame):
@@ -687,8 +770,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, (items, results_dir, run_name) in enumerate(runs, 1):
             started = time.time()
             try:  # a failed run does not stop the ones after it; the exit status says
-                dep.run_app(app, items, args.timeout,
-                            log_name="flwr-run.log" if len(runs) == 1 else f"flwr-run-{i}.log")
+                dep.run_app(
+                    app, items, args.timeout, log_name="flwr-run.log" if len(runs) == 1 else f"flwr-run-{i}.log"
+                )
                 run_dir = find_run_dir(results_dir, run_name, started)
             except DeploymentError as err:
                 if len(runs) == 1:

@@ -87,5 +87,10 @@ def install_fast_pulls(module_name: str, initial_s: float | None = None, require
         original = getattr(module.pull_objects, "asyncfl_original", module.pull_objects)
         module.pull_objects = _wrapped(original, initial_s)
 
-    return flower_hooks.install(_hook(module_name), apply, required=required, say=log.warning,
-                                fallback="object pulls keep Flower's 1 s first retry")
+    return flower_hooks.install(
+        _hook(module_name),
+        apply,
+        required=required,
+        say=log.warning,
+        fallback="object pulls keep Flower's 1 s first retry",
+    )

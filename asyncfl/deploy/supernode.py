@@ -84,15 +84,23 @@ def install_short_polls(idle_s: float, reply_s: float, required: bool = False) -
     def apply(module: ModuleType) -> None:
         module.time = ShortPollTime(idle_s, reply_s)  # type: ignore[attr-defined]
 
-    return flower_hooks.install(flower_hooks.SUPERNODE_POLLS, apply, required=required, say=_log,
-                                fallback="running Flower's SuperNode unchanged")
+    return flower_hooks.install(
+        flower_hooks.SUPERNODE_POLLS,
+        apply,
+        required=required,
+        say=_log,
+        fallback="running Flower's SuperNode unchanged",
+    )
 
 
 def polls_asked(argv: list[str], env: Mapping[str, str] | None = None) -> bool:
     """Did the user set a poll (`--idle-poll-s`, `--reply-poll-s` or their env)?"""
     env = os.environ if env is None else env
-    return IDLE_ENV in env or REPLY_ENV in env or \
-        any(a.partition("=")[0] in ("--idle-poll-s", "--reply-poll-s") for a in argv)
+    return (
+        IDLE_ENV in env
+        or REPLY_ENV in env
+        or any(a.partition("=")[0] in ("--idle-poll-s", "--reply-poll-s") for a in argv)
+    )
 
 
 def _seconds(text: str, what: str) -> float:
@@ -101,8 +109,7 @@ def _seconds(text: str, what: str) -> float:
     except ValueError:
         value = float("nan")
     if not 0.01 <= value <= 60:
-        raise SystemExit(f"asyncfl-supernode: {what} must be a number of seconds in [0.01, 60], "
-                         f"got {text!r}")
+        raise SystemExit(f"asyncfl-supernode: {what} must be a number of seconds in [0.01, 60], got {text!r}")
     return value
 
 
@@ -110,8 +117,10 @@ def parse_polls(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[
     """Take `--idle-poll-s S` and `--reply-poll-s S` (or `--flag=S`) out of argv; the rest
     goes to `flower-supernode`."""
     env = os.environ if env is None else env
-    values = {"--idle-poll-s": env.get(IDLE_ENV, str(DEFAULT_IDLE_POLL_S)),
-              "--reply-poll-s": env.get(REPLY_ENV, str(DEFAULT_REPLY_POLL_S))}
+    values = {
+        "--idle-poll-s": env.get(IDLE_ENV, str(DEFAULT_IDLE_POLL_S)),
+        "--reply-poll-s": env.get(REPLY_ENV, str(DEFAULT_REPLY_POLL_S)),
+    }
     rest: list[str] = []
     i = 0
     while i < len(argv):
@@ -127,8 +136,11 @@ def parse_polls(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[
         else:
             rest.append(arg)
         i += 1
-    return (_seconds(values["--idle-poll-s"], "--idle-poll-s"),
-            _seconds(values["--reply-poll-s"], "--reply-poll-s"), rest)
+    return (
+        _seconds(values["--idle-poll-s"], "--idle-poll-s"),
+        _seconds(values["--reply-poll-s"], "--reply-poll-s"),
+        rest,
+    )
 
 
 def announce_poll(argv: list[str], idle_s: float) -> list[str]:
@@ -151,10 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     idle_s, reply_s, rest = parse_polls(argv)
     if any(a in ("-h", "--help") for a in rest):
-        print("asyncfl-supernode: flower-supernode with short polls. Extra flags: --idle-poll-s S\n"
-              f"(default {DEFAULT_IDLE_POLL_S}; Flower: 3) and --reply-poll-s S (default "
-              f"{DEFAULT_REPLY_POLL_S}; Flower: 0.5).\nAll other flags are flower-supernode's:\n",
-              flush=True)
+        print(
+            "asyncfl-supernode: flower-supernode with short polls. Extra flags: --idle-poll-s S\n"
+            f"(default {DEFAULT_IDLE_POLL_S}; Flower: 3) and --reply-poll-s S (default "
+            f"{DEFAULT_REPLY_POLL_S}; Flower: 0.5).\nAll other flags are flower-supernode's:\n",
+            flush=True,
+        )
     try:
         installed = install_short_polls(idle_s, reply_s, required=polls_asked(argv))
     except flower_hooks.HookMissingError as exc:

@@ -54,8 +54,9 @@ class DelayedNesterov(Rule):
 
     name = "dn"
 
-    def __init__(self, buffer_size: int, server_lr: float, momentum: float = 0.9,
-                 staleness_fn: StalenessFn | None = None) -> None:
+    def __init__(
+        self, buffer_size: int, server_lr: float, momentum: float = 0.9, staleness_fn: StalenessFn | None = None
+    ) -> None:
         self.buffer_size = _count("buffer_size", buffer_size)
         self.server_lr = _lr(server_lr)
         self.opt = ServerMomentum(momentum, nesterov=True)
@@ -63,9 +64,16 @@ class DelayedNesterov(Rule):
         self._buf: State | None = None  # sum of s(tau) delta since the last momentum step
         self.count = 0
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         s = self.staleness_fn(check_staleness(staleness))
         us = _aligned(x, update, "update")
         weight = self.server_lr * s / self.buffer_size
@@ -92,8 +100,7 @@ class DelayedNesterov(Rule):
         self.count = 0
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"count": self.count, "buf": self._buf if self.count else None,
-                **self.opt.state_dict()}
+        return {"count": self.count, "buf": self._buf if self.count else None, **self.opt.state_dict()}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
         self.count = int(d["count"])
@@ -111,8 +118,15 @@ class FADAS(Rule):
 
     name = "fadas"
 
-    def __init__(self, buffer_size: int, server_lr: float, beta1: float = 0.9,
-                 beta2: float = 0.99, eps: float = 1e-8, tau_c: int = 1) -> None:
+    def __init__(
+        self,
+        buffer_size: int,
+        server_lr: float,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        eps: float = 1e-8,
+        tau_c: int = 1,
+    ) -> None:
         self.buffer_size = _count("buffer_size", buffer_size)
         self.server_lr = _lr(server_lr)
         self.beta1 = _real("beta1", beta1, 0.0, 1.0, open_low=False)
@@ -132,9 +146,16 @@ class FADAS(Rule):
         """eta if tau_max <= tau_c, else min(eta, 1 / tau_max)."""
         return self.server_lr if tau_max <= self.tau_c else min(self.server_lr, 1.0 / tau_max)
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         tau = check_staleness(staleness)
         us = _aligned(x, update, "update")
         self._sum, acc = _lazy(self._sum, x, "fadas buffer")
@@ -175,9 +196,14 @@ class FADAS(Rule):
         return lr
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"count": self.count, "tau_max": self.tau_max,
-                "sum": self._sum if self.count else None,
-                "m": self._m, "v": self._v, "v_hat": self._vhat}
+        return {
+            "count": self.count,
+            "tau_max": self.tau_max,
+            "sum": self._sum if self.count else None,
+            "m": self._m,
+            "v": self._v,
+            "v_hat": self._vhat,
+        }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
         self.count, self.tau_max = int(d["count"]), int(d["tau_max"])

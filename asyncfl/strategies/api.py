@@ -87,8 +87,10 @@ def run_config_of(run_config: str | Mapping[str, Any], keys: Mapping[str, Any], 
     values = parse_overrides(run_config) if isinstance(run_config, str) else dict(run_config)
     values.update({k.replace("_", "-"): v for k, v in keys.items()})
     if values.setdefault("mode", mode) != mode:
-        raise ConfigError(f"run config key `mode` is \"{mode}\" for this strategy, got "
-                          f"\"{values['mode']}\" (AsyncStrategy runs \"async\", SyncFedAvg \"sync\")")
+        raise ConfigError(
+            f'run config key `mode` is "{mode}" for this strategy, got '
+            f'"{values["mode"]}" (AsyncStrategy runs "async", SyncFedAvg "sync")'
+        )
     return AppConfig.from_run_config(values)
 
 
@@ -120,8 +122,9 @@ class AsyncStrategy(AsyncFLStrategy):
         self._started = False
 
     @classmethod
-    def from_config(cls, model_state: Tensors, run_config: str | Mapping[str, Any] = "", *,
-                    clock: Clock | None = None, **keys: Any) -> Self:
+    def from_config(
+        cls, model_state: Tensors, run_config: str | Mapping[str, Any] = "", *, clock: Clock | None = None, **keys: Any
+    ) -> Self:
         """A strategy over the tensors `model_state` (name -> tensor or array, or an
         ArrayRecord: the names and shapes that travel) with the run-config keys of
         `run_config` and `keys` (see `run_config_of`). The tensors are copied to the `device`
@@ -132,15 +135,30 @@ class AsyncStrategy(AsyncFLStrategy):
         x = own_tensors(model_state, device)
         run_dir = run_dir_for(cfg)
         ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
-        recorder = RunRecorder(run_dir, config=cfg.to_dict(), mode=cfg.server.mode, compressor=cfg.compress.compressor,
-                               rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg", num_clients=0,
-                               eval_split="evaluate_fn", train_split="clientapp",
-                               target_ppl=cfg.stop.target_ppl or None, clock=clock.now, resume=ckpt is not None)
+        recorder = RunRecorder(
+            run_dir,
+            config=cfg.to_dict(),
+            mode=cfg.server.mode,
+            compressor=cfg.compress.compressor,
+            rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg",
+            num_clients=0,
+            eval_split="evaluate_fn",
+            train_split="clientapp",
+            target_ppl=cfg.stop.target_ppl or None,
+            clock=clock.now,
+            resume=ckpt is not None,
+        )
         state = ServerState(
-            cfg=cfg, x=x, device=device, rule_factory=lambda n: build_rule(cfg, n),
-            selector=build_selector(cfg), recorder=recorder,
+            cfg=cfg,
+            x=x,
+            device=device,
+            rule_factory=lambda n: build_rule(cfg, n),
+            selector=build_selector(cfg),
+            recorder=recorder,
             evaluate_fn=lambda: {},  # no evaluator of its own: start()'s evaluate_fn evaluates
-            run_key=run_dir.name, run_dir=run_dir, resume=ckpt,
+            run_key=run_dir.name,
+            run_dir=run_dir,
+            resume=ckpt,
         )
         return cls(state, clock=clock)
 
@@ -159,8 +177,7 @@ class AsyncStrategy(AsyncFLStrategy):
         if self._started:
             raise RuntimeError("this strategy has run once; build a new one with from_config")
         self._started = True
-        result = super().start(grid, initial_arrays, num_rounds, timeout, train_config,
-                               evaluate_config, evaluate_fn)
+        result = super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
         if self.cfg.output.checkpoint_every:
             Checkpointer(self.s).save(self.s)
         self.run_summary = self.s.recorder.finish(stop_reason=self.s.final_reason, extra=self.run_extras())

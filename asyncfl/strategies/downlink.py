@@ -82,8 +82,9 @@ class DownlinkLog:
                 return None
             for c, pid in self.steps[v]:
                 coefs[pid] = coefs.get(pid, 0.0) + c
-        msg = UpdateLog(base, [coefs[p] for p in sorted(coefs)], [self.payloads[p] for p in sorted(coefs)],
-                        target=version)
+        msg = UpdateLog(
+            base, [coefs[p] for p in sorted(coefs)], [self.payloads[p] for p in sorted(coefs)], target=version
+        )
         if msg.nbytes > self.max_fraction * self.dense_bytes:
             return None
         return msg

@@ -105,8 +105,9 @@ class History:
 
     def result(self, arrays: ArrayRecord) -> Result:
         """Flower's `Result`: the final arrays and the histories (no client-side evaluation)."""
-        return Result(arrays=arrays, train_metrics_clientapp=dict(self.train),
-                      evaluate_metrics_serverapp=dict(self.evaluate))
+        return Result(
+            arrays=arrays, train_metrics_clientapp=dict(self.train), evaluate_metrics_serverapp=dict(self.evaluate)
+        )
 
 
 def global_arrays(x: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -123,16 +124,22 @@ def checked_arrays(record: ArrayRecord, x: Mapping[str, torch.Tensor]) -> dict[s
     arrays = arrays_of(record)
     missing = [k for k in x if k not in arrays]
     if missing:
-        raise ValueError(f"initial_arrays lacks the model's trainable tensor {missing[0]!r} "
-                         f"(shape {tuple(x[missing[0]].shape)}); {len(missing)} missing in all")
+        raise ValueError(
+            f"initial_arrays lacks the model's trainable tensor {missing[0]!r} "
+            f"(shape {tuple(x[missing[0]].shape)}); {len(missing)} missing in all"
+        )
     extra = [k for k in arrays if k not in x]
     if extra:
-        raise ValueError(f"initial_arrays has key {extra[0]!r}, which is not a trainable tensor of "
-                         f"the model ({len(extra)} such keys; the model has {len(x)})")
+        raise ValueError(
+            f"initial_arrays has key {extra[0]!r}, which is not a trainable tensor of "
+            f"the model ({len(extra)} such keys; the model has {len(x)})"
+        )
     for k, t in x.items():
         if tuple(arrays[k].shape) != tuple(t.shape):
-            raise ValueError(f"initial_arrays[{k!r}] has shape {tuple(arrays[k].shape)}, the model's "
-                             f"trainable tensor has shape {tuple(t.shape)}")
+            raise ValueError(
+                f"initial_arrays[{k!r}] has shape {tuple(arrays[k].shape)}, the model's "
+                f"trainable tensor has shape {tuple(t.shape)}"
+            )
     return arrays
 
 

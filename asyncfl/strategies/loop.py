@@ -62,8 +62,18 @@ WARMUP_MESSAGE_TYPE = "query.warmup"  # answered by the ClientApp's @app.query("
 _RETIRE_AT_ONCE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
 _FP16_MAX = 65504.0
 # the entries of a training task's config the loop sets itself (a train_config may not)
-TASK_CONFIG_KEYS = ("version", "repeat", "run-key", "rule", "downlink", "pack", "local-steps",
-                    "base-version", "log-coefs", "log-n")
+TASK_CONFIG_KEYS = (
+    "version",
+    "repeat",
+    "run-key",
+    "rule",
+    "downlink",
+    "pack",
+    "local-steps",
+    "base-version",
+    "log-coefs",
+    "log-n",
+)
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]  # Flower's centralized evaluation
 
 
@@ -73,8 +83,10 @@ def _checked_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     entries = dict(config or {})
     clash = sorted(set(entries) & set(TASK_CONFIG_KEYS))
     if clash:
-        raise ValueError(f"train_config key(s) {', '.join(clash)} are set by the strategy in every "
-                         f"task; use other names (reserved: {', '.join(TASK_CONFIG_KEYS)})")
+        raise ValueError(
+            f"train_config key(s) {', '.join(clash)} are set by the strategy in every "
+            f"task; use other names (reserved: {', '.join(TASK_CONFIG_KEYS)})"
+        )
     ConfigRecord(entries)  # its type check, now rather than at the first task
     return entries
 
@@ -157,8 +169,13 @@ class AsyncFLStrategy(Strategy):
         c = self.cfg
         log.info(
             "asyncfl: mode=%s rule=%s compressor=%s(rank=%d, %s) selection=%s concurrency=%s",
-            c.server.mode, c.server.rule, c.compress.compressor, c.compress.rank, c.compress.compress_method,
-            c.server.selection, c.server.concurrency or "all nodes",
+            c.server.mode,
+            c.server.rule,
+            c.compress.compressor,
+            c.compress.rank,
+            c.compress.compress_method,
+            c.server.selection,
+            c.server.concurrency or "all nodes",
         )
 
     def start(
@@ -273,16 +290,26 @@ class AsyncFLStrategy(Strategy):
 
     def run_extras(self) -> dict[str, Any]:
         """What the loop adds to summary.json (`extra`): counters and the server's time."""
-        return {"version": self.s.version, "rounds": self.s.rounds, "prefetched_tasks": self.prefetched,
-                "log_tasks": self.log_tasks,
-                "warmup_s": self.warmup_s, "server_time_s": self.timer.summary()}
+        return {
+            "version": self.s.version,
+            "rounds": self.s.rounds,
+            "prefetched_tasks": self.prefetched,
+            "log_tasks": self.log_tasks,
+            "warmup_s": self.warmup_s,
+            "server_time_s": self.timer.summary(),
+        }
 
     # ----------------------------------------------------------------------------------------
     # Strategy.start's optional arguments
     # ----------------------------------------------------------------------------------------
-    def _use_start_arguments(self, initial_arrays: ArrayRecord | None, num_rounds: int | None,
-                             timeout: float | None, train_config: Mapping[str, Any] | None,
-                             evaluate_config: Mapping[str, Any] | None) -> None:
+    def _use_start_arguments(
+        self,
+        initial_arrays: ArrayRecord | None,
+        num_rounds: int | None,
+        timeout: float | None,
+        train_config: Mapping[str, Any] | None,
+        evaluate_config: Mapping[str, Any] | None,
+    ) -> None:
         """Check every argument first, then apply them (an error changes nothing)."""
         arrays = checked_arrays(initial_arrays, self.s.x) if initial_arrays is not None else None
         changes: dict[str, Any] = {}
@@ -293,8 +320,10 @@ class AsyncFLStrategy(Strategy):
         cfg = self.cfg.updated(changes) if changes else self.cfg
         task_config = _checked_train_config(train_config)
         if evaluate_config:
-            log.warning("asyncfl: evaluate_config ignored: evaluation is centralized (evaluate_fn), "
-                        "no evaluation tasks are sent")
+            log.warning(
+                "asyncfl: evaluate_config ignored: evaluation is centralized (evaluate_fn), "
+                "no evaluation tasks are sent"
+            )
         if arrays is not None:
             copy_into(self.s.x, arrays)
             self._record_cache = None
@@ -305,8 +334,9 @@ class AsyncFLStrategy(Strategy):
             self.s.recorder.log_event("start_arguments", **changes)
         self.train_config = task_config
 
-    def _with_user_evaluation(self, own: Callable[[], dict[str, Any]],
-                              evaluate_fn: EvaluateFn | None) -> Callable[[], dict[str, Any]]:
+    def _with_user_evaluation(
+        self, own: Callable[[], dict[str, Any]], evaluate_fn: EvaluateFn | None
+    ) -> Callable[[], dict[str, Any]]:
         """`own` (the state's evaluator), then a Flower `evaluate_fn` if one is given, called
         with the round / version and the global arrays now; its metrics win on a shared name."""
         if evaluate_fn is None:
@@ -351,12 +381,12 @@ class AsyncFLStrategy(Strategy):
         pending: dict[str, int] = {}
         node: int | None  # None below: a reply to no pending warm-up
         for node in self._alive_nodes():
-            content = RecordDict({"config": ConfigRecord({
-                "run-key": self.s.run_key, "pack": self.pack, "version": self.s.version})})
+            content = RecordDict(
+                {"config": ConfigRecord({"run-key": self.s.run_key, "pack": self.pack, "version": self.s.version})}
+            )
             if self.downlink is not None:  # the weights now, so that first tasks are update logs
                 content["arrays"] = self._global_record()
-            msg = Message(content, dst_node_id=node, message_type=WARMUP_MESSAGE_TYPE,
-                          ttl=self.cfg.server.node_wait_s)
+            msg = Message(content, dst_node_id=node, message_type=WARMUP_MESSAGE_TYPE, ttl=self.cfg.server.node_wait_s)
             ids = [i for i in grid.push_messages([msg]) if i]
             if ids:
                 pending[ids[0]] = node
@@ -368,8 +398,9 @@ class AsyncFLStrategy(Strategy):
                 if node is None:
                     continue
                 if msg.has_error():
-                    log.warning("asyncfl: node %s could not warm up (code %s): %s", node,
-                                msg.error.code, msg.error.reason)
+                    log.warning(
+                        "asyncfl: node %s could not warm up (code %s): %s", node, msg.error.code, msg.error.reason
+                    )
                     continue
                 answered += 1
                 metrics: Mapping[str, Any] = msg.content["metrics"] if "metrics" in msg.content.metric_records else {}
@@ -380,12 +411,14 @@ class AsyncFLStrategy(Strategy):
                 self.clock.sleep(self.cfg.server.poll_interval_s)
         self.warmup_s = self.clock.now() - t0
         if pending:
-            log.warning("asyncfl: %d node(s) did not answer the warm-up within %.0f s; they start "
-                        "cold", len(pending), self.cfg.server.node_wait_s)
+            log.warning(
+                "asyncfl: %d node(s) did not answer the warm-up within %.0f s; they start cold",
+                len(pending),
+                self.cfg.server.node_wait_s,
+            )
         self.s.recorder.restart_clock()  # the run clock counts training, not start-up
         self.s.recorder.log_event("warmup", seconds=round(self.warmup_s, 3), nodes=answered)
-        log.info("asyncfl: %d node(s) warmed up in %.1f s; the run clock starts now", answered,
-                 self.warmup_s)
+        log.info("asyncfl: %d node(s) warmed up in %.1f s; the run clock starts now", answered, self.warmup_s)
 
     # ----------------------------------------------------------------------------------------
     # Async loop
@@ -424,8 +457,12 @@ class AsyncFLStrategy(Strategy):
             return None if node.retired else task.node
         staleness = self.s.version - task.version
         if self.cfg.server.max_staleness and staleness > self.cfg.server.max_staleness:
-            self.s.recorder.log_drop(node=task.node, partition=node.partition, staleness=staleness,
-                                     reason=f"staleness {staleness} > max-staleness {self.cfg.server.max_staleness}")
+            self.s.recorder.log_drop(
+                node=task.node,
+                partition=node.partition,
+                staleness=staleness,
+                reason=f"staleness {staleness} > max-staleness {self.cfg.server.max_staleness}",
+            )
             self._release_snapshots()
             return task.node
         t0 = time.perf_counter()
@@ -435,16 +472,16 @@ class AsyncFLStrategy(Strategy):
         version_before = self.s.version
         if self.cfg.server.balance and isinstance(self.s.rule, ASGD):
             self.s.rule.node_scale = self._balance_scales()
-        applied = self.s.rule.apply(self.s.x, reply.update, staleness=staleness, node=task.node,
-                                    base=base, info=reply.metrics)
+        applied = self.s.rule.apply(
+            self.s.x, reply.update, staleness=staleness, node=task.node, base=base, info=reply.metrics
+        )
         if self.downlink is not None:
             self.downlink.add(reply.record, applied.weight, applied.stepped, version_before)
         self.s.sync_device()
         apply_s = time.perf_counter() - t0
         self.timer.add("apply", apply_s)
         self._release_snapshots()
-        self.s.after_update(reply, staleness, applied.weight, applied.stepped,
-                            reply.decode_s + apply_s, self.elapsed())
+        self.s.after_update(reply, staleness, applied.weight, applied.stepped, reply.decode_s + apply_s, self.elapsed())
         self.checkpointer.maybe_save(self.s)
         return task.node
 
@@ -473,17 +510,26 @@ class AsyncFLStrategy(Strategy):
             if not (_in_deployment(grid) or getattr(grid, "emulates_deployment", False)):
                 return False
             if c.selection != "same" and c.concurrency:
-                log.info("asyncfl: prefetch off: it would pin the working nodes under "
-                         "selection=%s with concurrency=%d", c.selection, c.concurrency)
+                log.info(
+                    "asyncfl: prefetch off: it would pin the working nodes under selection=%s with concurrency=%d",
+                    c.selection,
+                    c.concurrency,
+                )
                 return False
         if c.prefetch == "auto":
-            log.info("asyncfl: prefetch auto: the next task of a node whose SuperNode polls "
-                     "slowly (Flower's flower-supernode: 3 s; nodes of asyncfl-supernode report "
-                     "theirs) is queued %.1f s (+ the time a push takes) before its expected "
-                     "finish", c.prefetch_lead_s)
+            log.info(
+                "asyncfl: prefetch auto: the next task of a node whose SuperNode polls "
+                "slowly (Flower's flower-supernode: 3 s; nodes of asyncfl-supernode report "
+                "theirs) is queued %.1f s (+ the time a push takes) before its expected "
+                "finish",
+                c.prefetch_lead_s,
+            )
         else:
-            log.info("asyncfl: prefetch on: each node's next task is queued %.1f s (+ the time a "
-                     "push takes) before its expected finish", c.prefetch_lead_s)
+            log.info(
+                "asyncfl: prefetch on: each node's next task is queued %.1f s (+ the time a "
+                "push takes) before its expected finish",
+                c.prefetch_lead_s,
+            )
         return True
 
     def _downlink_wanted(self, grid: Grid) -> DownlinkLog | None:
@@ -494,13 +540,18 @@ class AsyncFLStrategy(Strategy):
         if z.downlink == "auto" and (not linear or z.compressor == "none" or not _in_deployment(grid)):
             return None
         if not linear:
-            log.info("asyncfl: downlink log off: %s steps with more than the payloads applied "
-                     "(older states, tables or momentum); sending full weights",
-                     f"rule {c.rule}" if c.mode == "async" else "server momentum")
+            log.info(
+                "asyncfl: downlink log off: %s steps with more than the payloads applied "
+                "(older states, tables or momentum); sending full weights",
+                f"rule {c.rule}" if c.mode == "async" else "server momentum",
+            )
             return None
         dense = self._global_record().count_bytes()
-        log.info("asyncfl: downlink log on: nodes get the payloads applied since their last task "
-                 "while they are under half of the %.1f MB of full weights", dense / 1e6)
+        log.info(
+            "asyncfl: downlink log on: nodes get the payloads applied since their last task "
+            "while they are under half of the %.1f MB of full weights",
+            dense / 1e6,
+        )
         return DownlinkLog(dense_bytes=dense)
 
     def _prefetch(self, grid: Grid) -> None:
@@ -512,8 +563,7 @@ class AsyncFLStrategy(Strategy):
         # the push itself takes time (building and uploading the global weights: seconds for
         # the 124M shape), so it starts that much earlier
         lead = self.cfg.server.prefetch_lead_s + max(self.push_s, default=0.0)
-        peer_first = min((i.first_service for i in self.nodes.values() if i.first_service is not None),
-                         default=None)
+        peer_first = min((i.first_service for i in self.nodes.values() if i.first_service is not None), default=None)
         for n, info in sorted(self.nodes.items()):
             if info.retired or info.inflight != 1 or budget <= 0:
                 continue
@@ -580,8 +630,7 @@ class AsyncFLStrategy(Strategy):
             self.downlink.add_round([r.record for r in replies], coefs, self.s.version)
         self.s.version += 1
         for r, c in zip(replies, coefs):
-            self.s.after_update(r, 0, c, True, r.decode_s + apply_s, self.elapsed(),
-                                bump_version=False)
+            self.s.after_update(r, 0, c, True, r.decode_s + apply_s, self.elapsed(), bump_version=False)
 
     # ----------------------------------------------------------------------------------------
     # Messages: dispatch, pull, decode
@@ -595,8 +644,15 @@ class AsyncFLStrategy(Strategy):
         return self._record_cache[1]
 
     def _task_message(self, node: int, repeat: int = 0) -> Message:
-        config = {**self.train_config, "version": self.s.version, "repeat": repeat,
-                  "run-key": self.s.run_key, "rule": self.cfg.server.rule, "downlink": "full", "pack": self.pack}
+        config = {
+            **self.train_config,
+            "version": self.s.version,
+            "repeat": repeat,
+            "run-key": self.s.run_key,
+            "rule": self.cfg.server.rule,
+            "downlink": "full",
+            "pack": self.pack,
+        }
         if self.cfg.server.dylu:
             config["local-steps"] = self._dylu_steps(node)
         content = RecordDict()
@@ -604,8 +660,14 @@ class AsyncFLStrategy(Strategy):
         if update_log is None:
             content["arrays"] = self._global_record()
         else:  # the payloads since the version the node holds, instead of the weights
-            config.update({"downlink": "log", "base-version": update_log.base,
-                           "log-coefs": update_log.coefs, "log-n": len(update_log.records)})
+            config.update(
+                {
+                    "downlink": "log",
+                    "base-version": update_log.base,
+                    "log-coefs": update_log.coefs,
+                    "log-n": len(update_log.records),
+                }
+            )
             for i, record in enumerate(update_log.records):
                 content[f"log-{i}"] = record
         content["config"] = ConfigRecord(config)
@@ -646,8 +708,14 @@ class AsyncFLStrategy(Strategy):
         # the bytes it carries down: the full weights, or the update log's payloads
         # (count_bytes only sums the lengths of the arrays' buffers: cheap even for 500 MB)
         bytes_down = sum(r.count_bytes() for r in message.content.array_records.values())
-        self.inflight[ids[0]] = Task(node=node, version=self.s.version, sent_at=self.elapsed(),
-                                     prefetched=prefetched, bytes_down=bytes_down, pushed_wall=time.time())
+        self.inflight[ids[0]] = Task(
+            node=node,
+            version=self.s.version,
+            sent_at=self.elapsed(),
+            prefetched=prefetched,
+            bytes_down=bytes_down,
+            pushed_wall=time.time(),
+        )
         info.last_version, info.repeat, info.inflight = self.s.version, repeat, info.inflight + 1
         if self.downlink is not None:
             self.log_tasks += "arrays" not in message.content.array_records
@@ -687,15 +755,17 @@ class AsyncFLStrategy(Strategy):
             if record is None:
                 raise PayloadError("reply has no ArrayRecord named 'arrays'")
             t0 = time.perf_counter()
-            update = decode_state(record, reference=self.s.shapes, device=self.s.device,
-                                  max_rank=self.cfg.compress.rank)
+            update = decode_state(
+                record, reference=self.s.shapes, device=self.s.device, max_rank=self.cfg.compress.rank
+            )
             self.s.sync_device()
             decode_s = time.perf_counter() - t0
             self.timer.add("decode", decode_s)
         except PayloadError as exc:
             log.warning("asyncfl: rejected payload from node %s: %s", node_id, exc)
-            self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
-                                     reason=f"invalid payload: {exc}")
+            self.s.recorder.log_drop(
+                node=node_id, partition=node.partition, staleness=None, reason=f"invalid payload: {exc}"
+            )
             return None
         node.failures = 0
         node.observe_steps(metrics.get("steps"), metrics.get("client-s"))
@@ -708,17 +778,25 @@ class AsyncFLStrategy(Strategy):
         created = float(msg.metadata.created_at or 0.0)
         node_s = created - task.pushed_wall if task is not None and task.pushed_wall and created else None
         reply_age_s = time.time() - decode_s - created if created else None
-        return Reply(node=node_id, task=task or Task(node_id, self.s.version, 0.0),
-                     update=update, metrics=metrics, decode_s=decode_s, record=record,
-                     node_s=node_s, reply_age_s=reply_age_s)
+        return Reply(
+            node=node_id,
+            task=task or Task(node_id, self.s.version, 0.0),
+            update=update,
+            metrics=metrics,
+            decode_s=decode_s,
+            record=record,
+            node_s=node_s,
+            reply_age_s=reply_age_s,
+        )
 
     def _on_error(self, node_id: int, code: int, reason: str | None) -> None:
         node = self.nodes[node_id]
         node.failures += 1
         if self.downlink is not None:  # the worker may have died with its copy
             self.downlink.forget(node_id)
-        self.s.recorder.log_drop(node=node_id, partition=node.partition, staleness=None,
-                                 reason=f"error reply code {code}: {reason}")
+        self.s.recorder.log_drop(
+            node=node_id, partition=node.partition, staleness=None, reason=f"error reply code {code}: {reason}"
+        )
         log.warning("asyncfl: node %s error reply (code %s): %s", node_id, code, reason)
         if code in _RETIRE_AT_ONCE or node.failures >= self.cfg.server.max_node_failures:
             self._retire(node_id, f"error code {code} after {node.failures} consecutive failure(s)")

@@ -57,8 +57,7 @@ class NodeInfo:
 
     def observe_steps(self, steps: Any, client_s: Any) -> None:
         """Seconds per local step from a reply's `steps` and `client-s` metrics, if both are sane."""
-        if isinstance(steps, (int, float)) and isinstance(client_s, (int, float)) and steps > 0 \
-                and client_s > 0:
+        if isinstance(steps, (int, float)) and isinstance(client_s, (int, float)) and steps > 0 and client_s > 0:
             self.step_s = float(client_s) / float(steps)
 
     def start_of(self, task: Task) -> float:
@@ -98,8 +97,7 @@ class NodeInfo:
         times after the first (whose estimate is only a lower bound); None before that."""
         return sum(self.steady) / len(self.steady) if self.steady else None
 
-    def next_task_due(self, running: Task, now: float, lead: float,
-                      peer_first: float | None = None) -> bool:
+    def next_task_due(self, running: Task, now: float, lead: float, peer_first: float | None = None) -> bool:
         """Whether `running` is expected to end within `lead` seconds of `now`.
 
         A node still on its first task has no time of its own; `peer_first`, the shortest first

@@ -10,8 +10,9 @@ from asyncfl.strategies.adaptive import FADAS, DelayedNesterov
 from asyncfl.strategies.rules import ASGD, SAGA, FedAsync, FedAvg, FedBuff, Rule, Shifted
 from asyncfl.strategies.variance import Page, SagaEstimator
 
-_REGISTRY: dict[str, type[Rule]] = {cls.name: cls for cls in (
-    FedAsync, FedBuff, ASGD, DelayedNesterov, FADAS, Shifted, SAGA, SagaEstimator, Page)}
+_REGISTRY: dict[str, type[Rule]] = {
+    cls.name: cls for cls in (FedAsync, FedBuff, ASGD, DelayedNesterov, FADAS, Shifted, SAGA, SagaEstimator, Page)
+}
 RULES = tuple(_REGISTRY)  # the async rules (`rule`); sync mode uses FedAvg
 if RULES != choices(RuleName):
     raise ImportError(f"rule registry {RULES} is not asyncfl.choices.RuleName {choices(RuleName)}")
@@ -27,6 +28,5 @@ def make_rule(name: str, **kwargs: Any) -> Rule:
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as err:
-        raise ValueError(f"rule {name!r}: {err}; accepted arguments: "
-                         f"{', '.join(params)}") from None
+        raise ValueError(f"rule {name!r}: {err}; accepted arguments: {', '.join(params)}") from None
     return cls(**kwargs)

@@ -133,9 +133,16 @@ class Rule(ABC):
     needs_base: ClassVar[bool] = False  # True: the loop passes the client's start state
 
     @abstractmethod
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:
         """Fold ``update`` from ``node`` into ``x`` in place; ValueError if invalid.
         ``info``: the client's reply metrics, for rules whose clients send different kinds
         of update (``page``)."""
@@ -170,9 +177,16 @@ class FedAsync(Rule):
         self.alpha = _real("alpha", alpha, 0.0, 1.0, open_low=True)
         self.staleness_fn = staleness_fn or ConstantStaleness()
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         a = self.alpha * self.staleness_fn(check_staleness(staleness))
         us = _aligned(x, update, "update")
         bs = None if base is None else _aligned(x, base, "base")
@@ -197,9 +211,14 @@ class FedBuff(Rule):
 
     name = "fedbuff"
 
-    def __init__(self, buffer_size: int, server_lr: float,
-                 staleness_fn: StalenessFn | None = None, momentum: float = 0.0,
-                 nesterov: bool = True) -> None:
+    def __init__(
+        self,
+        buffer_size: int,
+        server_lr: float,
+        staleness_fn: StalenessFn | None = None,
+        momentum: float = 0.0,
+        nesterov: bool = True,
+    ) -> None:
         self.buffer_size = _count("buffer_size", buffer_size)
         self.server_lr = _lr(server_lr)
         self.staleness_fn = staleness_fn or ConstantStaleness()
@@ -207,9 +226,16 @@ class FedBuff(Rule):
         self._sum: State | None = None  # sum_i s(tau_i) delta_i over the buffer
         self.count = 0  # updates currently buffered
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         s = self.staleness_fn(check_staleness(staleness))
         us = _aligned(x, update, "update")
         self._sum, acc = _lazy(self._sum, x, "fedbuff buffer")
@@ -240,8 +266,7 @@ class FedBuff(Rule):
         self.count = 0
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"count": self.count, "sum": self._sum if self.count else None,
-                **self.opt.state_dict()}
+        return {"count": self.count, "sum": self._sum if self.count else None, **self.opt.state_dict()}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:  # noqa: D102
         self.count = int(d["count"])
@@ -261,8 +286,14 @@ class ASGD(Rule):
 
     name = "asgd"
 
-    def __init__(self, server_lr: float, delay_adaptive: bool = False,
-                 concurrency: int = 1, momentum: float = 0.0, nesterov: bool = True) -> None:
+    def __init__(
+        self,
+        server_lr: float,
+        delay_adaptive: bool = False,
+        concurrency: int = 1,
+        momentum: float = 0.0,
+        nesterov: bool = True,
+    ) -> None:
         self.server_lr = _lr(server_lr)
         self.delay_adaptive = bool(delay_adaptive)
         self.concurrency = _count("concurrency", concurrency)
@@ -277,9 +308,16 @@ class ASGD(Rule):
             gamma *= min(1.0, self.concurrency / tau)
         return gamma * self.node_scale.get(node, 1.0) if node is not None else gamma
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         gamma = self.step_size(staleness, node)
         us = _aligned(x, update, "update")
         self.opt.step(x, us, gamma)
@@ -331,9 +369,16 @@ class Shifted(Rule):
         self._h: State | None = None  # mean shift h
         self._shifts: dict[int, State] = {}  # h_i of each node that has reported
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
         xs, gamma, alpha = list(x.values()), self.server_lr, self.shift_alpha
@@ -405,8 +450,9 @@ class TableRule(Rule):
         self._sum, sums = _lazy(self._sum, x, f"{self.name} sum")
         return olds, sums
 
-    def _store(self, x: State, node: int, us: list[torch.Tensor], olds: list[torch.Tensor] | None,
-               sums: list[torch.Tensor]) -> None:
+    def _store(
+        self, x: State, node: int, us: list[torch.Tensor], olds: list[torch.Tensor] | None, sums: list[torch.Tensor]
+    ) -> None:
         """Replace node's entry by ``us`` and keep the sum (call under ``torch.no_grad()``)."""
         if olds is None:
             olds = [u.clone() for u in us]
@@ -450,9 +496,16 @@ class SAGA(TableRule):
 
     name = "saga"
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
         olds, sums = self._entry(x, node)
@@ -470,8 +523,7 @@ def fedavg_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> State:
     weight, an all-zero weight sum, or keys/shapes differing from ``updates[0]``.
     """
     if not updates or len(updates) != len(weights):
-        raise ValueError(f"need one weight per update, got {len(updates)} updates and "
-                         f"{len(weights)} weights")
+        raise ValueError(f"need one weight per update, got {len(updates)} updates and {len(weights)} weights")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"weights must be finite, >= 0, not all 0: {list(weights)}")
     ref, total = updates[0], float(sum(weights))
@@ -490,13 +542,11 @@ class FedAvg(Rule):
 
     name = "fedavg"
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.0,
-                 nesterov: bool = True) -> None:
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.0, nesterov: bool = True) -> None:
         self.server_lr = _lr(server_lr)
         self.opt = ServerMomentum(momentum, nesterov)
 
-    def apply_round(self, x: State, updates: Sequence[Tensors],
-                    weights: Sequence[float]) -> list[float]:
+    def apply_round(self, x: State, updates: Sequence[Tensors], weights: Sequence[float]) -> list[float]:
         """Step with the weighted mean of a round; returns each update's coefficient in it."""
         aligned = [dict(zip(x, _aligned(x, u, f"updates[{i}]"))) for i, u in enumerate(updates)]
         mean = fedavg_mean(aligned, weights)  # everything is validated before x is touched
@@ -504,9 +554,16 @@ class FedAvg(Rule):
         total = float(sum(weights))
         return [self.server_lr * w / total for w in weights]
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None,
-              info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         check_staleness(staleness)
         _aligned(x, update, "update")
         return Applied(self.apply_round(x, [update], [1.0])[0], True)

@@ -60,8 +60,7 @@ class Selector(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def select(self, idle: Sequence[int], finished: int | None,
-               rng: random.Random) -> int | None:
+    def select(self, idle: Sequence[int], finished: int | None, rng: random.Random) -> int | None:
         """One node of ``idle``; ``finished`` is the node whose reply just arrived."""
 
     def observe(self, node: int, loss: float | None) -> bool:
@@ -81,8 +80,7 @@ class UniformSelector(Selector):
 
     name = "uniform"
 
-    def select(self, idle: Sequence[int], finished: int | None,
-               rng: random.Random) -> int | None:  # noqa: D102
+    def select(self, idle: Sequence[int], finished: int | None, rng: random.Random) -> int | None:  # noqa: D102
         nodes = _nodes(idle)
         return rng.choice(nodes) if nodes else None
 
@@ -92,8 +90,7 @@ class SameSelector(UniformSelector):
 
     name = "same"
 
-    def select(self, idle: Sequence[int], finished: int | None,
-               rng: random.Random) -> int | None:  # noqa: D102
+    def select(self, idle: Sequence[int], finished: int | None, rng: random.Random) -> int | None:  # noqa: D102
         if finished is not None and finished in idle:
             return finished
         return super().select(idle, finished, rng)
@@ -118,11 +115,9 @@ class LossBiasedSelector(Selector):
 
     name = "loss-biased"
 
-    def __init__(self, floor: float = 0.1, power: float = 1.0, decay: float = 0.0,
-                 candidates: int = 0) -> None:
+    def __init__(self, floor: float = 0.1, power: float = 1.0, decay: float = 0.0, candidates: int = 0) -> None:
         self.floor = _number("floor", floor, 0.0, 1.0, open_low=True, open_high=False)
-        self.power = _number("power", power, 0.0, math.inf, open_low=False,
-                             open_high=True)
+        self.power = _number("power", power, 0.0, math.inf, open_low=False, open_high=True)
         self.decay = _number("decay", decay, 0.0, 1.0, open_low=False, open_high=True)
         ok = isinstance(candidates, int) and not isinstance(candidates, bool)
         if not ok or candidates < 0:
@@ -158,11 +153,9 @@ class LossBiasedSelector(Selector):
         total, m = sum(scores), len(nodes)
         if total <= 0 or not math.isfinite(total):
             return {n: 1.0 / m for n in nodes}
-        return {n: self.floor / m + (1 - self.floor) * s / total
-                for n, s in zip(nodes, scores)}
+        return {n: self.floor / m + (1 - self.floor) * s / total for n, s in zip(nodes, scores)}
 
-    def select(self, idle: Sequence[int], finished: int | None,
-               rng: random.Random) -> int | None:  # noqa: D102
+    def select(self, idle: Sequence[int], finished: int | None, rng: random.Random) -> int | None:  # noqa: D102
         q = self.probabilities(idle)
         if not q:
             return None
@@ -223,23 +216,21 @@ class TimeAwareSelector(Selector):
         m = len(nodes)
         if any(t is None for t in times):  # nothing timed yet: uniform
             return {n: 1.0 / m for n in nodes}
-        rates = [t ** -self.power for t in times]  # type: ignore[operator]
+        rates = [t**-self.power for t in times]  # type: ignore[operator]
         total = sum(rates)
         return {n: self.floor / m + (1 - self.floor) * r / total for n, r in zip(nodes, rates)}
 
-    def select(self, idle: Sequence[int], finished: int | None,
-               rng: random.Random) -> int | None:  # noqa: D102
+    def select(self, idle: Sequence[int], finished: int | None, rng: random.Random) -> int | None:  # noqa: D102
         q = self.probabilities(idle)
         if not q:
             return None
         return rng.choices(list(q), weights=list(q.values()))[0]
 
 
-def _number(name: str, value: Any, low: float, high: float, *, open_low: bool,
-            open_high: bool) -> float:
+def _number(name: str, value: Any, low: float, high: float, *, open_low: bool, open_high: bool) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok and math.isfinite(value):
-        ok = (low < value if open_low else low <= value)
+        ok = low < value if open_low else low <= value
         ok = ok and (value < high if open_high else value <= high)
     if not ok:
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
@@ -248,7 +239,9 @@ def _number(name: str, value: Any, low: float, high: float, *, open_low: bool,
 
 
 _REGISTRY: dict[str, type[Selector]] = {
-    "same": SameSelector, "uniform": UniformSelector, "loss-biased": LossBiasedSelector,
+    "same": SameSelector,
+    "uniform": UniformSelector,
+    "loss-biased": LossBiasedSelector,
     "time-aware": TimeAwareSelector,
 }
 if tuple(_REGISTRY) != SELECTORS or any(cls.name != name for name, cls in _REGISTRY.items()):
@@ -268,6 +261,5 @@ def make_selector(name: str, **kwargs: Any) -> Selector:
         sig.bind(**kwargs)
     except TypeError as err:
         accepted = ", ".join(sig.parameters) or "none"
-        raise ValueError(f"selection {name!r}: {err}; accepted arguments: "
-                         f"{accepted}") from None
+        raise ValueError(f"selection {name!r}: {err}; accepted arguments: {accepted}") from None
     return cls(**kwargs)

@@ -66,8 +66,9 @@ class ServerState:
         self.rule = self.rule_factory(self.num_clients)
         if self.resume is not None:
             self.restore(self.resume)
-            self.recorder.log_event("resume", version=self.version, updates=self.updates,
-                                    path=self.cfg.output.resume_from)
+            self.recorder.log_event(
+                "resume", version=self.version, updates=self.updates, path=self.cfg.output.resume_from
+            )
             log.info("asyncfl: resumed at v=%d updates=%d", self.version, self.updates)
 
     @property
@@ -157,11 +158,23 @@ class ServerState:
         fields = {k: v for k, v in metrics.items() if k not in ("version", "round", "updates")}
         self.recorder.log_eval(version=self.version, round=round_, updates=self.updates, **fields)
         if all(k in metrics for k in ("loss", "ppl", "top1")):
-            log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  loss=%.4f ppl=%.2f top1=%.3f",
-                     self.version, self.updates, elapsed, metrics["loss"], metrics["ppl"], metrics["top1"])
+            log.info(
+                "asyncfl: eval  v=%d updates=%d t=%.1fs  loss=%.4f ppl=%.2f top1=%.3f",
+                self.version,
+                self.updates,
+                elapsed,
+                metrics["loss"],
+                metrics["ppl"],
+                metrics["top1"],
+            )
         else:
-            log.info("asyncfl: eval  v=%d updates=%d t=%.1fs  %s", self.version, self.updates, elapsed,
-                     " ".join(f"{k}={v}" for k, v in metrics.items()))
+            log.info(
+                "asyncfl: eval  v=%d updates=%d t=%.1fs  %s",
+                self.version,
+                self.updates,
+                elapsed,
+                " ".join(f"{k}={v}" for k, v in metrics.items()),
+            )
         return metrics
 
     def evaluate_if_due(self, elapsed: float, per_round: bool = False) -> None:
@@ -179,8 +192,16 @@ class ServerState:
         return self.last_eval
 
     # ---- one accepted update -----------------------------------------------------------------
-    def after_update(self, reply: Any, staleness: int, weight: float, stepped: bool,
-                     decode_apply_s: float, elapsed: float, bump_version: bool = True) -> None:
+    def after_update(
+        self,
+        reply: Any,
+        staleness: int,
+        weight: float,
+        stepped: bool,
+        decode_apply_s: float,
+        elapsed: float,
+        bump_version: bool = True,
+    ) -> None:
         m = reply.metrics
         self.history.add_update(m)
         if stepped and bump_version:  # async: x moved (sync: the loop closes its rounds)
@@ -193,33 +214,55 @@ class ServerState:
             self.delta_g = float(fro) if self.delta_g is None else self.delta_g + (float(fro) - self.delta_g) / n
         enc = m.get("encode-s")  # the client's encode time (absent: not reported)
         self.recorder.log_update(
-            version=self.version, node=reply.node, partition=m.get("partition-id"),
-            staleness=staleness, weight=weight, train_loss=m.get("train-loss"),
-            bytes=m.get("bytes"), dense_bytes=m.get("dense-bytes"), rec_error=m.get("rec-error"),
-            fro_error=fro, decode_apply_s=decode_apply_s, train_s=m.get("train-s"),
-            tokens_per_s=m.get("tokens-per-s"), round_trip_s=elapsed - reply.task.sent_at,
-            service_s=elapsed - (reply.task.started_at if reply.task.started_at is not None
-                                 else reply.task.sent_at),
-            prefetched=reply.task.prefetched, client_s=m.get("client-s"),
+            version=self.version,
+            node=reply.node,
+            partition=m.get("partition-id"),
+            staleness=staleness,
+            weight=weight,
+            train_loss=m.get("train-loss"),
+            bytes=m.get("bytes"),
+            dense_bytes=m.get("dense-bytes"),
+            rec_error=m.get("rec-error"),
+            fro_error=fro,
+            decode_apply_s=decode_apply_s,
+            train_s=m.get("train-s"),
+            tokens_per_s=m.get("tokens-per-s"),
+            round_trip_s=elapsed - reply.task.sent_at,
+            service_s=elapsed - (reply.task.started_at if reply.task.started_at is not None else reply.task.sent_at),
+            prefetched=reply.task.prefetched,
+            client_s=m.get("client-s"),
             encode_s=float(enc) if isinstance(enc, (int, float)) else None,
             bytes_down=reply.task.bytes_down,
-            node_s=getattr(reply, "node_s", None), reply_age_s=getattr(reply, "reply_age_s", None),
+            node_s=getattr(reply, "node_s", None),
+            reply_age_s=getattr(reply, "reply_age_s", None),
             **({"ef_norm": m["ef-norm"], "ef_reset": m.get("ef-reset")} if "ef-norm" in m else {}),
         )
-        log.info("asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
-                 self.updates, f"{self.max_updates:.0f}" if self.cfg.server.mode == "async" and
-                 math.isfinite(self.max_updates) else "-", self.version,
-                 reply.node, m.get("partition-id"), staleness, weight,
-                 float(m.get("train-loss", float("nan"))), float(m.get("bytes", 0)))
+        log.info(
+            "asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
+            self.updates,
+            f"{self.max_updates:.0f}" if self.cfg.server.mode == "async" and math.isfinite(self.max_updates) else "-",
+            self.version,
+            reply.node,
+            m.get("partition-id"),
+            staleness,
+            weight,
+            float(m.get("train-loss", float("nan"))),
+            float(m.get("bytes", 0)),
+        )
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
         return {
-            "format": "asyncfl-checkpoint-1", "version": self.version, "updates": self.updates,
-            "rounds": self.rounds, "run_key": self.run_key,
+            "format": "asyncfl-checkpoint-1",
+            "version": self.version,
+            "updates": self.updates,
+            "rounds": self.rounds,
+            "run_key": self.run_key,
             "state": {k: v.detach().cpu().clone() for k, v in self.x.items()},
-            "rule": self.rule.state_dict(), "last_eval": dict(self.last_eval),
-            "initial_loss": self.initial_loss, "delta_g": self.delta_g,
+            "rule": self.rule.state_dict(),
+            "last_eval": dict(self.last_eval),
+            "initial_loss": self.initial_loss,
+            "delta_g": self.delta_g,
             "config": self.cfg.to_dict(),
         }
 
@@ -228,8 +271,9 @@ class ServerState:
             raise ValueError(f"not an asyncfl checkpoint (format={ckpt.get('format')!r})")
         state = ckpt["state"]
         if set(state) != set(self.x) or any(state[k].shape != self.x[k].shape for k in state):
-            raise ValueError("checkpoint tensors do not match this model's trainable state "
-                             "(different model, preset or lora-rank?)")
+            raise ValueError(
+                "checkpoint tensors do not match this model's trainable state (different model, preset or lora-rank?)"
+            )
         with torch.no_grad():
             for k, v in self.x.items():
                 v.copy_(state[k].to(v.device, v.dtype))
@@ -257,8 +301,7 @@ class Checkpointer:
         torch.save(state.checkpoint(), tmp)
         tmp.replace(self.path)  # atomic: a crash never leaves half a checkpoint
         self._last = state.updates
-        state.recorder.log_event("checkpoint", version=state.version, updates=state.updates,
-                                 path=str(self.path))
+        state.recorder.log_event("checkpoint", version=state.version, updates=state.updates, path=str(self.path))
         log.info("asyncfl: checkpoint v=%d updates=%d -> %s", state.version, state.updates, self.path)
 
 

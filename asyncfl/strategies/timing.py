@@ -42,6 +42,8 @@ class PhaseTimer:
 
     def describe(self, wall_s: float) -> str:
         """One log line: each phase's seconds and share of `wall_s`."""
-        parts = [f"{k} {v['s']:.1f} s ({100 * v['s'] / wall_s:.0f}%)" if wall_s > 0 else f"{k} {v['s']:.1f} s"
-                 for k, v in self.summary().items()]
+        parts = [
+            f"{k} {v['s']:.1f} s ({100 * v['s'] / wall_s:.0f}%)" if wall_s > 0 else f"{k} {v['s']:.1f} s"
+            for k, v in self.summary().items()
+        ]
         return ", ".join(parts) or "nothing timed"

@@ -38,8 +38,16 @@ class SagaEstimator(TableRule):
 
     name = "saga-est"
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None, info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
         xs, lr = list(x.values()), self.server_lr
@@ -60,8 +68,16 @@ class Page(TableRule):
 
     name = "page"
 
-    def apply(self, x: State, update: Tensors, *, staleness: int, node: int,
-              base: Tensors | None = None, info: Mapping[str, Any] | None = None) -> Applied:  # noqa: D102
+    def apply(
+        self,
+        x: State,
+        update: Tensors,
+        *,
+        staleness: int,
+        node: int,
+        base: Tensors | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> Applied:  # noqa: D102
         check_staleness(staleness)
         us = _aligned(x, update, "update")
         flag = (info or {}).get("page-diff", 0)
