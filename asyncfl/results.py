@@ -27,7 +27,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from asyncfl.config import AppConfig
 
 EVENTS_FILE, SUMMARY_FILE = "events.jsonl", "summary.json"
 RESULTS_FILE, PLOT_FILE = "results.md", "plot.png"
@@ -237,6 +240,32 @@ class RunRecorder:
         self._t_offset = self.totals.last_t  # 0.0 for a new log
         if not resumed:
             self.log_event("start", **self.meta, config=self.config)
+
+    @classmethod
+    def for_run(
+        cls,
+        cfg: AppConfig,
+        run_dir: Path,
+        *,
+        eval_split: str,
+        train_split: str,
+        clock: Callable[[], float],
+        resume: bool,
+    ) -> RunRecorder:
+        """The recorder of a server run of `cfg` (mode, compressor, rule, target from it)."""
+        return cls(
+            run_dir,
+            config=cfg.to_dict(),
+            mode=cfg.server.mode,
+            compressor=cfg.compress.compressor,
+            rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg",
+            num_clients=0,
+            eval_split=eval_split,
+            train_split=train_split,
+            target_ppl=cfg.stop.target_ppl or None,
+            clock=clock,
+            resume=resume,
+        )
 
     @classmethod
     def resume(cls, run_dir: Path | str, **kwargs: Any) -> RunRecorder:

@@ -66,16 +66,11 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
 
     run_dir = run_dir_for(cfg)
     ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
-    recorder = RunRecorder(
+    recorder = RunRecorder.for_run(
+        cfg,
         run_dir,
-        config=cfg.to_dict(),
-        mode=cfg.server.mode,
-        compressor=cfg.compress.compressor,
-        rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg",
-        num_clients=0,
         eval_split=eval_split,
         train_split=resolve_train_split(cfg),
-        target_ppl=cfg.stop.target_ppl or None,
         clock=clock.now,
         resume=ckpt is not None,
     )

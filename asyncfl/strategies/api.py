@@ -135,18 +135,8 @@ class AsyncStrategy(AsyncFLStrategy):
         x = own_tensors(model_state, device)
         run_dir = run_dir_for(cfg)
         ckpt = load_checkpoint(cfg.output.resume_from) if cfg.output.resume_from else None
-        recorder = RunRecorder(
-            run_dir,
-            config=cfg.to_dict(),
-            mode=cfg.server.mode,
-            compressor=cfg.compress.compressor,
-            rule=cfg.server.rule if cfg.server.mode == "async" else "fedavg",
-            num_clients=0,
-            eval_split="evaluate_fn",
-            train_split="clientapp",
-            target_ppl=cfg.stop.target_ppl or None,
-            clock=clock.now,
-            resume=ckpt is not None,
+        recorder = RunRecorder.for_run(
+            cfg, run_dir, eval_split="evaluate_fn", train_split="clientapp", clock=clock.now, resume=ckpt is not None
         )
         state = ServerState(
             cfg=cfg,
