@@ -2,7 +2,7 @@
 # process isolation (see ../docker-compose.yml). Flower ships the app code itself (the FAB) with
 # every run; the image provides its dependencies, and the package is installed too, which puts
 # `asyncfl-superexec` on PATH (the ClientApp containers use it as their entrypoint: Flower's
-# SuperExec with ClientApp processes forked warm, asyncfl/launcher.py).
+# SuperExec with ClientApp processes forked warm, asyncfl/deploy/launcher.py).
 #
 # Build from the repository root:
 #   docker build -f docker/superexec.Dockerfile -t asyncfl-superexec:cpu .
@@ -46,7 +46,7 @@ RUN sed -i -e '/"flwr\[simulation\]/d' -e '/^readme *=/d' pyproject.toml \
     && rm -rf asyncfl
 COPY --chown=app:app asyncfl ./asyncfl
 RUN python -m pip install --no-cache-dir --no-deps --force-reinstall . \
-    && python -c "import flwr, torch, transformers, asyncfl.launcher; print('flwr', flwr.__version__, 'torch', torch.__version__)"
+    && python -c "import flwr, torch, transformers, asyncfl.deploy.launcher, asyncfl.client.app; print('flwr', flwr.__version__, 'torch', torch.__version__)"
 
 # Caches on the /cache volume: data/token caches (XDG), Hugging Face files, per-node state.
 ENV XDG_CACHE_HOME=/cache \
