@@ -2,7 +2,7 @@
 
 A deployment's timing is mostly waiting: a client computes, sleeps its emulated slowness, its
 messages cross the SuperLink, an idle SuperNode sleeps through its poll. `EmulatedGrid` runs
-the same `AsyncFLStrategy` (rules, staleness, selection, prefetch, evaluation, stop conditions,
+the same server loop (rules, staleness, selection, prefetch, evaluation, stop conditions,
 results files) against clients that train for real, in this process, one task at a time, while
 the waiting happens on a `VirtualClock`: a 150 s deployment run takes the seconds its training
 and evaluation compute needs. Use it to compare rules and hyperparameters cheaply and

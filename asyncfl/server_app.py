@@ -14,8 +14,7 @@ from asyncfl.flower_hooks import HookMissingError, grid_in_deployment
 from asyncfl.logs import setup_logging
 from asyncfl.model import build_model, build_tokenizer, resolve_device, save_model, trainable_state
 from asyncfl.results import RunRecorder
-from asyncfl.strategies.build import build_rule, build_selector, run_dir_for
-from asyncfl.strategies.loop import AsyncFLStrategy
+from asyncfl.strategies.build import build_rule, build_selector, make_loop, run_dir_for
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState, load_checkpoint
 from asyncfl.train import evaluate, evaluate_strided
 
@@ -93,7 +92,7 @@ def run(grid: Grid, cfg: AppConfig, clock: Clock | None = None) -> dict:
         run_dir=run_dir,
         resume=ckpt,
     )
-    strategy = AsyncFLStrategy(state, clock=clock)
+    strategy = make_loop(state, clock=clock)
     strategy.start(grid)  # ends with the final evaluation, of the model as saved
     if cfg.output.checkpoint_every:
         Checkpointer(state).save(state)

@@ -1,6 +1,6 @@
 """Server cost per client update for the GPT-2 124M shape: decode + rule apply, and the global record.
 
-What the async server loop does for every reply (`AsyncFLStrategy._decode` + `_handle_async_reply`):
+What the async server loop does for every reply (`ServerLoop._decode` + `AsyncLoop._handle_async_reply`):
 `decode_state(record, reference=shapes, device=device)` rebuilds the dense delta from its
 low-rank factors (validating the wire bytes and every payload; the factors are views of the
 received bytes), then `rule.apply(x, update, staleness, node, base)`

@@ -25,9 +25,11 @@ from flwr.common.constant import ErrorCode
 from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig, ConfigError
 from asyncfl.results import RunRecorder
-from asyncfl.strategies.build import build_rule, build_selector
-from asyncfl.strategies.loop import WARMUP_MESSAGE_TYPE, AsyncFLStrategy
+from asyncfl.strategies.async_loop import AsyncLoop
+from asyncfl.strategies.build import build_rule, build_selector, make_loop
+from asyncfl.strategies.loop import WARMUP_MESSAGE_TYPE
 from asyncfl.strategies.server_state import ServerState, load_checkpoint
+from asyncfl.strategies.sync_loop import SyncLoop
 from asyncfl.wire import arrays_of, is_wire
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -264,7 +266,7 @@ def replay_asgd(grid: FakeGrid, updates: list[dict], lr: float) -> dict[str, tor
 def test_async_applies_out_of_order_replies_with_their_staleness(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"server-lr": 0.5, "max-updates": 9})
     grid = FakeGrid({1: 1, 2: 2, 3: 5})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     ups = events(tmp_path, "update")
     assert [u["version"] for u in ups] == list(range(1, 10))
     assert [u["node"] for u in ups[:3]] == [1, 2, 1]  # fast nodes overtake the slow one
@@ -277,7 +279,7 @@ def test_async_applies_out_of_order_replies_with_their_staleness(tmp_path):
 def test_fedasync_mixes_against_the_snapshot_the_client_started_from(tmp_path):
     state = make_state(tmp_path, rule="fedasync", alpha=0.5, staleness="constant", **{"max-updates": 6})
     grid = FakeGrid({1: 1, 3: 3})
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     strategy.start(grid)
     xs = [{k: v.clone() for k, v in X0.items()}]
     for u in events(tmp_path, "update"):
@@ -293,7 +295,7 @@ def test_fedasync_mixes_against_the_snapshot_the_client_started_from(tmp_path):
 def test_crash_is_redispatched_and_a_failing_node_is_retired(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 6, "max-node-failures": 2})
     grid = FakeGrid({1: 1, 2: 1, 3: 1}, {2: "crash-once", 3: "crash"})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     ups = events(tmp_path, "update")
     assert len(ups) == 6 and {u["node"] for u in ups} == {1, 2}
     retired = events(tmp_path, "node_retired")
@@ -305,7 +307,7 @@ def test_crash_is_redispatched_and_a_failing_node_is_retired(tmp_path):
 def test_node_unavailable_retires_at_once_and_the_run_goes_on(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 4})
     grid = FakeGrid({1: 1, 2: 2}, {2: "gone"})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     assert [r["node"] for r in events(tmp_path, "node_retired")] == [2]
     assert len(events(tmp_path, "update")) == 4
 
@@ -314,7 +316,7 @@ def test_node_unavailable_retires_at_once_and_the_run_goes_on(tmp_path):
 def test_invalid_payload_is_rejected_and_global_model_untouched(tmp_path, how):
     state = make_state(tmp_path, rule="asgd", **{"server-lr": 1.0, "max-updates": 3})
     grid = FakeGrid({1: 1, 2: 1}, {2: how})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     ups = events(tmp_path, "update")
     assert {u["node"] for u in ups} == {1}
     bad = [d for d in events(tmp_path, "drop") if d["node"] == 2]
@@ -329,16 +331,42 @@ def test_invalid_payload_is_rejected_and_global_model_untouched(tmp_path, how):
 def test_updates_staler_than_max_staleness_are_dropped(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 8, "max-staleness": 1})
     grid = FakeGrid({1: 1, 2: 6})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     drops = [d for d in events(tmp_path, "drop") if "max-staleness" in d["reason"]]
     assert drops and all(d["node"] == 2 and d["staleness"] > 1 for d in drops)
     assert all(u["staleness"] <= 1 for u in events(tmp_path, "update"))
 
 
+def test_make_loop_picks_the_loop_of_the_mode(tmp_path):
+    assert isinstance(make_loop(make_state(tmp_path / "a")), AsyncLoop)
+    loop = make_loop(make_state(tmp_path / "s", mode="sync", **{"num-rounds": 1}))
+    assert isinstance(loop, SyncLoop) and not isinstance(loop, AsyncLoop)
+
+
+def test_flower_round_hooks_run_a_fedavg_round(tmp_path):
+    """configure_train -> push -> pull -> aggregate_train: one more FedAvg round after start()."""
+    state = make_state(tmp_path, mode="sync", **{"num-rounds": 1, "server-lr": 1.0})
+    grid = FakeGrid({1: 1, 2: 3})
+    loop = make_loop(state)
+    loop.start(grid)
+    x = {k: v.clone() for k, v in state.x.items()}
+    messages = loop.configure_train(2, None, None, grid)
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    ids = grid.push_messages(messages)
+    replies: list[Message] = []
+    while len(replies) < len(ids):
+        replies += grid.pull_messages(ids)
+    assert loop.aggregate_train(2, replies) == (None, None)
+    d1, d2 = client_delta(1, x), client_delta(2, x)
+    for k in X0:  # weights = num-examples = node id
+        torch.testing.assert_close(state.x[k], x[k] + (1 * d1[k] + 2 * d2[k]) / 3)
+    assert state.version == 2 and len(events(tmp_path, "update")) == 4
+
+
 def test_sync_mode_applies_the_sample_weighted_mean_per_round(tmp_path):
     state = make_state(tmp_path, mode="sync", **{"num-rounds": 3, "server-lr": 1.0})
     grid = FakeGrid({1: 1, 2: 3})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     x = {k: v.clone() for k, v in X0.items()}
     for _ in range(3):  # weights = num-examples = node id
         d1, d2 = client_delta(1, x), client_delta(2, x)
@@ -351,13 +379,13 @@ def test_sync_mode_applies_the_sample_weighted_mean_per_round(tmp_path):
 
 def test_checkpoint_then_resume_continues_the_version_count(tmp_path):
     first = make_state(tmp_path, rule="fedbuff", **{"buffer-size": 2, "max-updates": 4, "checkpoint-every": 2})
-    AsyncFLStrategy(first).start(FakeGrid({1: 1, 2: 2}))
+    make_loop(first).start(FakeGrid({1: 1, 2: 2}))
     ckpt = tmp_path / "run" / "checkpoint.pt"
     assert ckpt.exists()
     saved = load_checkpoint(ckpt)
     assert saved["updates"] == 4 and saved["version"] == first.version == 2
     second = make_state(tmp_path, rule="fedbuff", **{"buffer-size": 2, "max-updates": 8, "resume-from": str(ckpt)})
-    AsyncFLStrategy(second).start(FakeGrid({1: 1, 2: 2}))
+    make_loop(second).start(FakeGrid({1: 1, 2: 2}))
     assert second.updates == 8 and second.version == 4
     ups = events(tmp_path, "update")
     assert [u["version"] for u in ups][-4:] == [2, 3, 3, 4]
@@ -373,7 +401,7 @@ def test_prefetch_queues_one_task_ahead_and_the_model_matches_the_replay(tmp_pat
         tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 1e6, "server-lr": 0.5, "max-updates": 12}
     )
     grid = FakeGrid({1: 2, 2: 3})
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     strategy.start(grid)
     assert grid.max_queued == {1: 2, 2: 2}  # one running + one queued, never more
     ups = events(tmp_path, "update")
@@ -393,7 +421,7 @@ def test_prefetch_queues_one_task_ahead_and_the_model_matches_the_replay(tmp_pat
 def test_prefetch_auto_stays_off_outside_deployment(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"prefetch-lead-s": 1e6, "max-updates": 8})
     grid = FakeGrid({1: 1, 2: 2})
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     strategy.start(grid)
     assert not strategy.prefetch and strategy.prefetched == 0
     assert grid.max_queued == {1: 1, 2: 1}
@@ -403,7 +431,7 @@ def manual_prefetch(tmp_path, speeds: dict[int, float], t0: float):
     """A prefetching strategy (lead 2 s) driven by hand, on a clock set through `now[0]`."""
     state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 2.0})
     grid = FakeGrid(speeds)
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     strategy.prefetch = True
     strategy._scan_nodes(grid, force=True)
     now = [t0]
@@ -445,7 +473,7 @@ def test_first_task_time_estimate_uses_the_handler_time_not_the_start_up():
 def test_prefetch_survives_a_crash_and_a_node_leaving_with_a_queued_task(tmp_path):
     state = make_state(tmp_path, rule="asgd", prefetch="on", **{"prefetch-lead-s": 1e6, "max-updates": 6})
     grid = FakeGrid({1: 1, 2: 2}, {2: "crash-once"})
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     strategy.start(grid)
     ups = events(tmp_path, "update")
     assert len(ups) == 6 and {u["node"] for u in ups} == {1, 2}  # node 2 kept working after its crash
@@ -464,13 +492,13 @@ def test_prefetch_survives_a_crash_and_a_node_leaving_with_a_queued_task(tmp_pat
 def test_fp16_download_sends_rounded_weights_and_keeps_out_of_range_tensors_fp32(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"download-dtype": "fp16", "max-updates": 2})
     state.x["b"][0] = 1e5  # beyond fp16 range: this tensor must go as fp32
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     record = strategy._global_record()
     w, b = record["w"].numpy(), record["b"].numpy()
     assert w.dtype == np.float16 and b.dtype == np.float32
     np.testing.assert_array_equal(w, state.x["w"].numpy().astype(np.float16))
     np.testing.assert_array_equal(b, state.x["b"].numpy())
-    fp32 = AsyncFLStrategy(make_state(tmp_path / "fp32", rule="asgd"))._global_record()
+    fp32 = make_loop(make_state(tmp_path / "fp32", rule="asgd"))._global_record()
     assert record.count_bytes() < fp32.count_bytes()
     strategy.start(FakeGrid({1: 1, 2: 2}))  # clients train from the fp16 copy; the run completes
     assert len(events(tmp_path, "update")) == 2 and state.x["w"].dtype == torch.float32
@@ -515,7 +543,7 @@ def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, 
         grid = FakeGrid({1: 1, 2: 3})
         grid.cold_warmup = cold
         sent = weights_at_push(grid, state)
-        strategy = AsyncFLStrategy(state)
+        strategy = make_loop(state)
         strategy.start(grid)
         return state, grid, strategy, sent
 
@@ -545,7 +573,7 @@ def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, 
 def test_sync_rounds_go_out_as_update_logs(tmp_path, log_always):
     state = make_state(tmp_path, mode="sync", downlink="log", **{"num-rounds": 3, "server-lr": 1.0})
     grid = FakeGrid({1: 1, 2: 3})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     x = {k: v.clone() for k, v in X0.items()}
     for _ in range(3):
         d1, d2 = client_delta(1, x), client_delta(2, x)
@@ -558,7 +586,7 @@ def test_sync_rounds_go_out_as_update_logs(tmp_path, log_always):
 def test_a_node_that_lost_its_copy_gets_the_full_weights(tmp_path, log_always):
     state = make_state(tmp_path, rule="asgd", downlink="log", **{"server-lr": 0.5, "max-updates": 8})
     grid = FakeGrid({1: 1, 2: 2}, {2: "amnesia-once"})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     assert [e["node"] for e in events(tmp_path, "need_full")] == [2]
     assert not events(tmp_path, "drop") and not events(tmp_path, "node_retired")
     ups = events(tmp_path, "update")
@@ -575,7 +603,7 @@ def test_update_events_carry_the_encode_time_and_the_bytes_sent_down(tmp_path, l
     grid = FakeGrid({1: 1, 2: 3, 3: 2})
     grid.no_encode = {3}  # node 3 does not report `encode-s`
     grid.cold_warmup = True  # the first tasks carry the full weights, later ones (log) a log
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     ups = events(tmp_path, "update")
     assert len(ups) >= 9 and len(grid.replied) >= len(ups)
     (upload,) = {u["bytes"] for u in ups}  # the fake clients' dense payloads: all one size
@@ -619,7 +647,7 @@ def test_packed_messages_train_the_same_model(tmp_path, log_always, downlink):
             **{"server-lr": 0.5, "max-updates": 10},
         )
         grid = FakeGrid({1: 1, 2: 3})
-        AsyncFLStrategy(state).start(grid)
+        make_loop(state).start(grid)
         return state, grid
 
     packed, grid = run("on")
@@ -641,7 +669,7 @@ def test_packed_messages_train_the_same_model(tmp_path, log_always, downlink):
 
 def test_pack_auto_is_off_outside_deployment(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 2})
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     grid = FakeGrid({1: 1})
     strategy.start(grid)
     assert not strategy.pack and grid.records["weights", "wire"] == 0
@@ -696,12 +724,12 @@ def test_a_time_budget_not_num_rounds_stops_an_async_run(tmp_path):
     # num-rounds 1 with 2 nodes would stop after 2 updates; with a budget set it does not apply
     state = make_state(tmp_path, rule="asgd", **{"num-rounds": 1, "time-budget-s": 0.4})
     grid = FakeGrid({1: 1, 2: 2})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     assert len(events(tmp_path, "update")) > 2
     assert state.final_reason == "time-budget-s 0.4 reached"
     # without a budget or target the old rule holds: max-updates = num-rounds x nodes
     plain = make_state(tmp_path / "b", rule="asgd", **{"num-rounds": 1})
-    AsyncFLStrategy(plain).start(FakeGrid({1: 1, 2: 2}))
+    make_loop(plain).start(FakeGrid({1: 1, 2: 2}))
     assert plain.updates == 2 and plain.final_reason == "max-updates 2 reached"
 
 
@@ -732,7 +760,7 @@ def test_a_time_budget_stops_a_sync_run_mid_round_with_the_last_round_s_model(tm
 
     grid.pull_messages = pull
     t0 = time.monotonic()
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     took = time.monotonic() - t0
     assert state.final_reason == "time-budget-s 0.5 reached (round 2 dropped)"
     assert state.rounds == 1 and state.updates == 2 and len(grid.sent) == 4
@@ -748,7 +776,7 @@ def test_a_target_not_num_rounds_stops_a_sync_run(tmp_path):
     # num-rounds 1 would stop after one round; the target (reached after round 4) stops it instead
     state = make_state(tmp_path, mode="sync", **{"num-rounds": 1, "eval-every": 1, "target-ppl": 20.0})
     state.evaluate_fn = lambda: {"loss": 1.0, "ppl": 100.0 / (1 + state.rounds), "top1": 0.0, "top5": 0.0}
-    AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 1}))
+    make_loop(state).start(FakeGrid({1: 1, 2: 1}))
     assert state.rounds == 4 and state.final_reason == "target-ppl 20 reached (ppl 20.00)"
 
 
@@ -760,7 +788,7 @@ def test_evaluations_run_after_the_next_task_is_out(tmp_path):
     grid = FakeGrid({1: 1, 2: 2})
     seen: list[tuple[int, int]] = []  # (updates applied, tasks pushed) at each evaluation
     state.evaluate_fn = lambda: seen.append((state.updates, len(grid.sent))) or {"loss": 1.0, "ppl": 2.0}
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     assert seen[0] == (0, 0)  # the initial evaluation, before any task
     # after update k the replying node already holds its next task: 2 first tasks + k
     assert seen[1:] == [(k, 2 + k) for k in range(1, 7)]
@@ -768,7 +796,7 @@ def test_evaluations_run_after_the_next_task_is_out(tmp_path):
     sgrid = FakeGrid({1: 1, 2: 2})
     rounds_seen: list[tuple[int, int]] = []  # (rounds done, tasks pushed) at each evaluation
     sync.evaluate_fn = lambda: rounds_seen.append((sync.rounds, len(sgrid.sent))) or {"loss": 1.0, "ppl": 2.0}
-    AsyncFLStrategy(sync).start(sgrid)
+    make_loop(sync).start(sgrid)
     # round r is evaluated once round r + 1 is out; the last round by the final evaluation
     assert rounds_seen == [(0, 0), (1, 4), (2, 6), (3, 6)]
     assert [e["round"] for e in events(tmp_path / "sync", "eval")] == [0, 1, 2, 3]
@@ -777,7 +805,7 @@ def test_evaluations_run_after_the_next_task_is_out(tmp_path):
 def test_warm_up_reaches_every_node_first_and_restarts_the_run_clock(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 4})
     grid = FakeGrid({1: 1, 2: 2, 3: 1})
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     clock = [100.0]
     state.recorder._clock = lambda: clock[0]
     state.recorder._t0 = 100.0
@@ -800,7 +828,7 @@ def test_warm_up_reaches_every_node_first_and_restarts_the_run_clock(tmp_path):
     assert strategy.warmup_s is not None
     off = make_state(tmp_path / "off", rule="asgd", warmup=False, **{"max-updates": 2})
     grid_off = FakeGrid({1: 1})
-    AsyncFLStrategy(off).start(grid_off)
+    make_loop(off).start(grid_off)
     assert grid_off.warmups == [] and not events(tmp_path / "off", "warmup")
 
 
@@ -814,10 +842,10 @@ def test_fedbuff_with_k_all_clients_at_staleness_0_equals_fedavg(tmp_path, momen
         **{"buffer-size": 3, "server-lr": 0.8, "server-momentum": momentum, "max-updates": 3},
     )
     grid = FakeGrid(nodes, equal_examples=True)
-    AsyncFLStrategy(fb).start(grid)
+    make_loop(fb).start(grid)
     assert [u["staleness"] for u in events(tmp_path / "fb", "update")] == [0, 0, 0]
     avg = make_state(tmp_path / "avg", mode="sync", **{"num-rounds": 1, "server-lr": 0.8, "server-momentum": momentum})
-    AsyncFLStrategy(avg).start(FakeGrid(nodes, equal_examples=True))
+    make_loop(avg).start(FakeGrid(nodes, equal_examples=True))
     for k in X0:
         torch.testing.assert_close(fb.x[k], avg.x[k], rtol=1e-6, atol=1e-7)
     assert not torch.equal(fb.x["w"], X0["w"])
@@ -847,7 +875,7 @@ def test_balance_evens_out_each_nodes_share_of_the_steps(tmp_path):
 
         grid.pull_messages = ticking_pull
         state.recorder._clock = lambda: clock[0]
-        AsyncFLStrategy(state).start(grid)
+        make_loop(state).start(grid)
         return state, events(path, "update")
 
     state, ups = run(tmp_path / "on", True)
@@ -880,7 +908,7 @@ def test_balance_is_only_for_asgd():
 def test_dylu_gives_each_node_steps_in_proportion_to_its_speed(tmp_path):
     state = make_state(tmp_path, rule="asgd", dylu=True, **{"local-steps": 16, "max-updates": 12})
     grid = FakeGrid({1: 1, 2: 2, 3: 4}, step_s={1: 0.1, 2: 0.2, 3: 0.4})
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     steps = grid.task_steps
     # before a node's first reply it gets the full 16; afterwards 16 x fastest / its own
     assert all(s == 16 for n, s in steps[:3])

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from asyncfl.config import ConfigError
 from asyncfl.emulate import run_emulated
 from asyncfl.strategies import AsyncStrategy, SyncFedAvg
-from asyncfl.strategies.loop import AsyncFLStrategy
+from asyncfl.strategies.build import make_loop
 from tests.conftest import TINY_OFFLINE
 from tests.test_loop import X0, FakeGrid, client_delta, events, make_state
 
@@ -81,7 +81,7 @@ def test_async_run_starts_from_initial_arrays_and_evaluates_every_version(tmp_pa
     state = make_state(tmp_path, rule="asgd", **{"server-lr": 0.5, "max-updates": 6, "eval-every": 1})
     live_w = state.x["w"]
     evaluate = Evaluations()
-    result = AsyncFLStrategy(state).start(
+    result = make_loop(state).start(
         FakeGrid({1: 1, 2: 2, 3: 3}), initial_arrays=ArrayRecord(INITIAL), evaluate_fn=evaluate
     )
     ups = events(tmp_path, "update")
@@ -132,7 +132,7 @@ def test_mismatched_initial_arrays_raise_and_change_nothing(tmp_path, bad, messa
     grid = FakeGrid({1: 1})
     evaluate = Evaluations()
     with pytest.raises(ValueError, match=message):
-        AsyncFLStrategy(state).start(grid, initial_arrays=ArrayRecord(bad), num_rounds=5, evaluate_fn=evaluate)
+        make_loop(state).start(grid, initial_arrays=ArrayRecord(bad), num_rounds=5, evaluate_fn=evaluate)
     assert_states_equal(state.x, X0)
     assert grid.sent == [] and grid.warmups == [] and evaluate.calls == []
     assert state.cfg.stop.num_rounds == 3  # the other arguments were not applied either
@@ -142,9 +142,7 @@ def test_mismatched_initial_arrays_raise_and_change_nothing(tmp_path, bad, messa
 def test_sync_run_evaluates_each_round_with_that_rounds_weights(tmp_path):
     state = make_state(tmp_path, mode="sync", **{"num-rounds": 3, "server-lr": 1.0, "eval-every": 1})
     evaluate = Evaluations()
-    result = AsyncFLStrategy(state).start(
-        FakeGrid({1: 1, 2: 3}), initial_arrays=ArrayRecord(INITIAL), evaluate_fn=evaluate
-    )
+    result = make_loop(state).start(FakeGrid({1: 1, 2: 3}), initial_arrays=ArrayRecord(INITIAL), evaluate_fn=evaluate)
     xs = replay_fedavg(INITIAL, [1, 2], 3)
     assert [r for r, _ in evaluate.calls] == [0, 1, 2, 3]
     for rnd, arrays in evaluate.calls:
@@ -165,7 +163,7 @@ def test_the_final_evaluation_happens_inside_start_after_the_buffer_is_flushed(t
         tmp_path, rule="fedbuff", staleness="constant", **{"buffer-size": 2, "server-lr": 1.0, "max-updates": 3}
     )
     evaluate = Evaluations()
-    result = AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 1}), evaluate_fn=evaluate)
+    result = make_loop(state).start(FakeGrid({1: 1, 2: 1}), evaluate_fn=evaluate)
     assert state.version == 2 and state.updates == 3
     assert [r for r, _ in evaluate.calls] == [0, 2]  # eval-every 1000: the start and the end
     assert_states_equal(evaluate.calls[-1][1], state.x)
@@ -184,7 +182,7 @@ def test_the_final_evaluation_happens_inside_start_after_the_buffer_is_flushed(t
 # ---------------------------------------------------------------------------------------------
 def test_num_rounds_stops_a_sync_run_after_that_many_rounds(tmp_path):
     state = make_state(tmp_path, mode="sync", **{"num-rounds": 5, "server-lr": 1.0})
-    AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 2}), num_rounds=2)
+    make_loop(state).start(FakeGrid({1: 1, 2: 2}), num_rounds=2)
     assert state.rounds == 2 and state.final_reason == "num-rounds 2 reached"
     assert_states_equal(state.x, replay_fedavg(X0, [1, 2], 2)[-1])
     assert state.recorder.config["num-rounds"] == 2  # summary.json says what ran
@@ -193,13 +191,13 @@ def test_num_rounds_stops_a_sync_run_after_that_many_rounds(tmp_path):
 
 def test_num_rounds_stops_an_async_run_after_num_rounds_x_nodes_updates(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"num-rounds": 5, "server-lr": 0.5})
-    AsyncFLStrategy(state).start(FakeGrid({1: 1, 2: 2, 3: 2}), num_rounds=2)
+    make_loop(state).start(FakeGrid({1: 1, 2: 2, 3: 2}), num_rounds=2)
     assert state.updates == 6 and state.final_reason == "max-updates 6 reached"
     ups = events(tmp_path, "update")
     assert_states_equal(state.x, replay_asgd(X0, ups, 0.5)[-1])
     # an explicit max-updates is the config's own stop: num_rounds does not replace it
     explicit = make_state(tmp_path / "explicit", rule="asgd", **{"max-updates": 4})
-    AsyncFLStrategy(explicit).start(FakeGrid({1: 1, 2: 2, 3: 2}), num_rounds=5)
+    make_loop(explicit).start(FakeGrid({1: 1, 2: 2, 3: 2}), num_rounds=5)
     assert explicit.updates == 4 and explicit.final_reason == "max-updates 4 reached"
 
 
@@ -207,7 +205,7 @@ def test_without_arguments_start_runs_the_config_unchanged(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"num-rounds": 2, "task-ttl-s": 77.0})
     grid = FakeGrid({1: 1, 2: 2})
     ttls = spy_tasks(grid)
-    AsyncFLStrategy(state).start(grid)
+    make_loop(state).start(grid)
     assert state.updates == 4 and not events(tmp_path, "start_arguments")
     assert {m.metadata.ttl for m in ttls} == {77.0}
     assert state.recorder.config["num-rounds"] == 2
@@ -231,7 +229,7 @@ def test_train_config_reaches_every_task_and_timeout_is_the_task_ttl(tmp_path, c
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 5})
     grid = FakeGrid({1: 1, 2: 2})
     tasks = spy_tasks(grid)
-    AsyncFLStrategy(state).start(
+    make_loop(state).start(
         grid,
         train_config={"proximal-mu": 0.01, "tag": "exp-1"},
         timeout=42.0,
@@ -251,7 +249,7 @@ def test_train_config_may_not_set_the_loops_own_entries(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 2})
     grid = FakeGrid({1: 1})
     with pytest.raises(ValueError, match="train_config key.*version"):
-        AsyncFLStrategy(state).start(grid, train_config={"version": 7, "lr": 0.1})
+        make_loop(state).start(grid, train_config={"version": 7, "lr": 0.1})
     assert grid.sent == [] and grid.warmups == []
 
 

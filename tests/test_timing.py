@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from asyncfl.strategies.loop import AsyncFLStrategy
+from asyncfl.strategies.build import make_loop
 from asyncfl.strategies.timing import PHASES, PhaseTimer
 from tests.test_loop import FakeGrid, events, make_state
 
@@ -53,7 +53,7 @@ def test_loop_times_pulls_evaluations_and_reply_spans(tmp_path):
 
     state.evaluate_fn = slow_eval
     grid = SlowPullGrid({1: 1, 2: 2}, pull_s=0.005)
-    strategy = AsyncFLStrategy(state)
+    strategy = make_loop(state)
     t0 = time.perf_counter()
     strategy.start(grid)
     wall = time.perf_counter() - t0

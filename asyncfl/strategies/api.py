@@ -12,7 +12,7 @@ and/or keyword arguments in snake_case (`buffer_size=2` is the key `buffer-size`
 `AppConfig` (a `ConfigError` names an unknown key or a bad value). It builds the rule, the
 client selector and a `RunRecorder` writing `<results-dir>/<run-name>/` (keys `results-dir`,
 default "results", and `run-name`, default `<mode>-<rule>-<compressor>-<time>`). `start()` is
-Flower's (`AsyncFLStrategy.start`); when it returns, the run folder holds `events.jsonl`,
+Flower's (`ServerLoop.start`); when it returns, the run folder holds `events.jsonl`,
 `summary.json`, `results.md` and `plot.png`, and `strategy.run_summary` is the summary. The
 strategy keeps its own copy of the tensors; `evaluate_fn` receives them as an ArrayRecord.
 One run per strategy object.
@@ -72,9 +72,11 @@ from flwr.serverapp.strategy import Result
 from asyncfl.config import AppConfig, ConfigError, parse_overrides
 from asyncfl.model import resolve_device
 from asyncfl.results import RunRecorder
+from asyncfl.strategies.async_loop import AsyncLoop
 from asyncfl.strategies.build import build_rule, build_selector, run_dir_for
-from asyncfl.strategies.loop import AsyncFLStrategy, EvaluateFn
+from asyncfl.strategies.loop import EvaluateFn, ServerLoop
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState, load_checkpoint
+from asyncfl.strategies.sync_loop import SyncLoop
 from asyncfl.wire import arrays_of
 
 Tensors = Mapping[str, torch.Tensor] | Mapping[str, np.ndarray] | ArrayRecord
@@ -109,12 +111,11 @@ def own_tensors(state: Tensors, device: torch.device) -> dict[str, torch.Tensor]
     return out
 
 
-class AsyncStrategy(AsyncFLStrategy):
-    """asyncfl's asynchronous server loop (each update applied on arrival through `rule`) as a
-    Flower strategy; build it with `from_config`. See the module docstring for what the tasks
-    and replies carry."""
+class _OwnRun(ServerLoop):
+    """A loop that builds its own state from run-config keys (`from_config`) and writes the
+    run's outputs when `start()` returns; the mode comes from the concrete class."""
 
-    mode: ClassVar[str] = "async"
+    mode: ClassVar[str]
 
     def __init__(self, state: ServerState, clock: Clock | None = None) -> None:
         super().__init__(state, clock=clock)
@@ -162,7 +163,7 @@ class AsyncStrategy(AsyncFLStrategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
-        """`AsyncFLStrategy.start`, then the run's outputs: a last checkpoint (with
+        """`ServerLoop.start`, then the run's outputs: a last checkpoint (with
         `checkpoint-every`), summary.json, results.md and plot.png (`run_summary`)."""
         if self._started:
             raise RuntimeError("this strategy has run once; build a new one with from_config")
@@ -174,8 +175,16 @@ class AsyncStrategy(AsyncFLStrategy):
         return result
 
 
-class SyncFedAvg(AsyncStrategy):
-    """The same loop in mode "sync": FedAvg (FedAvgM with `server-momentum`), a barrier per
-    round and the `num-examples`-weighted mean of the decoded deltas."""
+class AsyncStrategy(_OwnRun, AsyncLoop):
+    """asyncfl's asynchronous server loop (each update applied on arrival through `rule`) as a
+    Flower strategy; build it with `from_config`. See the module docstring for what the tasks
+    and replies carry."""
+
+    mode: ClassVar[str] = "async"
+
+
+class SyncFedAvg(_OwnRun, SyncLoop):
+    """FedAvg (FedAvgM with `server-momentum`) over the same dispatch code: a barrier per round
+    and the `num-examples`-weighted mean of the decoded deltas; build it with `from_config`."""
 
     mode: ClassVar[str] = "sync"

@@ -1,4 +1,4 @@
-"""Build the rule, the selector and the run folder named in the run config."""
+"""Build the rule, the selector, the loop and the run folder named in the run config."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from typing import Any
 
 from asyncfl.choices import RuleName
 from asyncfl.config import AppConfig
+from asyncfl.strategies.async_loop import AsyncLoop
+from asyncfl.strategies.loop import ServerLoop
 from asyncfl.strategies.registry import make_rule
 from asyncfl.strategies.rules import Rule
 from asyncfl.strategies.selection import Selector, make_selector
+from asyncfl.strategies.server_state import Clock, ServerState
 from asyncfl.strategies.staleness import make_staleness_fn
+from asyncfl.strategies.sync_loop import SyncLoop
 
 
 def server_lr(cfg: AppConfig, num_clients: int) -> float:
@@ -69,6 +73,12 @@ def build_selector(cfg: AppConfig) -> Selector:
     if cfg.server.selection == "time-aware":
         return make_selector("time-aware", floor=cfg.server.selection_floor, power=cfg.server.selection_power)
     return make_selector(cfg.server.selection)
+
+
+def make_loop(state: ServerState, clock: Clock | None = None) -> ServerLoop:
+    """The server loop of the state's `mode`: `AsyncLoop` or `SyncLoop` (FedAvg)."""
+    loop = SyncLoop if state.cfg.server.mode == "sync" else AsyncLoop
+    return loop(state, clock=clock)
 
 
 def run_dir_for(cfg: AppConfig) -> Path:

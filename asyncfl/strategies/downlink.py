@@ -22,12 +22,28 @@ answers "need-full" and gets the full weights next.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord
 
 from asyncfl.protocol import UpdateLog
 
+if TYPE_CHECKING:
+    from asyncfl.config import AppConfig
+
 LINEAR_RULES = ("asgd", "fedbuff")
+
+
+def update_log_wanted(cfg: AppConfig, deployed: bool) -> bool:
+    """Whether tasks may carry update logs (`downlink`): only where the global step is linear in
+    the payloads (sync FedAvg, or a rule of `LINEAR_RULES`, without server momentum); "log" then
+    always (the config rejects "log" elsewhere), "auto" with a compressor in a deployment (in
+    simulation the weights cost no transfer), "full" never."""
+    c, z = cfg.server, cfg.compress
+    linear = (c.mode == "sync" or c.rule in LINEAR_RULES) and not c.server_momentum
+    if z.downlink == "full" or not linear:
+        return False
+    return z.downlink == "log" or (z.compressor != "none" and deployed)
 
 
 @dataclass

@@ -1,22 +1,23 @@
-"""The server loop: a Flower Strategy that applies each client update the moment it arrives.
+"""The server loop shared by both modes: a Flower Strategy that drives its own training.
 
-`AsyncFLStrategy.start()` owns the loop (Flower's round-based `start()` is replaced, with its
-signature and contract kept: initial arrays, num_rounds, timeout, train_config, evaluate_fn, and
-a `Result` with the final arrays and the metric histories; `asyncfl.strategies.api` builds one
-for a Flower user's own ServerApp):
+`ServerLoop.start()` owns the run (Flower's round-based `start()` is replaced, with its signature
+and contract kept: initial arrays, num_rounds, timeout, train_config, evaluate_fn, and a `Result`
+with the final arrays and the metric histories). What both modes share lives here: the nodes
+(waiting for them, warm-up, late joiners, retiring), the task messages (the global weights or
+an update log, `asyncfl.strategies.downlink`), pushing and pulling them, and decoding and
+validating the replies. A subclass supplies the training loop itself (`_run`):
 
-* async mode -- every reply is decoded, weighted by its staleness (global versions applied
-  since the task was sent) and applied through the rule at once; the selection policy then
-  hands new work to an idle node. No barrier. One task runs per working node; with `prefetch`
-  (on by default in deployment) its next task is queued shortly before the running one is
-  expected to end, so the SuperNode picks it up at once instead of sleeping through its idle
-  poll (3 s in flwr 1.41) -- at the price of the few versions applied in that lead time.
-* sync mode -- the FedAvg baseline over the same dispatch, decode and logging code: a barrier
-  per round, the sample-weighted mean of the decoded deltas, `x <- x + server_lr * mean`.
+* `asyncfl.strategies.async_loop.AsyncLoop` -- every reply is applied through the rule the
+  moment it arrives, weighted by its staleness; the idle node gets new work at once.
+* `asyncfl.strategies.sync_loop.SyncLoop` -- the FedAvg baseline: a barrier per round and the
+  sample-weighted mean of the decoded deltas.
+
+`asyncfl.strategies.build.make_loop` picks one by `mode`; `asyncfl.strategies.api` builds one
+for a Flower user's own ServerApp.
 
 Faults never corrupt the global model: an error reply (client crash, node gone, TTL expired)
 re-dispatches the node or retires it; a payload failing validation is rejected (logged) before
-any tensor of the global state is touched; updates staler than `max-staleness` are dropped.
+any tensor of the global state is touched.
 
 Notes
 -----
@@ -26,10 +27,9 @@ Notes
   SuperNode runs its messages one after another, so a second, queued one is safe there.
 * The global trainable state `x` is the live parameter tensors of the server model, so rules
   update the model in place and evaluation needs no copy.
-* `version` counts changes of `x` (a FedBuff buffer fill is one version); `updates` counts
-  accepted client updates. Staleness is measured in versions, as in FedBuff and FedAsync.
-* fedasync needs the state each client started from: snapshots are taken copy-on-write, only
-  when `x` is about to change while a task still references the current version.
+* `version` counts changes of `x` (a FedBuff buffer fill or a sync round is one version);
+  `updates` counts accepted client updates. Staleness is measured in versions, as in FedBuff and
+  FedAsync.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ from flwr.serverapp.strategy import Result, Strategy
 from asyncfl import wire
 from asyncfl.compressors import PayloadError, decode_state
 from asyncfl.flower_hooks import grid_in_deployment
-from asyncfl.strategies.downlink import LINEAR_RULES, DownlinkLog
+from asyncfl.strategies.downlink import DownlinkLog, update_log_wanted
 from asyncfl.strategies.history import checked_arrays, copy_into, global_arrays
 from asyncfl.strategies.nodes import NodeInfo, Reply, Task
-from asyncfl.strategies.rules import ASGD, balance_scales
 from asyncfl.strategies.server_state import Checkpointer, Clock, ServerState
 from asyncfl.strategies.timing import PhaseTimer
 
@@ -100,7 +99,7 @@ def _for_download(t: torch.Tensor, dtype: str) -> torch.Tensor:
     return t.float().cpu()
 
 
-def _handler_s(msg: Message) -> float | None:
+def handler_s(msg: Message) -> float | None:
     """The ClientApp's own time for a task (metric `client-s`), if the reply carries it."""
     if msg.has_error() or "metrics" not in msg.content.metric_records:
         return None
@@ -108,20 +107,17 @@ def _handler_s(msg: Message) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _in_deployment(grid: Grid) -> bool:
-    """A SuperLink-backed grid (flwr-serverapp in deployment), not the simulation's in-memory one
-    (decided in `asyncfl.flower_hooks.grid_in_deployment`)."""
-    return grid_in_deployment(grid)
-
-
-class AsyncFLStrategy(Strategy):
-    """Asynchronous (or synchronous baseline) federated training over Flower messages.
+class ServerLoop(Strategy):
+    """Federated training over Flower messages; a subclass supplies the loop (`_run`) and how a
+    batch of replies is applied through Flower's round hooks (`_apply_replies`).
 
     Parameters
     ----------
     state : ServerState
         The global model, its trainable tensors, the rule, selector, stop conditions,
         evaluator and recorder (built by `server_app`).
+    clock : Clock, optional
+        What the loop sleeps on between polls (default: real time).
     """
 
     def __init__(self, state: ServerState, clock: Clock | None = None) -> None:
@@ -131,14 +127,13 @@ class AsyncFLStrategy(Strategy):
         self.clock = clock or Clock()
         self.nodes: dict[int, NodeInfo] = {}
         self.inflight: dict[str, Task] = {}
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self._record_cache: tuple[int, ArrayRecord] | None = None
         self.rng = random.Random(self.cfg.train.seed)
         self.warmup_s: float | None = None  # how long the warm-up took (None: none was done)
         self.checkpointer = Checkpointer(state)
         self._last_node_scan = 0.0
-        self.prefetch = False  # decided in start(), from the config and the kind of grid
-        self.prefetched = 0
+        self.prefetch = False  # decided in start() (async mode only): queue next tasks ahead
+        self.prefetched = 0  # tasks queued ahead
         self.push_s: list[float] = []  # how long the last task pushes took
         self.downlink: DownlinkLog | None = None  # decided in start(); None = full weights always
         self.log_tasks = 0  # tasks sent as an update log
@@ -147,16 +142,26 @@ class AsyncFLStrategy(Strategy):
         self.train_config: dict[str, Any] = {}  # start()'s train_config: added to every task's config
 
     # ----------------------------------------------------------------------------------------
-    # Flower Strategy interface (round-based hooks; our start() drives everything itself)
+    # What a mode supplies
+    # ----------------------------------------------------------------------------------------
+    def _run(self, grid: Grid) -> str:
+        """Train until a stop condition; returns why it stopped."""
+        raise NotImplementedError
+
+    def _apply_replies(self, replies: list[Reply]) -> None:
+        """Apply decoded replies handed in through Flower's `aggregate_train`."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------
+    # Flower Strategy interface (round-based hooks; start() drives everything itself)
     # ----------------------------------------------------------------------------------------
     def configure_train(self, server_round, arrays, config, grid):  # noqa: D102
         return [self._task_message(n) for n in self._idle_nodes()]
 
     def aggregate_train(self, server_round, replies):  # noqa: D102
         decoded = [r for r in (self._decode(m, None) for m in replies) if r is not None]
-        if not decoded:
-            return None, None
-        self._apply_mean(decoded)
+        if decoded:
+            self._apply_replies(decoded)
         return None, None
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
@@ -240,11 +245,7 @@ class AsyncFLStrategy(Strategy):
         """
         self._use_start_arguments(initial_arrays, num_rounds, timeout, train_config, evaluate_config)
         self.summary()
-        self.prefetch = self._prefetch_wanted(grid)
-        self.pack = self.cfg.server.pack == "on" or (self.cfg.server.pack == "auto" and _in_deployment(grid))
-        if self.pack:
-            log.info("asyncfl: arrays packed: the global weights travel as one Flower Array")
-        self.downlink = self._downlink_wanted(grid)
+        self._configure(grid)
         own_evaluate = self.s.evaluate_fn
         evaluate = self._with_user_evaluation(own_evaluate, evaluate_fn)
 
@@ -267,6 +268,20 @@ class AsyncFLStrategy(Strategy):
             self.s.evaluate_fn = own_evaluate
         return self.s.history.result(global_arrays(self.s.x))
 
+    def _configure(self, grid: Grid) -> None:
+        """What depends on the kind of grid: packed arrays and the update-log downlink."""
+        self.pack = self.cfg.server.pack == "on" or (self.cfg.server.pack == "auto" and grid_in_deployment(grid))
+        if self.pack:
+            log.info("asyncfl: arrays packed: the global weights travel as one Flower Array")
+        if update_log_wanted(self.cfg, grid_in_deployment(grid)):
+            dense = self._global_record().count_bytes()
+            log.info(
+                "asyncfl: downlink log on: nodes get the payloads applied since their last task "
+                "while they are under half of the %.1f MB of full weights",
+                dense / 1e6,
+            )
+            self.downlink = DownlinkLog(dense_bytes=dense)
+
     def _train(self, grid: Grid) -> str:
         """Wait for the nodes, warm them up, evaluate, train until a stop condition, and apply
         a partly filled buffer; returns why it stopped."""
@@ -278,10 +293,7 @@ class AsyncFLStrategy(Strategy):
             log.info("asyncfl: stops at: %s", self.s.limits())
             self.s.evaluate_and_log(self.elapsed(), round_=self.s.rounds)
             self.checkpointer = Checkpointer(self.s)
-            if self.cfg.server.mode == "sync":
-                reason = self._run_sync(grid)
-            else:
-                reason = self._run_async(grid)
+            reason = self._run(grid)
         except KeyboardInterrupt:
             reason = "interrupted"
             log.warning("asyncfl: interrupted; writing results before exit")
@@ -421,218 +433,6 @@ class AsyncFLStrategy(Strategy):
         log.info("asyncfl: %d node(s) warmed up in %.1f s; the run clock starts now", answered, self.warmup_s)
 
     # ----------------------------------------------------------------------------------------
-    # Async loop
-    # ----------------------------------------------------------------------------------------
-    def _run_async(self, grid: Grid) -> str:
-        self._fill_slots(grid, finished=None)
-        while True:
-            reason = self.s.stop_reason(self.elapsed())
-            if reason:
-                return reason
-            if not self.inflight:
-                self._fill_slots(grid, finished=None)
-                if not self.inflight:
-                    return "no nodes left"
-            for msg in self._pull(grid):
-                finished = self._handle_async_reply(msg)
-                self._fill_slots(grid, finished=finished)
-                # evaluate once the node that replied has its next task: the evaluation then
-                # runs while it trains instead of delaying its next task
-                self.s.evaluate_if_due(self.elapsed())
-                reason = self.s.stop_reason(self.elapsed())
-                if reason:
-                    return reason
-            self._prefetch(grid)
-            self._scan_nodes(grid)
-            self._idle()
-
-    def _handle_async_reply(self, msg: Message) -> int | None:
-        """Process one reply; returns the node that became idle (None if retired)."""
-        task = self.inflight.pop(msg.metadata.reply_to_message_id)
-        node = self.nodes[task.node]
-        node.replied(task, self.elapsed(), ok=not msg.has_error(), handler_s=_handler_s(msg))
-        self.s.selector.observe_time(task.node, node.expected_service())
-        reply = self._decode(msg, task)
-        if reply is None:
-            return None if node.retired else task.node
-        staleness = self.s.version - task.version
-        if self.cfg.server.max_staleness and staleness > self.cfg.server.max_staleness:
-            self.s.recorder.log_drop(
-                node=task.node,
-                partition=node.partition,
-                staleness=staleness,
-                reason=f"staleness {staleness} > max-staleness {self.cfg.server.max_staleness}",
-            )
-            self._release_snapshots()
-            return task.node
-        t0 = time.perf_counter()
-        if self.s.rule.needs_base and any(t.version == self.s.version for t in self.inflight.values()):
-            self.snapshots.setdefault(self.s.version, {k: v.clone() for k, v in self.s.x.items()})
-        base = self.snapshots.get(task.version)
-        version_before = self.s.version
-        if self.cfg.server.balance and isinstance(self.s.rule, ASGD):
-            self.s.rule.node_scale = self._balance_scales()
-        applied = self.s.rule.apply(
-            self.s.x, reply.update, staleness=staleness, node=task.node, base=base, info=reply.metrics
-        )
-        if self.downlink is not None:
-            self.downlink.add(reply.record, applied.weight, applied.stepped, version_before)
-        self.s.sync_device()
-        apply_s = time.perf_counter() - t0
-        self.timer.add("apply", apply_s)
-        self._release_snapshots()
-        self.s.after_update(reply, staleness, applied.weight, applied.stepped, reply.decode_s + apply_s, self.elapsed())
-        self.checkpointer.maybe_save(self.s)
-        return task.node
-
-    def _fill_slots(self, grid: Grid, finished: int | None) -> None:
-        """Dispatch tasks until `concurrency` nodes are working (or no idle node is left)."""
-        limit = self.cfg.server.concurrency or len(self._alive_nodes())
-        while self._working() < limit:
-            idle = self._idle_nodes()
-            if not idle:
-                return
-            node = self.s.selector.select(idle, finished, self.rng)
-            if node is None or not self._dispatch(grid, node):
-                return
-            finished = None
-
-    # ----------------------------------------------------------------------------------------
-    # Prefetch: queue a working node's next task shortly before it is expected to finish
-    # ----------------------------------------------------------------------------------------
-    def _prefetch_wanted(self, grid: Grid) -> bool:
-        c = self.cfg.server
-        if c.mode != "async" or c.prefetch == "off":
-            return False
-        if c.prefetch == "auto":
-            # in simulation a second message per node would run concurrently on another actor
-            # (flower-notes), so auto stays off there
-            if not (_in_deployment(grid) or getattr(grid, "emulates_deployment", False)):
-                return False
-            if c.selection != "same" and c.concurrency:
-                log.info(
-                    "asyncfl: prefetch off: it would pin the working nodes under selection=%s with concurrency=%d",
-                    c.selection,
-                    c.concurrency,
-                )
-                return False
-        if c.prefetch == "auto":
-            log.info(
-                "asyncfl: prefetch auto: the next task of a node whose SuperNode polls "
-                "slowly (Flower's flower-supernode: 3 s; nodes of asyncfl-supernode report "
-                "theirs) is queued %.1f s (+ the time a push takes) before its expected "
-                "finish",
-                c.prefetch_lead_s,
-            )
-        else:
-            log.info(
-                "asyncfl: prefetch on: each node's next task is queued %.1f s (+ the time a "
-                "push takes) before its expected finish",
-                c.prefetch_lead_s,
-            )
-        return True
-
-    def _downlink_wanted(self, grid: Grid) -> DownlinkLog | None:
-        c, z = self.cfg.server, self.cfg.compress
-        if z.downlink == "full":
-            return None
-        linear = (c.mode == "sync" or c.rule in LINEAR_RULES) and not c.server_momentum
-        if z.downlink == "auto" and (not linear or z.compressor == "none" or not _in_deployment(grid)):
-            return None
-        if not linear:
-            log.info(
-                "asyncfl: downlink log off: %s steps with more than the payloads applied "
-                "(older states, tables or momentum); sending full weights",
-                f"rule {c.rule}" if c.mode == "async" else "server momentum",
-            )
-            return None
-        dense = self._global_record().count_bytes()
-        log.info(
-            "asyncfl: downlink log on: nodes get the payloads applied since their last task "
-            "while they are under half of the %.1f MB of full weights",
-            dense / 1e6,
-        )
-        return DownlinkLog(dense_bytes=dense)
-
-    def _prefetch(self, grid: Grid) -> None:
-        """Queue the next task of each node whose running task should end within the lead time."""
-        if not self.prefetch:
-            return
-        now = self.elapsed()
-        budget = self.s.max_updates - self.s.updates - len(self.inflight)  # no work past the end (may be inf)
-        # the push itself takes time (building and uploading the global weights: seconds for
-        # the 124M shape), so it starts that much earlier
-        lead = self.cfg.server.prefetch_lead_s + max(self.push_s, default=0.0)
-        peer_first = min((i.first_service for i in self.nodes.values() if i.first_service is not None), default=None)
-        for n, info in sorted(self.nodes.items()):
-            if info.retired or info.inflight != 1 or budget <= 0:
-                continue
-            if self.cfg.server.prefetch == "auto" and info.polls_quickly():
-                continue  # it notices the next task as soon as it is pushed
-            running = next(t for t in self.inflight.values() if t.node == n)
-            if info.next_task_due(running, now, lead, peer_first):
-                if self._dispatch(grid, n, prefetched=True):
-                    self.prefetched += 1
-                    budget -= 1
-
-    # ----------------------------------------------------------------------------------------
-    # Sync loop (FedAvg baseline)
-    # ----------------------------------------------------------------------------------------
-    def _run_sync(self, grid: Grid) -> str:
-        while True:
-            reason = self.s.stop_reason(self.elapsed())
-            if reason:
-                return reason
-            nodes = self._idle_nodes()
-            if self.cfg.server.concurrency:
-                nodes = self.rng.sample(nodes, min(self.cfg.server.concurrency, len(nodes)))
-            for n in nodes:
-                self._dispatch(grid, n)
-            if not self.inflight:
-                return "no nodes left"
-            if self.s.rounds:
-                # the last round's model is evaluated while this round trains (off the round's
-                # critical path); a stop it triggers (target-ppl) drops the round just sent
-                self.s.evaluate_if_due(self.elapsed(), per_round=True)
-                reason = self.s.stop_reason(self.elapsed())
-                if reason:
-                    return reason
-            replies = []
-            while self.inflight:
-                budget = self.cfg.stop.time_budget_s
-                if budget and self.elapsed() >= budget:
-                    # a budget is a budget, as in async mode: the round in flight is dropped
-                    # and the model stays the last completed round's (already evaluated)
-                    return f"time-budget-s {budget:g} reached (round {self.s.rounds + 1} dropped)"
-                for msg in self._pull(grid):
-                    task = self.inflight.pop(msg.metadata.reply_to_message_id)
-                    self.nodes[task.node].replied(task, self.elapsed(), ok=not msg.has_error())
-                    reply = self._decode(msg, task)
-                    if reply is not None:
-                        replies.append(reply)
-                self._scan_nodes(grid)
-                self._idle()
-            if replies:
-                self._apply_mean(replies)
-            self.s.rounds += 1
-            self.s.history.close_step(self.s.rounds)
-            self.checkpointer.maybe_save(self.s)
-
-    def _apply_mean(self, replies: list[Reply]) -> None:
-        """One FedAvg(M) step with the round's sample-weighted mean (`FedAvg.apply_round`)."""
-        t0 = time.perf_counter()
-        weights = [float(r.metrics.get("num-examples", 1.0)) for r in replies]
-        coefs = self.s.rule.apply_round(self.s.x, [r.update for r in replies], weights)
-        self.s.sync_device()
-        self.timer.add("apply", time.perf_counter() - t0)
-        apply_s = (time.perf_counter() - t0) / len(replies)
-        if self.downlink is not None:
-            self.downlink.add_round([r.record for r in replies], coefs, self.s.version)
-        self.s.version += 1
-        for r, c in zip(replies, coefs):
-            self.s.after_update(r, 0, c, True, r.decode_s + apply_s, self.elapsed(), bump_version=False)
-
-    # ----------------------------------------------------------------------------------------
     # Messages: dispatch, pull, decode
     # ----------------------------------------------------------------------------------------
     def _global_record(self) -> ArrayRecord:
@@ -673,12 +473,6 @@ class AsyncFLStrategy(Strategy):
         content["config"] = ConfigRecord(config)
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=self.cfg.server.task_ttl_s)
 
-    def _balance_scales(self) -> dict[int, float]:
-        """`balance`: each live node's step factor from its measured task time."""
-        alive = [n for n, i in self.nodes.items() if not i.retired]
-        times = {n: t for n in alive if (t := self.nodes[n].task_time()) is not None}
-        return balance_scales(times, limit=max(len(alive), 1))
-
     def _dylu_steps(self, node: int) -> int:
         """DyLU (Liu et al. 2024, sec. 4.2): local steps in proportion to the node's speed,
         `local-steps` for the fastest, so that all nodes' tasks take about as long. Speed =
@@ -717,6 +511,7 @@ class AsyncFLStrategy(Strategy):
             pushed_wall=time.time(),
         )
         info.last_version, info.repeat, info.inflight = self.s.version, repeat, info.inflight + 1
+        self.prefetched += prefetched
         if self.downlink is not None:
             self.log_tasks += "arrays" not in message.content.array_records
             self.downlink.sent(node, self.s.version)
@@ -856,9 +651,3 @@ class AsyncFLStrategy(Strategy):
 
     def _working(self) -> int:
         return sum(1 for i in self.nodes.values() if not i.retired and i.inflight)
-
-    def _release_snapshots(self) -> None:
-        needed = {t.version for t in self.inflight.values()}
-        for v in list(self.snapshots):
-            if v not in needed:
-                del self.snapshots[v]

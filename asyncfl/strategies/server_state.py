@@ -1,8 +1,8 @@
 """What the server loop keeps between replies: model, counters, stop checks, checkpoints.
 
-The loop in `loop.py` only moves messages; everything it decides with (the version clock, the
-rule, the selector, when to evaluate, when to stop, what to log) lives here so it can be
-tested without Flower.
+The loops (`loop.py`, `async_loop.py`, `sync_loop.py`) only move messages; everything they
+decide with (the version clock, the rule, the selector, when to evaluate, when to stop, what to
+log) lives here so it can be tested without Flower.
 """
 
 from __future__ import annotations

@@ -6,20 +6,22 @@
 # work is not timed, so they do not slow each other's clocks).
 #   bash bench/gpu/avs_emulate.sh REGIME SEEDS JOBS SYNC_SPECS ASYNC_SPECS
 # REGIME: a = local-steps 16 (task compute 0.9 s), b = local-steps 64 (2.7 s). Carry .whl, .data.
+# env: TASK_S (compute per task), OVERHEAD_S (1.3), POLL_S (3: Flower's SuperNode; 0.1 =
+# asyncfl-supernode, with which prefetch "auto" queues nothing), PREFETCH ("on"), CALL_S (560).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 regime=${1:-a}; seeds=${2:-11}; jobs=${3:-5}; sync=${4:-sync}; rules=${5:-asgd}
 case "$regime" in
-  a) steps=16; task=0.9 ;;
-  b) steps=64; task=2.7 ;;
+  a) steps=16; task=${TASK_S:-0.9} ;;
+  b) steps=64; task=${TASK_S:-2.7} ;;
   *) echo "regime a or b" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/smi-$regime.csv" &
-timeout 560 python3 bench/async_vs_sync.py --backend emulate --preset small --device cuda \
+timeout "${CALL_S:-560}" python3 bench/async_vs_sync.py --backend emulate --preset small --device cuda \
   --tokenizer "$PWD/.data/gpt2" --data-dir "$PWD/.data/wikitext-2-raw" --seeds "$seeds" \
-  --time-budget-s 150 --jobs "$jobs" --set "local-steps=$steps" --async-set 'prefetch="on"' \
-  --emulate-args "--task-s $task --overhead-s 1.3 --poll-s 3 --jitter 0.15 --no-server-time" \
+  --time-budget-s 150 --jobs "$jobs" --set "local-steps=$steps" --async-set "prefetch=\"${PREFETCH:-on}\"" \
+  --emulate-args "--task-s $task --overhead-s ${OVERHEAD_S:-1.3} --poll-s ${POLL_S:-3} --jitter 0.15 --no-server-time" \
   --sync "$sync" --rules "$rules" --out "$OUT/avs-$regime" > "$OUT/avs-$regime.log" 2>&1
 echo "exit $?"
 tail -45 "$OUT/avs-$regime.log"
