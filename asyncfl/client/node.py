@@ -13,6 +13,21 @@ from pathlib import Path
 
 from asyncfl.config import ConfigError
 
+# Run-config keys that decide the model a node's worker holds (and so which persistent worker
+# serves a run): anything else can change per task without a rebuild.
+MODEL_KEYS = (
+    "model",
+    "pretrained",
+    "model-preset",
+    "lora-rank",
+    "lora-alpha",
+    "lora-dropout",
+    "device",
+    "seed",
+    "block-size",
+    "compile",
+)
+
 # True in the node's persistent worker process (`asyncfl.client.node_worker.serve`): it owns one partition
 SERVING = False
 

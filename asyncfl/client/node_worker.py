@@ -46,18 +46,6 @@ from asyncfl.protocol import UpdateLog
 
 IDLE_EXIT_S = 1800.0
 START_TIMEOUT_S = 300.0
-_MODEL_KEYS = (
-    "model",
-    "pretrained",
-    "model-preset",
-    "lora-rank",
-    "lora-alpha",
-    "lora-dropout",
-    "device",
-    "seed",
-    "block-size",
-    "compile",
-)
 
 
 def _scratch_dir() -> Path:
@@ -75,7 +63,7 @@ def socket_path(run_config: dict[str, Any], node_config: dict[str, Any]) -> Path
     app_dir = str(Path(__file__).resolve().parent)
     key = json.dumps(
         [
-            [run_config.get(k) for k in _MODEL_KEYS],
+            [run_config.get(k) for k in node.MODEL_KEYS],
             node_config.get("partition-id"),
             node_config.get("num-partitions"),
             os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from asyncfl.client.node import node_state_dir
+from asyncfl.client.node import MODEL_KEYS, node_state_dir
 from asyncfl.client.state import ClientShift, open_error_feedback
 from asyncfl.compressors import decode_state, get_compressor
 from asyncfl.config import AppConfig
@@ -40,19 +40,6 @@ from asyncfl.protocol import UpdateLog
 from asyncfl.train import train_local
 
 log = logging.getLogger("asyncfl")
-
-# Keys that change the model a worker holds; anything else can vary per run without a rebuild.
-_MODEL_KEYS = (
-    "model",
-    "pretrained",
-    "model-preset",
-    "lora-rank",
-    "lora-alpha",
-    "lora-dropout",
-    "device",
-    "seed",
-    "block-size",
-)
 
 
 def task_seed(cfg: AppConfig, partition_id: int, version: int, repeat: int = 0) -> int:
@@ -119,7 +106,7 @@ class Worker:
         return metrics
 
     def matches(self, cfg: AppConfig) -> bool:
-        return all(cfg.value(k) == self.cfg.value(k) for k in _MODEL_KEYS)
+        return all(cfg.value(k) == self.cfg.value(k) for k in MODEL_KEYS)
 
     def run_task(
         self,
