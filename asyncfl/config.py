@@ -450,7 +450,12 @@ class StopConfig(_Group):
     bound_d: float = key(
         "bound-d", 0.0, "bound: D = 2 Gamma (rho_tilde - rho_bar) (paper: 0-1; 0 for IID)", at_least(0)
     )
-    eval_every: int = key("eval-every", 1, "evaluate every N rounds (sync) or N applied updates (async)", at_least(1))
+    eval_every: int = key(
+        "eval-every",
+        0,
+        "evaluate every N rounds (sync) or N applied updates (async); 0 = auto: every round (sync), every C updates (async, C = the task slots, `concurrency` or the live nodes), so both modes evaluate once per C updates",
+        at_least(0),
+    )
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Per mode, only what tells the modes apart; everything else is the app's defaults (which are
 # what the benchmark is meant to measure) or a spec's own keys. Sync evaluates every round.
 ASYNC_DEFAULTS: dict[str, Any] = {"mode": "async"}
-SYNC_DEFAULTS: dict[str, Any] = {"mode": "sync", "eval-every": 1}
+SYNC_DEFAULTS: dict[str, Any] = {"mode": "sync", "eval-every": 0}
 
 
 def log(msg: str) -> None:
@@ -743,9 +743,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--eval-every",
         type=int,
-        default=1,
-        help="async: evaluate every N updates (default 1, the app's default: the time to "
-        "target is then exact to one update; sync evaluates every round)",
+        default=0,
+        help="async: evaluate every N updates (default 0, the app's auto: every C updates, C "
+        "the nodes working at once, as often per update as sync's evaluation every round; 1 "
+        "makes the time to target exact to one update, at the cost of C times the evaluations)",
     )
     p.add_argument(
         "--threads",

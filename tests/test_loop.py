@@ -802,6 +802,31 @@ def test_evaluations_run_after_the_next_task_is_out(tmp_path):
     assert [e["round"] for e in events(tmp_path / "sync", "eval")] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("nodes", "extra", "at"),
+    [
+        ({1: 1, 2: 2}, {}, [0, 2, 4, 6]),  # auto: every 2 updates (2 nodes working)
+        ({1: 1, 2: 2, 3: 1}, {}, [0, 3, 6]),  # auto: every 3
+        ({1: 1, 2: 2, 3: 1}, {"concurrency": 2}, [0, 2, 4, 6]),  # auto: the 2 task slots
+        ({1: 1, 2: 2}, {"eval-every": 4}, [0, 4, 6]),  # explicit; the end is always evaluated
+        ({1: 1, 2: 2}, {"eval-every": 1}, [0, 1, 2, 3, 4, 5, 6]),
+    ],
+)
+def test_eval_every_auto_evaluates_once_per_task_slot_worth_of_updates(tmp_path, nodes, extra, at):
+    """`eval-every` 0 (the default) evaluates async once per C updates, C the task slots, as
+    often per update as sync evaluates per round; an explicit N is every N updates."""
+    state = make_state(tmp_path, rule="asgd", warmup=False, **{"max-updates": 6, "eval-every": 0, **extra})
+    seen: list[int] = []
+    state.evaluate_fn = lambda: seen.append(state.updates) or {"loss": 1.0, "ppl": 2.0}
+    make_loop(state).start(FakeGrid(nodes))
+    assert seen == at
+    sync = make_state(tmp_path / "sync", mode="sync", warmup=False, **{"num-rounds": 3, "eval-every": 0})
+    rounds: list[int] = []
+    sync.evaluate_fn = lambda: rounds.append(sync.rounds) or {"loss": 1.0, "ppl": 2.0}
+    make_loop(sync).start(FakeGrid(nodes))
+    assert rounds == [0, 1, 2, 3]  # auto in sync: every round
+
+
 def test_warm_up_reaches_every_node_first_and_restarts_the_run_clock(tmp_path):
     state = make_state(tmp_path, rule="asgd", **{"max-updates": 4})
     grid = FakeGrid({1: 1, 2: 2, 3: 1})

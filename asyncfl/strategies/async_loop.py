@@ -55,7 +55,7 @@ class AsyncLoop(ServerLoop):
                 self._fill_slots(grid, finished=finished)
                 # evaluate once the node that replied has its next task: the evaluation then
                 # runs while it trains instead of delaying its next task
-                self.s.evaluate_if_due(self.elapsed())
+                self.s.evaluate_if_due(self.elapsed(), auto_every=self._slots())
                 reason = self.s.stop_reason(self.elapsed())
                 if reason:
                     return reason
@@ -113,7 +113,7 @@ class AsyncLoop(ServerLoop):
 
     def _fill_slots(self, grid: Grid, finished: int | None) -> None:
         """Dispatch tasks until `concurrency` nodes are working (or no idle node is left)."""
-        limit = self.cfg.server.concurrency or len(self._alive_nodes())
+        limit = self._slots()
         while self._working() < limit:
             idle = self._idle_nodes()
             if not idle:
@@ -122,6 +122,10 @@ class AsyncLoop(ServerLoop):
             if node is None or not self._dispatch(grid, node):
                 return
             finished = None
+
+    def _slots(self) -> int:
+        """How many nodes work at once: `concurrency`, or every live node."""
+        return self.cfg.server.concurrency or len(self._alive_nodes())
 
     def _balance_scales(self) -> dict[int, float]:
         """`balance`: each live node's step factor from its measured task time."""
