@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Per mode, only what tells the modes apart; everything else is the app's defaults (which are
 # what the benchmark is meant to measure) or a spec's own keys. Sync evaluates every round.
 ASYNC_DEFAULTS: dict[str, Any] = {"mode": "async"}
-SYNC_DEFAULTS: dict[str, Any] = {"mode": "sync", "eval-every": 0}
+SYNC_DEFAULTS: dict[str, Any] = {"mode": "sync", "eval-every": 1}
 
 
 def log(msg: str) -> None:

@@ -58,7 +58,7 @@ class ServerState:
     final_reason: str = ""
     history: History = field(default_factory=History)  # what Strategy.start's Result reports
     _last_eval_at: tuple[int, int] = (-1, -1)  # (version, updates) the last eval saw
-    _last_eval_count: tuple[int, int] = (-(10**9), -(10**9))  # (updates, rounds) at the last eval
+    _last_eval_round: int = -1  # rounds completed when the last eval ran
 
     def prepare(self, num_clients: int) -> None:
         """Build the rule for `num_clients` and restore a checkpoint, if resuming."""
@@ -149,7 +149,7 @@ class ServerState:
         metrics = self.evaluate_fn()
         self.last_eval = metrics
         self._last_eval_at = (self.version, self.updates)
-        self._last_eval_count = (self.updates, self.rounds)
+        self._last_eval_round = self.rounds
         if not metrics:
             return metrics
         self.history.add_evaluation(self.server_round, metrics)
@@ -183,8 +183,8 @@ class ServerState:
         """Evaluate once `eval-every` rounds (`per_round`) or updates have passed since the
         last evaluation; `eval-every` 0 takes `auto_every` (the loop's task slots in async)."""
         every = self.cfg.stop.eval_every or max(1, auto_every)
-        count, last = (self.rounds, self._last_eval_count[1]) if per_round else (self.updates, self._last_eval_count[0])
-        if count - last >= every and self._last_eval_at != (self.version, self.updates):
+        since = self.rounds - self._last_eval_round if per_round else self.updates - self._last_eval_at[1]
+        if since >= every and self._last_eval_at != (self.version, self.updates):
             self.evaluate_and_log(elapsed, round_=self.rounds)
 
     def ensure_final_eval(self, elapsed: float) -> dict[str, Any]:
