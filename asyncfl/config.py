@@ -465,6 +465,12 @@ class EmulateConfig(_Group):
     client_speeds: str = key(
         "client-speeds", "", 'comma list by partition id: factor f sleeps (f-1) x compute time ("" = all 1)', speed_list
     )
+    task_s: float = key(
+        "task-s",
+        0.0,
+        "fixed emulated task length (s) at factor 1: a task on a node of factor f lasts f x task-s x its share of `local-steps` (DyLU), compute included; 0 = sleep (f-1) x the measured compute",
+        at_least(0),
+    )
     uplink_mbps: float = key(
         "uplink-mbps", 0.0, "emulated uplink: sleep bytes x 8 / (rate x 1e6) (0 = off)", at_least(0)
     )
@@ -477,6 +483,16 @@ class EmulateConfig(_Group):
     def speed_of(self, partition_id: int) -> float:
         s = self.speeds()
         return s[partition_id] if partition_id < len(s) else 1.0
+
+    def slowness_s(self, partition_id: int, compute_s: float, step_share: float = 1.0) -> float:
+        """Seconds a task that computed `compute_s` still waits to take its emulated length:
+        (f - 1) x compute_s, or with `task-s` set f x task-s x `step_share` - compute_s, which
+        is negative when the compute overran the fixed length (the caller sleeps max(0, .)).
+        `step_share` is the task's local steps over `local-steps` (below 1 under DyLU)."""
+        f = self.speed_of(partition_id)
+        if self.task_s:
+            return f * self.task_s * step_share - compute_s
+        return (f - 1.0) * compute_s
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ Timing model of one task on node i (speed factor f_i, `client-speeds`):
 
 `compute` is the task's measured handler time (`task_s` = 0), or `task_s` scaled by the
 task's local steps (DyLU) when set -- e.g. the per-task compute measured in a deployment, where
-clients share a GPU. `jitter` is exp(N(0, sigma)) per task (seeded by the run's `seed`), the
+clients share a GPU; the run config's `task-s` (the fixed task length a deployment's clients
+sleep up to) is the default. `jitter` is exp(N(0, sigma)) per task (seeded by the run's `seed`), the
 run-to-run variation of real task times, which decides whether prefetch finds its estimate.
 `overhead_s` stands for what a task costs beyond its compute (message
 transfers, process start: ~1.3 s for the 124M shape in deployment, bench/README.md). A queued
@@ -119,7 +120,8 @@ class EmulatedGrid:
     clock : VirtualClock
     task_s : float
         Compute seconds of a task with `local-steps` steps (scaled by a task's own steps);
-        0 = the measured training time of each task.
+        0 = the run config's `task-s`, and where that is 0 too the measured training time of
+        each task.
     overhead_s : float
         Seconds a task costs beyond its compute (transfers, process start).
     poll_s : float
@@ -145,9 +147,16 @@ class EmulatedGrid:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.cfg = AppConfig.from_run_config(run_config)
         # the clients do not sleep: their slowness is applied on the virtual clock
-        self.client_run_config = {**run_config, "client-speeds": "", "uplink-mbps": 0.0, "persistent-worker": "off"}
+        self.client_run_config = {
+            **run_config,
+            "client-speeds": "",
+            "task-s": 0.0,
+            "uplink-mbps": 0.0,
+            "persistent-worker": "off",
+        }
         self.clock = clock
-        self.task_s, self.overhead_s, self.poll_s, self.jitter = task_s, overhead_s, poll_s, jitter
+        self.task_s = task_s or self.cfg.emulate.task_s  # `task-s`: the deployment's fixed task length
+        self.overhead_s, self.poll_s, self.jitter = overhead_s, poll_s, jitter
         # an idle poll is a deployment's: `prefetch = "auto"` takes its deployment behaviour
         self.emulates_deployment = poll_s > 0
         # a poll shorter than Flower's 3 s is asyncfl-supernode's, which its nodes report
@@ -215,8 +224,8 @@ class EmulatedGrid:
             reply.content["metrics"] if "metrics" in reply.content.metric_records else MetricRecord()
         )  # a MetricRecord either way
         steps = float(metrics.get("steps", 0) or 0)
-        full = max(self.cfg.train.local_steps, 1)
-        compute = self.task_s * (steps / full if steps else 1.0) if self.task_s else measured
+        full = self.cfg.train.local_steps
+        compute = self.task_s * (steps / full if steps and full > 0 else 1.0) if self.task_s else measured
         if self.cfg.emulate.uplink_mbps:
             compute += float(metrics.get("bytes", 0)) * 8 / (self.cfg.emulate.uplink_mbps * 1e6) / node.speed
         busy = node.busy_until > now
@@ -298,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument(
-        "--task-s", type=float, default=0.0, help="compute seconds per task with `local-steps` steps (0 = measured)"
+        "--task-s",
+        type=float,
+        default=0.0,
+        help="compute seconds per task with `local-steps` steps (0 = the run config's task-s, else measured)",
     )
     p.add_argument("--overhead-s", type=float, default=0.0, help="seconds per task beyond compute")
     p.add_argument("--poll-s", type=float, default=0.0, help="idle SuperNode poll (deployment: 3)")

@@ -1,7 +1,8 @@
 """Async vs sync: wall-clock to the perplexity sync reaches, and perplexity at equal wall-clock.
 
 Same data, model, compressor, local work and time budget for every run; 4 clients with speed
-factors 1,1,2,4 (`client-speeds`: a client with factor f sleeps (f - 1) x its compute time).
+factors 1,1,2,4 (`client-speeds`: a client with factor f sleeps (f - 1) x its compute time, or
+with `--set task-s=T` until its task has lasted f x T).
 Sync (FedAvg, optionally with server momentum) waits for the slowest client every round; async
 applies every update on arrival and hands the client that just finished its next task at once.
 

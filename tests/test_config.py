@@ -52,6 +52,7 @@ def test_int_given_for_float_key_is_accepted():
         ("pretrained", "yes", "`pretrained` must be a bool"),
         ("client-speeds", "1,x,2", "comma-separated list of numbers >= 1"),
         ("client-speeds", "1,0.5", "comma-separated list of numbers >= 1"),
+        ("task-s", -2.0, "`task-s` must be a number >= 0, got -2.0"),
         ("energy", 1.5, "`energy` must be a number in [0.0, 1.0], got 1.5"),
         ("partitioner", "dirichlet", "'iid', 'articles', 'size-skew'"),
     ],
@@ -78,6 +79,16 @@ def test_bound_constants_giving_lambda_outside_unit_interval_are_rejected():
 def test_speeds_by_partition():
     cfg = AppConfig.from_run_config({"client-speeds": "1, 2,4"})
     assert [cfg.emulate.speed_of(i) for i in range(4)] == [1.0, 2.0, 4.0, 1.0]
+
+
+def test_slowness_relative_to_compute_or_up_to_a_fixed_task_length():
+    relative = AppConfig.from_run_config({"client-speeds": "1,3"}).emulate
+    assert relative.slowness_s(1, 0.5) == 1.0  # (3 - 1) x 0.5
+    assert relative.slowness_s(0, 0.5) == 0.0 and relative.slowness_s(7, 0.5) == 0.0  # factor 1
+    fixed = AppConfig.from_run_config({"client-speeds": "1,3", "task-s": 2.0}).emulate
+    assert fixed.slowness_s(1, 0.5) == 5.5  # 3 x 2 - 0.5: the task lasts 6 s
+    assert fixed.slowness_s(1, 0.5, step_share=0.5) == 2.5  # DyLU, half the steps: 3 s
+    assert fixed.slowness_s(0, 3.0) == -1.0  # computed 1 s past its 2 s length
 
 
 def test_merge_gives_one_run_config_file_with_the_overrides(tmp_path):

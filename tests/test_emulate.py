@@ -66,6 +66,17 @@ def test_idle_supernodes_find_tasks_at_their_next_poll(tmp_path):
     assert summary["emulation"]["tasks"] >= 4  # tasks still out at the end are not waited for
 
 
+def test_the_run_configs_task_s_is_the_emulated_task_length_and_no_client_sleeps(tmp_path):
+    # the schedule of the test above, with the fixed task length from the run config
+    grid = EmulatedGrid({**BASE, "client-speeds": "1,2", "task-s": 1.0}, 2, VirtualClock(server_time=False))
+    assert grid.task_s == 1.0 and grid.client_run_config["task-s"] == 0.0
+    assert grid.client_run_config["client-speeds"] == ""
+    _, ups = emulate(tmp_path, "cfg-task-s", overhead_s=0.5, poll_s=3.0, run_config={"prefetch": "off", "task-s": 1.0})
+    for got, want in zip([u["t"] for u in ups], [1.5, 2.5, 6.0, 8.0]):
+        assert want <= got < want + 0.06
+    assert [u["client_s"] for u in ups] == [1.0, 2.0, 1.0, 2.0]
+
+
 def test_without_poll_the_next_task_starts_at_once_and_prefetch_hides_the_poll(tmp_path):
     _, ups = emulate(
         tmp_path, "nopoll", task_s=1.0, overhead_s=0.5, poll_s=0.0, run_config={"prefetch": "off", "max-updates": 3}

@@ -81,6 +81,44 @@ def test_slow_client_sleeps_its_speed_factor(make_cfg, tmp_path, monkeypatch):
     assert abs(m["sleep-s"] - 2 * compute) < 0.25 * compute + 0.05
 
 
+def test_with_task_s_a_task_lasts_its_factor_times_the_fixed_length(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYNCFL_NODE_DIR", str(tmp_path))
+    cfg = make_cfg(**{"client-speeds": "1,3", "task-s": 0.8})
+    worker = Worker(cfg)
+    for partition in (0, 1):  # data loaded and the first step taken before the timed tasks
+        worker.warm_up(cfg, partition, 2)
+
+    def assert_lasts(m, want):
+        """client-s = compute + sleep = the fixed length, or the compute when that overran
+        (a loaded machine: CI shares two cores), the overrun then reported exactly."""
+        if m["overrun-s"] == 0:
+            assert m["sleep-s"] > 0 and want <= m["client-s"] < want + 0.1
+        else:
+            assert m["sleep-s"] == 0 and m["client-s"] == pytest.approx(want + m["overrun-s"], abs=0.05)
+
+    for partition, want in ((1, 2.4), (0, 0.8)):
+        assert_lasts(worker.run_task(cfg, fresh_global(cfg), partition_id=partition, num_partitions=2).metrics, want)
+    # DyLU's half a task lasts half as long
+    half = cfg.train.local_steps // 2
+    m = worker.run_task(cfg, fresh_global(cfg), partition_id=1, num_partitions=2, local_steps=half).metrics
+    assert m["steps"] == half
+    assert_lasts(m, 2.4 * half / cfg.train.local_steps)
+
+
+def test_a_task_longer_than_task_s_sleeps_nothing_and_reports_the_overrun(make_cfg, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ASYNCFL_NODE_DIR", str(tmp_path))
+    cfg = make_cfg(**{"client-speeds": "1,3", "task-s": 1e-4})
+    worker = Worker(cfg)
+    with caplog.at_level("WARNING", logger="asyncfl"):
+        runs = [worker.run_task(cfg, fresh_global(cfg), partition_id=1, num_partitions=2).metrics for _ in range(2)]
+    for m in runs:
+        assert m["sleep-s"] == 0
+        # overrun = compute - 3 x 1e-4, the compute being the handler's time without a sleep
+        assert m["overrun-s"] == pytest.approx(m["client-s"] - 3e-4, abs=0.02)
+    warnings = [r.getMessage() for r in caplog.records if "emulated task length" in r.getMessage()]
+    assert len(warnings) == 1 and "partition 1" in warnings[0] and "raise task-s" in warnings[0]
+
+
 def test_a_repeat_of_the_same_version_trains_on_other_batches(make_cfg, tmp_path, monkeypatch):
     """Prefetch can give a node two tasks of one version: same inputs must not mean same work."""
     monkeypatch.setenv("ASYNCFL_NODE_DIR", str(tmp_path))

@@ -13,7 +13,9 @@ Notes
 * With `error-feedback` = "ef" the client adds the residual its earlier payloads dropped to the
   delta before encoding and keeps what this one drops (`asyncfl.client.state`).
 * Heterogeneity emulation sleeps after the real work: a client with speed factor f sleeps
-  (f - 1) x its measured compute time, and `uplink-mbps` adds bytes x 8 / rate.
+  (f - 1) x its measured compute time, or with `task-s` set until the task has lasted
+  f x task-s (scaled by its share of `local-steps`), so that the emulated slowness does not
+  follow how busy a shared GPU was; `uplink-mbps` adds bytes x 8 / rate.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Worker:
         self.model = build_model(cfg).to(self.device)
         self.held: tuple[str, int, dict[str, torch.Tensor]] | None = None  # (run, version, weights)
         self._page_prev: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # page: last start point
+        self._overrun_warned = False  # `task-s`: warn once when compute outlasts the emulated length
 
     def warm_up(
         self,
@@ -126,6 +129,8 @@ class Worker:
         `local_steps` (DyLU) overrides the config's for this task."""
         t_start = time.perf_counter()
         seed = task_seed(cfg, partition_id, version, repeat)
+        # the task's share of the configured work (DyLU hands out fewer or more local steps)
+        step_share = local_steps / cfg.train.local_steps if local_steps and cfg.train.local_steps > 0 else 1.0
         if local_steps:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=int(local_steps)))
         self.cfg, self.compressor = cfg, make_compressor(cfg, seed)
@@ -172,7 +177,19 @@ class Worker:
             shift.save(path)
         compute_s = time.perf_counter() - t_start
         # 4. heterogeneity emulation (real sleeps; reported wall-clock stays real)
-        sleep_s = (cfg.emulate.speed_of(partition_id) - 1.0) * compute_s
+        wait_s = cfg.emulate.slowness_s(partition_id, compute_s, step_share)
+        sleep_s, overrun_s = max(wait_s, 0.0), max(-wait_s, 0.0)
+        if overrun_s > 0 and not self._overrun_warned:
+            self._overrun_warned = True
+            log.warning(
+                "asyncfl: partition %d computed %.2f s, %.2f s past its emulated task length "
+                "(task-s=%g x factor %g): its tasks run slower than emulated; raise task-s",
+                partition_id,
+                compute_s,
+                overrun_s,
+                cfg.emulate.task_s,
+                cfg.emulate.speed_of(partition_id),
+            )
         if cfg.emulate.uplink_mbps:
             sleep_s += cm["bytes"] * 8 / (cfg.emulate.uplink_mbps * 1e6)
         if sleep_s > 0:
@@ -191,6 +208,7 @@ class Worker:
             "rec-error": cm["mean_rel_error"],
             "fro-error": cm["mean_fro_error"],
             "sleep-s": sleep_s,
+            "overrun-s": overrun_s,
             "client-s": time.perf_counter() - t_start,
             **ef_metrics,
         }
