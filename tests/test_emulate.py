@@ -75,6 +75,8 @@ def test_the_run_configs_task_s_is_the_emulated_task_length_and_no_client_sleeps
     for got, want in zip([u["t"] for u in ups], [1.5, 2.5, 6.0, 8.0]):
         assert want <= got < want + 0.06
     assert [u["client_s"] for u in ups] == [1.0, 2.0, 1.0, 2.0]
+    assert [u["sleep_s"] for u in ups] == [0.0, 1.0, 0.0, 1.0]  # the events carry the slowness
+    assert [u["overrun_s"] for u in ups] == [0.0] * 4
 
 
 def test_without_poll_the_next_task_starts_at_once_and_prefetch_hides_the_poll(tmp_path):

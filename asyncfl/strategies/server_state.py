@@ -235,6 +235,8 @@ class ServerState:
             service_s=elapsed - (reply.task.started_at if reply.task.started_at is not None else reply.task.sent_at),
             prefetched=reply.task.prefetched,
             client_s=m.get("client-s"),
+            sleep_s=m.get("sleep-s"),
+            overrun_s=m.get("overrun-s"),
             encode_s=float(enc) if isinstance(enc, (int, float)) else None,
             bytes_down=reply.task.bytes_down,
             node_s=getattr(reply, "node_s", None),
