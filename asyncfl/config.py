@@ -463,7 +463,10 @@ class EmulateConfig(_Group):
     group: ClassVar[str] = "emulate"
 
     client_speeds: str = key(
-        "client-speeds", "", 'comma list by partition id: factor f sleeps (f-1) x compute time ("" = all 1)', speed_list
+        "client-speeds",
+        "",
+        'comma list by partition id: factor f sleeps (f-1) x compute time, or up to f x `task-s` ("" = all 1)',
+        speed_list,
     )
     task_s: float = key(
         "task-s",
