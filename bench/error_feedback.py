@@ -63,7 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(SHARED_DATA / "wikitext-2-raw"))
     p.add_argument("--tokenizer", default=str(SHARED_DATA / "gpt2"))
     p.add_argument("--out", default="", help="write all figures as JSON here")
+    p.add_argument(
+        "--merge",
+        default="",
+        help="comma list of --out files (e.g. one per seed, run side by side): print their joint table, run nothing",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        return args
     for what, path, need in (
         ("--data-dir", args.data_dir, "wiki.test.raw"),
         ("--tokenizer", args.tokenizer, "vocab.json"),
@@ -200,8 +207,28 @@ def table(runs: list[dict], rounds: int) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Print (and with `out`, write) the table of several `--out` files of one setting."""
+    docs = []
+    for path in paths:
+        try:
+            docs.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            sys.exit(f"--merge: cannot read {path!r} as an --out file: {exc}")
+    rounds = {d["args"]["rounds"] for d in docs}
+    if len(rounds) != 1:
+        sys.exit(f"--merge: the files ran different --rounds {sorted(rounds)}; merge runs of one setting")
+    runs = [r for d in docs for r in d["runs"]]
+    print(table(runs, rounds.pop()))
+    if out:
+        Path(out).write_text(json.dumps({"args": docs[0]["args"], "env": docs[0]["env"], "runs": runs}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        merge([m for m in args.merge.split(",") if m], args.out)
+        return
     import torch
 
     methods = [m for m in args.methods.split(",") if m and m != "none"]
