@@ -49,11 +49,15 @@ DEFAULT_BUDGET_S = 30.0
 DEFAULT_SPEEDS = "1,1,2,4"
 DEFAULT_SUPERNODES = 4
 # On top of the base file, for both runs: a task 4x cheaper than the base file's (4 steps of
-# batch 4), so a 30 s budget holds a dozen rounds' worth of updates on 2 cores; every client
+# batch 4), so a 30 s budget holds two sync rounds (12 s each, the speed-4 client's) and some
+# 25 async updates on 2 cores; every client
 # keeps its whole share of the training split (the base file's 64 blocks per client are
 # overfitted within a minute: test perplexity then drifts up); 16 eval blocks (the server
-# evaluates every 4 updates). `--set` goes after these, so it can change them.
-DEMO_OVERRIDES = "local-steps=4 batch-size=4 max-train-blocks=0 eval-max-blocks=16"
+# evaluates every 4 updates). A task lasts factor x 3 s (`task-s`, compute included: about a
+# speed-1 task's compute with four clients on 2 cores), not factor x its measured compute: that
+# would multiply a node's first, cold task (twice the compute of later ones) by 4 on the speed-4
+# client and push sync's first round past the budget. `--set` goes after these, so it can change them.
+DEMO_OVERRIDES = "local-steps=4 batch-size=4 max-train-blocks=0 eval-max-blocks=16 task-s=3"
 # What tells the two runs apart; everything else is the base file, the budget and the speeds.
 # The base file's `max-updates` is reset in both: an explicit max-updates would stop async
 # before the budget. Sync evaluates every round (= every `supernodes` updates, async's cadence).

@@ -84,6 +84,7 @@ def test_run_configs_differ_only_in_mode_and_eval_cadence(tmp_path):
         assert cfg["results-dir"] == str(args.out)
         assert cfg["model-preset"] == "tiny" and cfg["compressor"] == "pca"  # the base file
         assert (cfg["local-steps"], cfg["batch-size"], cfg["max-train-blocks"], cfg["eval-max-blocks"]) == (4, 4, 0, 16)
+        assert cfg["task-s"] == 3
         # relative local paths of the base file are made absolute (the SuperLink's cwd is not ours)
         assert cfg["tokenizer"] == str((ROOT / "../shared/data/gpt2").resolve())
         assert cfg["data-dir"] == str((ROOT / "../shared/data/wikitext-2-raw").resolve())
