@@ -7,7 +7,9 @@
 #   bash bench/gpu/avs_emulate.sh REGIME SEEDS JOBS SYNC_SPECS ASYNC_SPECS
 # REGIME: a = local-steps 16 (task compute 0.9 s), b = local-steps 64 (2.7 s). Carry .whl, .data.
 # env: TASK_S (compute per task), OVERHEAD_S (1.3), POLL_S (3: Flower's SuperNode; 0.1 =
-# asyncfl-supernode, with which prefetch "auto" queues nothing), PREFETCH ("on"), CALL_S (560).
+# asyncfl-supernode, with which prefetch "auto" queues nothing), PREFETCH ("on"), CALL_S (560),
+# FIXED_S (the run config's `task-s`: a task lasts factor x FIXED_S, compute included, as in
+# `TASK_S=8 bench/gpu/avs_deploy.sh`; overrides TASK_S), BUDGET_S (150).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 regime=${1:-a}; seeds=${2:-11}; jobs=${3:-5}; sync=${4:-sync}; rules=${5:-asgd}
@@ -16,12 +18,15 @@ case "$regime" in
   b) steps=64; task=${TASK_S:-2.7} ;;
   *) echo "regime a or b" >&2; exit 2 ;;
 esac
+extra="--task-s $task"; fixed=0
+if [ -n "${FIXED_S:-}" ]; then extra=""; fixed=$FIXED_S; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/smi-$regime.csv" &
 timeout "${CALL_S:-560}" python3 bench/async_vs_sync.py --backend emulate --preset small --device cuda \
   --tokenizer "$PWD/.data/gpt2" --data-dir "$PWD/.data/wikitext-2-raw" --seeds "$seeds" \
-  --time-budget-s 150 --jobs "$jobs" --set "local-steps=$steps" --async-set "prefetch=\"${PREFETCH:-on}\"" \
-  --emulate-args "--task-s $task --overhead-s ${OVERHEAD_S:-1.3} --poll-s ${POLL_S:-3} --jitter 0.15 --no-server-time" \
+  --time-budget-s "${BUDGET_S:-150}" --jobs "$jobs" --set "local-steps=$steps task-s=$fixed" \
+  --async-set "prefetch=\"${PREFETCH:-on}\"" \
+  --emulate-args "$extra --overhead-s ${OVERHEAD_S:-1.3} --poll-s ${POLL_S:-3} --jitter 0.15 --no-server-time" \
   --sync "$sync" --rules "$rules" --out "$OUT/avs-$regime" > "$OUT/avs-$regime.log" 2>&1
 echo "exit $?"
 tail -45 "$OUT/avs-$regime.log"
