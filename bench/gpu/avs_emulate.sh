@@ -18,15 +18,15 @@ case "$regime" in
   b) steps=64; task=${TASK_S:-2.7} ;;
   *) echo "regime a or b" >&2; exit 2 ;;
 esac
-extra="--task-s $task"; fixed=0
-if [ -n "${FIXED_S:-}" ]; then extra=""; fixed=$FIXED_S; fi
+fixed=${FIXED_S:-0}
+if [ "$fixed" != 0 ]; then task=0; fi  # the emulator's --task-s 0: the run config's task-s
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$OUT/smi-$regime.csv" &
 timeout "${CALL_S:-560}" python3 bench/async_vs_sync.py --backend emulate --preset small --device cuda \
   --tokenizer "$PWD/.data/gpt2" --data-dir "$PWD/.data/wikitext-2-raw" --seeds "$seeds" \
   --time-budget-s "${BUDGET_S:-150}" --jobs "$jobs" --set "local-steps=$steps task-s=$fixed" \
   --async-set "prefetch=\"${PREFETCH:-on}\"" \
-  --emulate-args "$extra --overhead-s ${OVERHEAD_S:-1.3} --poll-s ${POLL_S:-3} --jitter 0.15 --no-server-time" \
+  --emulate-args "--task-s $task --overhead-s ${OVERHEAD_S:-1.3} --poll-s ${POLL_S:-3} --jitter 0.15 --no-server-time" \
   --sync "$sync" --rules "$rules" --out "$OUT/avs-$regime" > "$OUT/avs-$regime.log" 2>&1
 echo "exit $?"
 tail -45 "$OUT/avs-$regime.log"
