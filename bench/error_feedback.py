@@ -49,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--methods", default="pca,qrcp,cur", help="comma list of compressors (dense always runs)")
+    p.add_argument("--methods", default="pca,qrcp,cur", help="comma list of compressors (dense runs too)")
+    p.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="skip the dense run (when another process of the same seeds runs it; see --merge)",
+    )
     p.add_argument("--ef", default="none,ef", help="comma list of error-feedback values")
     p.add_argument("--ranks", default="2", help="comma list of ranks")
     p.add_argument("--seeds", default="0,1,2", help="comma list of run seeds")
@@ -196,8 +201,8 @@ def table(runs: list[dict], rounds: int) -> str:
             method if method != "none" else "none (dense)",
             ef if method != "none" else "-",
             spread(final),
-            spread(excess) if method != "none" and excess else "0",
-            spread(tail) if method != "none" and tail else "0",
+            "0" if method == "none" else spread(excess) if excess else "- (no dense run)",
+            "0" if method == "none" else spread(tail) if tail else "-",
             *[f"{p:.0f}" for p in per_round],
             f"{statistics.fmean(r['bytes'] / r['dense_bytes'] for r in rs):.4f}",
             f"{statistics.fmean(r['rec_error'] for r in rs):.3f}" if method != "none" else "-",
@@ -235,11 +240,18 @@ def main(argv: list[str] | None = None) -> None:
     efs = [e for e in args.ef.split(",") if e]
     ranks = [int(k) for k in args.ranks.split(",") if k]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    runs = []
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="asyncfl-ef-bench-") as node_dir:
         os.environ["ASYNCFL_NODE_DIR"] = node_dir  # residuals on disk, as in simulation
         for seed in seeds:
-            plan = [("none", "none", ranks[0])] + [(m, e, k) for k in ranks for m in methods for e in efs]
+            plan = [] if args.no_dense else [("none", "none", ranks[0])]
+            plan += [(m, e, k) for k in ranks for m in methods for e in efs]
             for method, ef, rank in plan:
                 r = one_run(args, seed, method, ef, rank)
                 runs.append(r)
@@ -249,16 +261,10 @@ def main(argv: list[str] | None = None) -> None:
                     + f"  ({r['seconds']:.0f} s)",
                     flush=True,
                 )
+                if args.out:  # after every run, so that an interrupted sweep keeps what finished
+                    Path(args.out).write_text(json.dumps({"args": vars(args), "env": env, "runs": runs}, indent=1))
     print()
     print(table(runs, args.rounds))
-    if args.out:
-        env = {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        }
-        Path(args.out).write_text(json.dumps({"args": vars(args), "env": env, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,20 +2,28 @@
 # GPU machine, one device call: error feedback at the 124M shape (issue 12's setting): compressed
 # sync FedAvg, 2 clients, block 256, batch 16, local-steps 16, lr 5e-4 (the app's), rank 10,
 # `ROUNDS` rounds (default 7), PCA/QRCP/CUR with and without `error-feedback = "ef"` beside dense.
-# The seeds run side by side, one process each, on GPU 0 (perplexity per round does not depend on
-# timing); the merged table is printed at the end and every run's JSON comes back.
+# Two processes per seed run side by side on GPU 0 (perplexity per round does not depend on
+# timing): dense + PCA, and QRCP + CUR. Each writes its JSON after every run, and every process is
+# stopped after `LIMIT_S` (default 540) so that the merged table of what finished is printed
+# inside one call; every run's JSON comes back.
 #   bash bench/gpu/ef_124m.sh [SEEDS=0,1,2]
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
-seeds=${1:-0,1,2}; rounds=${ROUNDS:-7}
+seeds=${1:-0,1,2}; rounds=${ROUNDS:-7}; limit=${LIMIT_S:-540}
 outs=()
 for s in ${seeds//,/ }; do
-  python3 bench/error_feedback.py --preset small --device cuda --clients 2 --rounds "$rounds" \
-    --ranks 10 --seeds "$s" --block-size 256 --batch-size 16 --local-steps 16 --lr 5e-4 \
-    --tokenizer "$PWD/.data/gpt2" --data-dir "$PWD/.data/wikitext-2-raw" \
-    --out "$OUT/ef-s$s.json" > "$OUT/ef-s$s.log" 2>&1 &
-  outs+=("$OUT/ef-s$s.json")
+  for part in pca qrcp,cur; do
+    tag=s$s-${part/,/-}; extra=()
+    [ "$part" = pca ] || extra=(--no-dense)
+    timeout "$limit" python3 bench/error_feedback.py --preset small --device cuda --clients 2 \
+      --rounds "$rounds" --ranks 10 --seeds "$s" --methods "$part" "${extra[@]}" --block-size 256 \
+      --batch-size 16 --local-steps 16 --lr 5e-4 --tokenizer "$PWD/.data/gpt2" \
+      --data-dir "$PWD/.data/wikitext-2-raw" --out "$OUT/ef-$tag.json" > "$OUT/ef-$tag.log" 2>&1 &
+    outs+=("$OUT/ef-$tag.json")
+  done
 done
 wait
 tail -n 12 "$OUT"/ef-s*.log
-python3 bench/error_feedback.py --merge "$(IFS=,; echo "${outs[*]}")" --out "$OUT/ef-124m.json"
+nvidia-smi --query-gpu=name,memory.used --format=csv
+done_=(); for f in "${outs[@]}"; do [ -s "$f" ] && done_+=("$f"); done
+python3 bench/error_feedback.py --merge "$(IFS=,; echo "${done_[*]}")" --out "$OUT/ef-124m.json"
