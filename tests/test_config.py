@@ -191,6 +191,7 @@ CHOICE_KEYS = (
     "mode",
     "rule",
     "staleness",
+    "stale-align",
     "selection",
     "prefetch",
     "pack",
