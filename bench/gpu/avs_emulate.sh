@@ -6,13 +6,15 @@
 # work is not timed, so they do not slow each other's clocks).
 #   bash bench/gpu/avs_emulate.sh REGIME SEEDS JOBS SYNC_SPECS ASYNC_SPECS
 # REGIME: a = local-steps 16 (task compute 0.9 s), b = local-steps 64 (2.7 s). Carry .whl, .data.
+# SYNC_SPECS "" runs no sync baseline (its runs are in every JSON anyway): with FIXED_S the
+# virtual clock does not depend on the GPU's load, so an earlier call's sync runs still compare.
 # env: TASK_S (compute per task), OVERHEAD_S (1.3), POLL_S (3: Flower's SuperNode; 0.1 =
 # asyncfl-supernode, with which prefetch "auto" queues nothing), PREFETCH ("on"), CALL_S (560),
 # FIXED_S (the run config's `task-s`: a task lasts factor x FIXED_S, compute included, as in
 # `TASK_S=8 bench/gpu/avs_deploy.sh`; overrides TASK_S), BUDGET_S (150).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
-regime=${1:-a}; seeds=${2:-11}; jobs=${3:-5}; sync=${4:-sync}; rules=${5:-asgd}
+regime=${1:-a}; seeds=${2:-11}; jobs=${3:-5}; sync=${4-sync}; rules=${5:-asgd}
 case "$regime" in
   a) steps=16; task=${TASK_S:-0.9} ;;
   b) steps=64; task=${TASK_S:-2.7} ;;
