@@ -6,8 +6,9 @@
 # work is not timed, so they do not slow each other's clocks).
 #   bash bench/gpu/avs_emulate.sh REGIME SEEDS JOBS SYNC_SPECS ASYNC_SPECS
 # REGIME: a = local-steps 16 (task compute 0.9 s), b = local-steps 64 (2.7 s). Carry .whl, .data.
-# SYNC_SPECS "" runs no sync baseline (its runs are in every JSON anyway): with FIXED_S the
-# virtual clock does not depend on the GPU's load, so an earlier call's sync runs still compare.
+# SYNC_SPECS "" runs no sync baseline (async_vs_sync then prints no table; the runs come back in
+# runs-REGIME.tgz): with FIXED_S the virtual clock does not depend on the GPU's load, so an
+# earlier call's sync runs of the same seeds still compare.
 # env: TASK_S (compute per task), OVERHEAD_S (1.3), POLL_S (3: Flower's SuperNode; 0.1 =
 # asyncfl-supernode, with which prefetch "auto" queues nothing), PREFETCH ("on"), CALL_S (560),
 # FIXED_S (the run config's `task-s`: a task lasts factor x FIXED_S, compute included, as in
