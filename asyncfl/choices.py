@@ -1,7 +1,7 @@
 """The name sets that the run config and the registries share, each written once as a `Literal`.
 
 A run-config key whose value is one of these names (`rule`, `compressor`, `staleness`,
-`selection`, `compress-method`, `wire-dtype`, `row-select`, `stale-align`) has the alias as its type in
+`selection`, `compress-method`, `wire-dtype`, `row-select`) has the alias as its type in
 `asyncfl.config`, and the registry that builds the named object (`asyncfl.strategies.registry`,
 `asyncfl.strategies.staleness`, `asyncfl.strategies.selection`, `asyncfl.compressors`) checks at
 import that its names are the alias's arguments, in the same order. `choices(alias)` gives the
@@ -27,10 +27,6 @@ StalenessKind = Literal["constant", "polynomial", "hinge"]
 """Staleness weights s(tau) (`staleness`)."""
 SelectionName = Literal["same", "uniform", "loss-biased", "time-aware"]
 """Client selectors (`selection`)."""
-StaleAlign = Literal["off", "scale", "project"]
-"""Stale-update corrections (`stale-align`, `asyncfl.strategies.stale_align`)."""
-DELTA_RULES: tuple[str, ...] = ("fedasync", "fedbuff", "asgd", "dn", "fadas")
-"""The rules whose client update is a plain local-training delta (`stale-align` applies to them)."""
 
 
 def choices(alias: Any) -> tuple[str, ...]:

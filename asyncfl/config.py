@@ -29,13 +29,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_origin, get_type_hints
 
 from asyncfl.choices import (
-    DELTA_RULES,
     CompressMethod,
     CompressorName,
     RowSelect,
     RuleName,
     SelectionName,
-    StaleAlign,
     StalenessKind,
     WireDtype,
     choices,
@@ -361,11 +359,6 @@ class ServerConfig(_Group):
         False,
         "asgd: weight each node's updates by the mean node rate over its own (rate = 1 / measured task time, factor clipped to [1/n, n]), so every node's data counts equally however often it reports (Fraboni et al. 2023); a node counts 1 until a task after its first is timed",
     )
-    stale_align: StaleAlign = key(
-        "stale-align",
-        "off",
-        'async: take out of a stale update what repeats the progress applied since its task started (p = x - x_base; asyncfl/strategies/stale_align.py): "off" | "scale" (weight x (1 - cos^2(u, p)); works with the update-log downlink) | "project" (per tensor, u minus its component along p; tasks then carry the full weights); rules fedasync, fedbuff, asgd, dn, fadas',
-    )
     shift_alpha: float = key("shift-alpha", 0.5, "shifted: h_i <- h_i + shift-alpha * decoded", in_range(0.0, 1.0))
     max_staleness: int = key("max-staleness", 0, "drop (and log) updates staler than this (0 = keep all)", at_least(0))
     selection: SelectionName = key(
@@ -599,18 +592,6 @@ class AppConfig:
                 f'run config key `prefetch` = "on" keeps each working node busy, which defeats '
                 f'`selection` = "{s.selection}" under a `concurrency` cap of {s.concurrency}: '
                 'use selection "same", concurrency 0, or prefetch "off" / "auto"'
-            )
-        if s.stale_align != "off" and (s.mode != "async" or s.rule not in DELTA_RULES):
-            raise ConfigError(
-                f'run config key `stale-align` = "{s.stale_align}" corrects stale local-training deltas; '
-                f'it needs mode "async" and a rule of {", ".join(DELTA_RULES)}, got mode "{s.mode}" '
-                f'rule "{s.rule}"; use stale-align "off"'
-            )
-        if s.stale_align == "project" and c.downlink == "log":
-            raise ConfigError(
-                'run config key `downlink` = "log" replays each step as weighted client payloads, but '
-                '`stale-align` = "project" applies a payload minus the progress since its base; '
-                'use downlink "auto" or "full", or stale-align "scale"'
             )
         if s.balance and (s.mode, s.rule) != ("async", "asgd"):
             raise ConfigError(

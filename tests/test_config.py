@@ -191,7 +191,6 @@ CHOICE_KEYS = (
     "mode",
     "rule",
     "staleness",
-    "stale-align",
     "selection",
     "prefetch",
     "pack",

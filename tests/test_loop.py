@@ -27,7 +27,6 @@ from asyncfl.config import AppConfig, ConfigError
 from asyncfl.results import RunRecorder
 from asyncfl.strategies.async_loop import AsyncLoop
 from asyncfl.strategies.build import build_rule, build_selector, make_loop
-from asyncfl.strategies.downlink import update_log_wanted
 from asyncfl.strategies.loop import WARMUP_MESSAGE_TYPE
 from asyncfl.strategies.server_state import ServerState, load_checkpoint
 from asyncfl.strategies.sync_loop import SyncLoop
@@ -275,52 +274,6 @@ def test_async_applies_out_of_order_replies_with_their_staleness(tmp_path):
     expected = replay_asgd(grid, ups, 0.5)
     for k in X0:
         torch.testing.assert_close(state.x[k], expected[k])
-
-
-@pytest.mark.parametrize("mode", ["scale", "project"])
-def test_stale_align_takes_the_progress_since_the_base_out_of_stale_updates(tmp_path, mode):
-    state = make_state(tmp_path, rule="asgd", **{"server-lr": 0.5, "max-updates": 9, "stale-align": mode})
-    grid = FakeGrid({1: 1, 2: 2, 3: 5})
-    strategy = make_loop(state)
-    strategy.start(grid)
-    ups = events(tmp_path, "update")
-    xs = [{k: v.clone() for k, v in X0.items()}]
-    for u in ups:  # numpy replay: x += gamma * (d - c p), p = x - base (per tensor, or one cos)
-        x = {k: v.double().numpy() for k, v in xs[-1].items()}
-        base = {k: v.double().numpy() for k, v in xs[u["version"] - 1 - u["staleness"]].items()}
-        d = {k: v.double().numpy() for k, v in client_delta(u["node"], xs[u["version"] - 1 - u["staleness"]]).items()}
-        p = {k: x[k] - base[k] for k in x}
-        gamma = asgd_step(0.5, u["staleness"], 3)
-        if u["staleness"] == 0:
-            assert "align_cos" not in u and u["weight"] == pytest.approx(gamma)
-        else:
-            dot = sum(float((d[k] * p[k]).sum()) for k in x)
-            cos = dot / np.sqrt(sum(float((d[k] ** 2).sum()) for k in x) * sum(float((p[k] ** 2).sum()) for k in x))
-            assert u["align_cos"] == pytest.approx(cos, rel=1e-5, abs=1e-6)
-            if mode == "scale":
-                d = {k: (1 - cos**2) * d[k] for k in x}
-                assert u["weight"] == pytest.approx(gamma * (1 - cos**2), rel=1e-5)
-            else:
-                pp = {k: float((p[k] ** 2).sum()) for k in x}  # a tensor that has not moved keeps its delta
-                d = {k: d[k] - float((d[k] * p[k]).sum()) / pp[k] * p[k] if pp[k] else d[k] for k in x}
-                assert u["weight"] == pytest.approx(gamma)
-        xs.append({k: torch.from_numpy(x[k] + gamma * d[k]).float() for k in x})
-    assert sum(u["staleness"] > 0 for u in ups) >= 3
-    for k in X0:
-        torch.testing.assert_close(state.x[k], xs[-1][k], rtol=1e-5, atol=1e-6)
-    assert set(strategy.snapshots) <= {t.version for t in strategy.inflight.values()}
-
-
-def test_stale_align_needs_a_delta_rule_in_async_mode_and_project_no_update_log():
-    with pytest.raises(ConfigError, match='stale-align` = "scale".*rule "shifted"'):
-        AppConfig.from_run_config({"rule": "shifted", "stale-align": "scale"})
-    with pytest.raises(ConfigError, match='mode "sync"'):
-        AppConfig.from_run_config({"mode": "sync", "stale-align": "project"})
-    with pytest.raises(ConfigError, match='stale-align` = "project"'):
-        AppConfig.from_run_config({"rule": "asgd", "downlink": "log", "stale-align": "project"})
-    project = AppConfig.from_run_config({"rule": "asgd", "compressor": "pca", "stale-align": "project"})
-    scale = AppConfig.from_run_config({"rule": "asgd", "compressor": "pca", "stale-align": "scale"})
-    assert not update_log_wanted(project, deployed=True) and update_log_wanted(scale, deployed=True)
 
 
 def test_fedasync_mixes_against_the_snapshot_the_client_started_from(tmp_path):
@@ -581,16 +534,11 @@ def weights_at_push(grid: FakeGrid, state: ServerState) -> dict[int, dict[str, t
     return seen
 
 
-@pytest.mark.parametrize(
-    ("rule", "align"), [("asgd", "off"), ("fedbuff", "off"), ("asgd", "scale"), ("fedbuff", "scale")]
-)
-def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, rule, align):
+@pytest.mark.parametrize("rule", ["asgd", "fedbuff"])
+def test_update_log_downlink_trains_from_the_same_weights(tmp_path, log_always, rule):
     def run(path, downlink, cold=False):
         state = make_state(
-            path,
-            rule=rule,
-            downlink=downlink,
-            **{"server-lr": 0.5, "max-updates": 10, "buffer-size": 2, "stale-align": align},
+            path, rule=rule, downlink=downlink, **{"server-lr": 0.5, "max-updates": 10, "buffer-size": 2}
         )
         grid = FakeGrid({1: 1, 2: 3})
         grid.cold_warmup = cold

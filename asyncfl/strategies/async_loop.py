@@ -7,8 +7,8 @@ its next task is queued shortly before the running one is expected to end, so th
 picks it up at once instead of sleeping through its idle poll (3 s in flwr 1.41) -- at the price
 of the few versions applied in that lead time. Updates staler than `max-staleness` are dropped.
 
-fedasync and `stale-align` need the state each client started from: snapshots are taken
-copy-on-write, only when `x` is about to change while a task still references the current version.
+fedasync needs the state each client started from: snapshots are taken copy-on-write, only when
+`x` is about to change while a task still references the current version.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from asyncfl.strategies.loop import ServerLoop, handler_s
 from asyncfl.strategies.nodes import Reply, Task
 from asyncfl.strategies.rules import ASGD, balance_scales
 from asyncfl.strategies.server_state import Clock, ServerState
-from asyncfl.strategies.stale_align import align
-from asyncfl.tensors import Tensors
 
 log = logging.getLogger("asyncfl")
 
@@ -95,31 +93,22 @@ class AsyncLoop(ServerLoop):
         """One update through the rule (the snapshot it started from, for rules that need it),
         then the downlink log, the record and a checkpoint when one is due."""
         t0 = time.perf_counter()
-        mode = self.cfg.server.stale_align
-        needs_base = self.s.rule.needs_base or mode != "off"
-        if needs_base and any(t.version == self.s.version for t in self.inflight.values()):
+        if self.s.rule.needs_base and any(t.version == self.s.version for t in self.inflight.values()):
             self.snapshots.setdefault(self.s.version, {k: v.clone() for k, v in self.s.x.items()})
         base = self.snapshots.get(task.version)
         version_before = self.s.version
         if self.cfg.server.balance and isinstance(self.s.rule, ASGD):
             self.s.rule.node_scale = self._balance_scales()
-        update: Tensors = reply.update
-        scale = 1.0
-        if mode != "off" and base is not None and staleness > 0:
-            fixed = align(mode, reply.update, self.s.x, base)
-            update, scale = fixed.update, fixed.scale
-            reply.metrics["align-cos"] = fixed.cos
         applied = self.s.rule.apply(
-            self.s.x, update, staleness=staleness, node=task.node, base=base, info=reply.metrics
+            self.s.x, reply.update, staleness=staleness, node=task.node, base=base, info=reply.metrics
         )
-        weight = applied.weight * scale  # the coefficient of the payload as uploaded
         if self.downlink is not None:
-            self.downlink.add(reply.record, weight, applied.stepped, version_before)
+            self.downlink.add(reply.record, applied.weight, applied.stepped, version_before)
         self.s.sync_device()
         apply_s = time.perf_counter() - t0
         self.timer.add("apply", apply_s)
         self._release_snapshots()
-        self.s.after_update(reply, staleness, weight, applied.stepped, reply.decode_s + apply_s, self.elapsed())
+        self.s.after_update(reply, staleness, applied.weight, applied.stepped, reply.decode_s + apply_s, self.elapsed())
         self.checkpointer.maybe_save(self.s)
 
     def _fill_slots(self, grid: Grid, finished: int | None) -> None:

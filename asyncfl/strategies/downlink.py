@@ -14,10 +14,9 @@ with the same code the server used, so the rebuilt weights equal the server's up
 rounding of the additions (the client's delta is taken against its own copy, so that rounding
 never enters the global model).
 
-Rules that mix in older global states (fedasync, shifted, saga), and `stale-align` "project"
-(a payload minus the progress since its base), are not linear in the payloads alone; they
-always send the full weights. `stale-align` "scale" only changes a payload's coefficient. A node
-whose worker lost its copy (restart, crash) answers "need-full" and gets the full weights next.
+Rules that mix in older global states (fedasync, shifted, saga) are not linear in the payloads
+alone; they always send the full weights. A node whose worker lost its copy (restart, crash)
+answers "need-full" and gets the full weights next.
 """
 
 from __future__ import annotations
@@ -37,12 +36,11 @@ LINEAR_RULES = ("asgd", "fedbuff")
 
 def update_log_wanted(cfg: AppConfig, deployed: bool) -> bool:
     """Whether tasks may carry update logs (`downlink`): only where the global step is linear in
-    the payloads (sync FedAvg, or a rule of `LINEAR_RULES`, without server momentum or
-    `stale-align` "project"); "log" then
+    the payloads (sync FedAvg, or a rule of `LINEAR_RULES`, without server momentum); "log" then
     always (the config rejects "log" elsewhere), "auto" with a compressor in a deployment (in
     simulation the weights cost no transfer), "full" never."""
     c, z = cfg.server, cfg.compress
-    linear = (c.mode == "sync" or c.rule in LINEAR_RULES) and not c.server_momentum and c.stale_align != "project"
+    linear = (c.mode == "sync" or c.rule in LINEAR_RULES) and not c.server_momentum
     if z.downlink == "full" or not linear:
         return False
     return z.downlink == "log" or (z.compressor != "none" and deployed)

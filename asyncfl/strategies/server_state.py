@@ -242,7 +242,6 @@ class ServerState:
             node_s=getattr(reply, "node_s", None),
             reply_age_s=getattr(reply, "reply_age_s", None),
             **({"ef_norm": m["ef-norm"], "ef_reset": m.get("ef-reset")} if "ef-norm" in m else {}),
-            **({"align_cos": m["align-cos"]} if "align-cos" in m else {}),
         )
         log.info(
             "asyncfl: update %d/%s v=%d node=%s p=%s staleness=%d w=%.3f loss=%.3f %.0f B",
