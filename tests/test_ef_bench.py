@@ -60,3 +60,29 @@ def test_merge_refuses_files_of_different_lengths_and_unreadable_ones(tmp_path):
         error_feedback.main(["--merge", f"{a},{b}"])
     with pytest.raises(SystemExit, match="missing.json"):
         error_feedback.main(["--merge", f"{a},{tmp_path / 'missing.json'}"])
+
+
+def test_no_dense_skips_the_dense_run_and_every_finished_run_is_on_disk(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(args, seed, method, ef, rank):
+        calls.append((seed, method, ef))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the sweep is cut after two runs
+        return _run(seed, method, ef, [100.0, 55.0 if ef == "ef" else 60.0])
+
+    monkeypatch.setattr(error_feedback, "one_run", fake_run)
+    out = tmp_path / "part.json"
+    argv = ["--no-dense", "--methods", "pca,qrcp", "--ef", "none,ef", "--seeds", "0", "--rounds", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        error_feedback.main([*argv, "--out", str(out)])
+    assert calls == [(0, "pca", "none"), (0, "pca", "ef"), (0, "qrcp", "none")]  # no dense run first
+    assert [(r["method"], r["ef"]) for r in json.loads(out.read_text())["runs"]] == [("pca", "none"), ("pca", "ef")]
+    # merged with another process's dense run of the same seed, the compressed runs compare with it
+    dense = tmp_path / "dense.json"
+    dense.write_text(json.dumps({"args": {"rounds": 1}, "env": {}, "runs": [_run(0, "none", "none", [100.0, 50.0])]}))
+    error_feedback.main(["--merge", f"{out},{dense}"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 10 ")]
+    assert {(r[2], r[4]) for r in rows} == {("none", "20.0"), ("ef", "10.0")}
+    error_feedback.main(["--merge", str(out)])  # alone: no dense run to compare with, and it says so
+    assert "- (no dense run)" in capsys.readouterr().out
