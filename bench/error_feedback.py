@@ -214,6 +214,8 @@ def table(runs: list[dict], rounds: int) -> str:
 
 def merge(paths: list[str], out: str) -> None:
     """Print (and with `out`, write) the table of several `--out` files of one setting."""
+    if not paths:
+        sys.exit("--merge: no --out files given (did every run fail? see their logs)")
     docs = []
     for path in paths:
         try:

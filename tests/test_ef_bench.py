@@ -60,6 +60,8 @@ def test_merge_refuses_files_of_different_lengths_and_unreadable_ones(tmp_path):
         error_feedback.main(["--merge", f"{a},{b}"])
     with pytest.raises(SystemExit, match="missing.json"):
         error_feedback.main(["--merge", f"{a},{tmp_path / 'missing.json'}"])
+    with pytest.raises(SystemExit, match="no --out files given"):
+        error_feedback.main(["--merge", ","])
 
 
 def test_no_dense_skips_the_dense_run_and_every_finished_run_is_on_disk(tmp_path, monkeypatch, capsys):
