@@ -10,7 +10,9 @@
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 seeds=${1:-0,1,2}; rounds=${ROUNDS:-7}; limit=${LIMIT_S:-540}
-outs=()
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 10 > "$OUT/smi-ef.csv" &
+smi=$!
+outs=(); pids=()
 for s in ${seeds//,/ }; do
   for part in pca qrcp,cur; do
     tag=s$s-${part/,/-}; extra=()
@@ -19,11 +21,11 @@ for s in ${seeds//,/ }; do
       --rounds "$rounds" --ranks 10 --seeds "$s" --methods "$part" "${extra[@]}" --block-size 256 \
       --batch-size 16 --local-steps 16 --lr 5e-4 --tokenizer "$PWD/.data/gpt2" \
       --data-dir "$PWD/.data/wikitext-2-raw" --out "$OUT/ef-$tag.json" > "$OUT/ef-$tag.log" 2>&1 &
-    outs+=("$OUT/ef-$tag.json")
+    pids+=($!); outs+=("$OUT/ef-$tag.json")
   done
 done
-wait
+wait "${pids[@]}"; kill "$smi" 2>/dev/null
 tail -n 12 "$OUT"/ef-s*.log
-nvidia-smi --query-gpu=name,memory.used --format=csv
+sort -n "$OUT/smi-ef.csv" | tail -1 | sed 's/^/peak GPU memory, utilization: /'
 done_=(); for f in "${outs[@]}"; do [ -s "$f" ] && done_+=("$f"); done
 python3 bench/error_feedback.py --merge "$(IFS=,; echo "${done_[*]}")" --out "$OUT/ef-124m.json"
