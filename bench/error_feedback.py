@@ -212,6 +212,11 @@ def table(runs: list[dict], rounds: int) -> str:
     return "\n".join(lines)
 
 
+def write_out(path: str, args: dict, env: dict, runs: list[dict]) -> None:
+    """The `--out` file: the arguments, the environment and every run so far."""
+    Path(path).write_text(json.dumps({"args": args, "env": env, "runs": runs}, indent=1))
+
+
 def merge(paths: list[str], out: str) -> None:
     """Print (and with `out`, write) the table of several `--out` files of one setting."""
     if not paths:
@@ -228,7 +233,7 @@ def merge(paths: list[str], out: str) -> None:
     runs = [r for d in docs for r in d["runs"]]
     print(table(runs, rounds.pop()))
     if out:
-        Path(out).write_text(json.dumps({"args": docs[0]["args"], "env": docs[0]["env"], "runs": runs}, indent=1))
+        write_out(out, docs[0]["args"], docs[0]["env"], runs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
                 if args.out:  # after every run, so that an interrupted sweep keeps what finished
-                    Path(args.out).write_text(json.dumps({"args": vars(args), "env": env, "runs": runs}, indent=1))
+                    write_out(args.out, vars(args), env, runs)
     print()
     print(table(runs, args.rounds))
 
